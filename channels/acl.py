@@ -1,0 +1,87 @@
+"""Who may do what on which channel (PROTOCOL.md section 4), checked on every operation.
+
+| namespace     | subscribe / history / presence | publish (clients) | typing / read |
+|---------------|--------------------------------|-------------------|---------------|
+| `room:`       | members                        | members           | members       |
+| `public:`     | any authenticated user         | any               | any           |
+| `user:<id>`   | user `<id>` only               | nobody (server)   | read: `<id>`  |
+| `alert:<id>`  | moderators (more in alerts/)   | nobody (server)   | no            |
+
+Room membership is read from the store and cached per node; every node drops its cached
+entry when the membership changes (a control message on the broker), so removal takes
+effect everywhere within one pub/sub hop.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from enum import Enum
+
+from realtime.auth import Identity
+from realtime.protocol import ProtocolError
+from storage import MembershipStore
+
+from .names import ChannelName
+
+
+class Action(Enum):
+    SUBSCRIBE = "subscribe"
+    PUBLISH = "publish"
+    HISTORY = "history"
+    TYPING = "typing"
+    READ = "read"
+
+
+class MembershipCache:
+    """A bounded per-node cache of (channel, user) -> is member."""
+
+    def __init__(self, store: MembershipStore, size: int = 100_000) -> None:
+        self._store = store
+        self._size = size
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+
+    async def is_member(self, channel: str, user: str) -> bool:
+        key = (channel, user)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        result = await self._store.is_member(channel, user)
+        self._cache[key] = result
+        if len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return result
+
+    def invalidate(self, channel: str, user: str) -> None:
+        self._cache.pop((channel, user), None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class AccessControl:
+    def __init__(self, memberships: MembershipCache) -> None:
+        self.memberships = memberships
+
+    async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
+        """Return if allowed; raise `forbidden` otherwise."""
+        ns = channel.namespace
+        if ns == "public":
+            return
+        if ns == "room":
+            if await self.memberships.is_member(channel.name, who.user):
+                return
+            raise ProtocolError("forbidden", f"not a member of {channel.name}")
+        if ns == "user":
+            if channel.rest == who.user and action in (
+                Action.SUBSCRIBE, Action.HISTORY, Action.READ
+            ):
+                return
+            if action is Action.PUBLISH:
+                raise ProtocolError("forbidden", "only the server publishes to user: channels")
+            raise ProtocolError("forbidden", f"{channel.name} belongs to another user")
+        if ns == "alert":
+            if who.is_moderator and action in (Action.SUBSCRIBE, Action.HISTORY):
+                return
+            raise ProtocolError("forbidden", f"not a recipient of {channel.name}")
+        raise ProtocolError("forbidden", f"no access to {channel.name}")

@@ -1,0 +1,60 @@
+"""Message bodies (PROTOCOL.md section 5): the end-to-end encrypted envelope, or a plaintext
+body where the namespace allows it. The server checks shape and sizes and keeps exactly the
+envelope's fields; it never sees chat plaintext in encrypted namespaces.
+
+Signature verification against the key directory arrives with crypto/ (issue 5); until then the
+envelope's shape and sizes are enforced and its `sig` is stored for clients to verify.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realtime.protocol import Codec, ProtocolError
+
+ALG_ENVELOPE = "xchacha20poly1305"
+ALG_PLAIN = "none"
+NONCE_BYTES = 24
+SIG_BYTES = 64
+
+
+def _short_str(value: object, name: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 64:
+        raise ProtocolError("bad_request", f"body.{name} must be a string of 1-64 characters")
+    return value
+
+
+def parse_body(raw: object, codec: Codec, *, plaintext_allowed: bool, max_bytes: int) -> dict[str, Any]:
+    """The canonical stored form of a body (bytes as `bytes`), or a `bad_request`/`too_large`/
+    `forbidden` error."""
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_request", "'body' must be an object")
+    if raw.get("v") != 1:
+        raise ProtocolError("bad_request", "body.v must be 1")
+    alg = raw.get("alg")
+    if alg == ALG_PLAIN:
+        if not plaintext_allowed:
+            raise ProtocolError("forbidden", "plaintext bodies are not allowed in this namespace")
+        text = raw.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("bad_request", "body.text must be a string")
+        if len(text.encode()) > max_bytes:
+            raise ProtocolError("too_large", f"body.text is over {max_bytes} bytes")
+        return {"v": 1, "alg": ALG_PLAIN, "text": text}
+    if alg != ALG_ENVELOPE:
+        raise ProtocolError("bad_request", f"body.alg must be {ALG_ENVELOPE!r} or {ALG_PLAIN!r}")
+    device = _short_str(raw.get("device"), "device")
+    key_id = _short_str(raw.get("key_id"), "key_id")
+    nonce = codec.bytes_field(raw.get("nonce"))
+    ct = codec.bytes_field(raw.get("ct"))
+    sig = codec.bytes_field(raw.get("sig"))
+    if nonce is None or len(nonce) != NONCE_BYTES:
+        raise ProtocolError("bad_request", f"body.nonce must be {NONCE_BYTES} bytes")
+    if sig is None or len(sig) != SIG_BYTES:
+        raise ProtocolError("bad_request", f"body.sig must be {SIG_BYTES} bytes")
+    if ct is None or not ct:
+        raise ProtocolError("bad_request", "body.ct must be non-empty bytes")
+    if len(ct) > max_bytes:
+        raise ProtocolError("too_large", f"body.ct is over {max_bytes} bytes")
+    return {"v": 1, "alg": ALG_ENVELOPE, "device": device, "key_id": key_id,
+            "nonce": nonce, "ct": ct, "sig": sig}

@@ -1,0 +1,113 @@
+"""Channel operations shared by WebSocket connections and the HTTP server API.
+
+Every store or broker call is bounded by the configured store timeout; a backend that is down
+or slow becomes `ProtocolError("unavailable")`, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from realtime.protocol import ProtocolError
+from storage import Appended, Message, Store, StoreUnavailable
+
+from .broker import BrokerUnavailable
+from .hub import Hub
+
+log = logging.getLogger("realtime.channels")
+
+T = TypeVar("T")
+
+SERVER_USER = "@server"  # `from.user` of messages published through the server API
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    last_seq: int
+    messages: list[Message]
+    recovered: bool
+
+
+class ChannelService:
+    def __init__(self, store: Store, hub: Hub, *, timeout_s: float, recovery_limit: int) -> None:
+        self.store = store
+        self.hub = hub
+        self._timeout = timeout_s
+        self._recovery_limit = recovery_limit
+
+    async def _bounded(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call
+        except TimeoutError:
+            raise ProtocolError("unavailable", f"{what}: the store did not answer in time") from None
+        except StoreUnavailable as exc:
+            log.warning("%s failed: %s", what, exc)
+            raise ProtocolError("unavailable", f"{what}: the store is unavailable") from None
+        except BrokerUnavailable as exc:
+            log.warning("%s failed: %s", what, exc)
+            raise ProtocolError("unavailable", f"{what}: the broker is unavailable") from None
+
+    async def publish(self, channel: str, user: str, device: str | None, client_msg_id: str,
+                      body: dict[str, object]) -> Appended:
+        """Store, then fan out. The caller acknowledges only after this returns."""
+        ts = int(time.time() * 1000)
+        appended = await self._bounded(
+            "publish",
+            self.store.messages.append(channel, user, device, client_msg_id, body, ts),
+        )
+        if not appended.duplicate:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self.hub.publish(appended.message)
+            except (BrokerUnavailable, TimeoutError) as exc:
+                # Stored, so acknowledged: local sockets get it now, other nodes repair the gap
+                # from the store on their next message or broker reconnect.
+                log.warning("fan-out of %s#%d failed: %s", channel, appended.message.seq, exc)
+                self.hub.deliver_local(appended.message)
+        return appended
+
+    async def replay(self, channel: str, since_seq: int | None) -> Replay:
+        """What a subscriber missed: every message after `since_seq`, at most the newest
+        `recovery_limit` of them (then `recovered` is False and the client pages history)."""
+        last = await self._bounded("subscribe", self.store.messages.last_seq(channel))
+        if since_seq is None or since_seq >= last:
+            return Replay(last, [], True)
+        missed = last - since_seq
+        start = since_seq if missed <= self._recovery_limit else last - self._recovery_limit
+        messages = await self._bounded(
+            "subscribe", self.store.messages.after(channel, start, last - start)
+        )
+        return Replay(last, messages, missed <= self._recovery_limit)
+
+    async def history(self, channel: str, before_seq: int | None, limit: int
+                      ) -> tuple[list[Message], bool]:
+        page = await self._bounded(
+            "history", self.store.messages.before(channel, before_seq, limit + 1)
+        )
+        return page[-limit:], len(page) > limit
+
+    async def read_marker(self, channel: str, user: str) -> int:
+        return await self._bounded("history", self.store.read_markers.get(channel, user))
+
+    async def mark_read(self, channel: str, user: str, seq: int) -> int:
+        return await self._bounded("read", self.store.read_markers.set(channel, user, seq))
+
+    async def add_member(self, channel: str, user: str) -> bool:
+        ts = int(time.time() * 1000)
+        return await self._bounded("add member", self.store.memberships.add(channel, user, ts))
+
+    async def remove_member(self, channel: str, user: str) -> bool:
+        return await self._bounded("remove member", self.store.memberships.remove(channel, user))
+
+    async def members(self, channel: str, limit: int, after: str | None) -> list[str]:
+        return await self._bounded("list members",
+                                   self.store.memberships.members(channel, limit, after))
+
+    async def typing(self, channel: str, user: str) -> None:
+        await self._bounded("typing", self.hub.publish_event(channel, "typing", u=user))

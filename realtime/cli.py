@@ -1,0 +1,124 @@
+"""`realtime serve` runs a node; `realtime token` prints a development token.
+
+Bad configuration ends with one line on stderr (`realtime: error: ...`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from . import config
+from .auth import ROLES, issue_token, valid_user_id
+from .node import Node, StartupError
+from .server import create_app
+
+log = logging.getLogger("realtime")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but on SIGTERM our sockets close with 1001 (go elsewhere) before it stops."""
+
+    def __init__(self, cfg: uvicorn.Config, node: Node) -> None:
+        super().__init__(cfg)
+        self.node = node
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting first
+        await self.node.drain()
+        await super().shutdown(sockets)
+
+
+async def _serve(settings: config.Settings, host: str, port: int, log_level: str) -> None:
+    node = Node(settings)
+    await node.start()
+    limits = settings.limits
+    cfg = uvicorn.Config(
+        create_app(node),
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=limits.max_frame_bytes,
+        ws_ping_interval=limits.ping_interval_s,
+        ws_ping_timeout=limits.ping_timeout_s,
+        ws_per_message_deflate=True,
+        lifespan="off",
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=15,
+        server_header=False,
+    )
+    server = _Server(cfg, node)
+    try:
+        await server.serve()
+    finally:
+        await node.stop()
+    if not server.started:
+        raise StartupError(f"could not listen on {host}:{port}")
+
+
+def _fail(message: str) -> int:
+    print(f"realtime: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="realtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a server node")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    token = sub.add_parser("token", help="print a development token (needs RT_JWT_SECRET)")
+    token.add_argument("--user", required=True)
+    token.add_argument("--roles", default="user", help="comma-separated: user,moderator,responder")
+    token.add_argument("--device", default=None)
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        return _fail(str(exc))
+
+    if args.command == "token":
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        if not valid_user_id(args.user) or args.user.startswith("@"):
+            return _fail("--user must be 1-128 characters of [A-Za-z0-9_.@-], not starting with @")
+        if not roles or not set(roles) <= ROLES:
+            return _fail(f"--roles must be a subset of {','.join(sorted(ROLES))}")
+        if args.ttl <= 0:
+            return _fail("--ttl must be positive")
+        try:
+            print(issue_token(settings, args.user, roles, ttl_s=args.ttl, device=args.device))
+        except ValueError as exc:
+            return _fail(str(exc))
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 < args.port < 65536:
+        return _fail("--port must be 1-65535")
+    try:
+        import uvloop
+
+        runner: asyncio.Runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        try:
+            runner.run(_serve(settings, args.host, args.port, args.log_level))
+        except StartupError as exc:
+            return _fail(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

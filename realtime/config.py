@@ -1,0 +1,173 @@
+"""Settings read from the environment, validated once at start-up.
+
+Every variable is documented in the README's configuration table. A bad value raises
+`ConfigError` with a one-line message that the CLI prints instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """A configuration problem, explained in one line."""
+
+
+_ASYMMETRIC = {"EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256"}
+_SYMMETRIC = {"HS256", "HS384", "HS512"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame_bytes: int = 128 * 1024
+    auth_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 40.0
+    send_queue_frames: int = 1024
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    max_subscriptions: int = 500
+    recovery_limit: int = 1000
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    jwt_key: str | bytes
+    jwt_algorithms: tuple[str, ...]
+    redis_url: str | None
+    mongodb_uri: str | None
+    mongodb_db: str
+    data_dir: Path
+    node_id: str
+    api_key: str | None
+    plaintext_namespaces: frozenset[str]
+    store_timeout_s: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def broker_kind(self) -> str:
+        return "redis" if self.redis_url else "in-process"
+
+    @property
+    def store_kind(self) -> str:
+        return "mongodb" if self.mongodb_uri else "sqlite"
+
+
+def _read_secret(env: Mapping[str, str], name: str) -> str | None:
+    """`NAME` holds the value itself; `NAME_FILE` names a file that holds it."""
+    value = env.get(name)
+    path = env.get(f"{name}_FILE")
+    if value and path:
+        raise ConfigError(f"set only one of {name} and {name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return value or None
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool = False) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+
+    secret = _read_secret(env, "RT_JWT_SECRET")
+    public_key = _read_secret(env, "RT_JWT_PUBLIC_KEY")
+    algorithms_raw = env.get("RT_JWT_ALGORITHMS", "")
+    algorithms = tuple(a.strip() for a in algorithms_raw.split(",") if a.strip())
+    key: str | bytes
+    if secret and public_key:
+        raise ConfigError("set only one of RT_JWT_SECRET and RT_JWT_PUBLIC_KEY")
+    if public_key:
+        if "BEGIN" not in public_key:
+            raise ConfigError("RT_JWT_PUBLIC_KEY must be a PEM public key (or use _FILE)")
+        algorithms = algorithms or ("EdDSA", "ES256", "RS256")
+        bad = [a for a in algorithms if a not in _ASYMMETRIC]
+        if bad:
+            raise ConfigError(f"RT_JWT_ALGORITHMS: {bad[0]} cannot be used with a public key")
+        key = public_key
+    elif secret:
+        if len(secret) < 32:
+            raise ConfigError("RT_JWT_SECRET must be at least 32 characters")
+        algorithms = algorithms or ("HS256",)
+        bad = [a for a in algorithms if a not in _SYMMETRIC]
+        if bad:
+            raise ConfigError(f"RT_JWT_ALGORITHMS: {bad[0]} cannot be used with RT_JWT_SECRET")
+        key = secret
+    else:
+        raise ConfigError(
+            "no token key: set RT_JWT_SECRET (HS256, 32+ chars) or RT_JWT_PUBLIC_KEY "
+            "(try: export RT_JWT_SECRET=$(python -c 'import secrets;print(secrets.token_hex(32))'))"
+        )
+
+    redis_url = env.get("RT_REDIS_URL") or None
+    mongodb_uri = _read_secret(env, "RT_MONGODB_URI")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"RT_REDIS_URL must start with redis://, rediss:// or unix://: {redis_url}")
+    if mongodb_uri and not mongodb_uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError("RT_MONGODB_URI must start with mongodb:// or mongodb+srv://")
+    if redis_url and not mongodb_uri:
+        raise ConfigError(
+            "RT_REDIS_URL is set but RT_MONGODB_URI is not: nodes sharing Redis must share "
+            "MongoDB too, or each node would keep its own history and sequences"
+        )
+
+    data_dir = Path(env.get("RT_DATA_DIR") or "./data").expanduser()
+    node_id = env.get("RT_NODE_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    if not all(c.isalnum() or c in "-_." for c in node_id) or len(node_id) > 64:
+        raise ConfigError("RT_NODE_ID must be 1-64 characters of [A-Za-z0-9._-]")
+
+    api_key = _read_secret(env, "RT_API_KEY")
+    if api_key is not None and len(api_key) < 16:
+        raise ConfigError("RT_API_KEY must be at least 16 characters")
+
+    plain = env.get("RT_PLAINTEXT_NAMESPACES", "public")
+    plaintext_namespaces = frozenset(n.strip().rstrip(":") for n in plain.split(",") if n.strip())
+
+    limits = Limits(
+        max_frame_bytes=int(_number(env, "RT_MAX_FRAME_BYTES", 128 * 1024, integer=True)),
+        auth_timeout_s=_number(env, "RT_AUTH_TIMEOUT_S", 10.0),
+        ping_interval_s=_number(env, "RT_PING_INTERVAL_S", 20.0),
+        ping_timeout_s=_number(env, "RT_PING_TIMEOUT_S", 40.0),
+        send_queue_frames=int(_number(env, "RT_SEND_QUEUE_FRAMES", 1024, integer=True)),
+        rate_per_s=_number(env, "RT_RATE_PER_S", 50.0),
+        rate_burst=int(_number(env, "RT_RATE_BURST", 100, integer=True)),
+        max_subscriptions=int(_number(env, "RT_MAX_SUBSCRIPTIONS", 500, integer=True)),
+        recovery_limit=int(_number(env, "RT_RECOVERY_LIMIT", 1000, integer=True)),
+        max_body_bytes=int(_number(env, "RT_MAX_BODY_BYTES", 64 * 1024, integer=True)),
+    )
+    if limits.max_body_bytes >= limits.max_frame_bytes:
+        raise ConfigError("RT_MAX_BODY_BYTES must be smaller than RT_MAX_FRAME_BYTES")
+
+    return Settings(
+        jwt_key=key,
+        jwt_algorithms=algorithms,
+        redis_url=redis_url,
+        mongodb_uri=mongodb_uri,
+        mongodb_db=env.get("RT_MONGODB_DB") or "realtime",
+        data_dir=data_dir,
+        node_id=node_id,
+        api_key=api_key,
+        plaintext_namespaces=plaintext_namespaces,
+        store_timeout_s=_number(env, "RT_STORE_TIMEOUT_S", 5.0),
+        limits=limits,
+    )

@@ -1,0 +1,435 @@
+"""One WebSocket connection: auth, the command loop, and its bounded outgoing queue.
+
+Commands of one connection run one at a time in arrival order; replies and pushes leave
+through one writer task. Outgoing frames wait in a deque of at most `send_queue_frames`; a
+consumer that falls further behind is closed with 4008 instead of growing memory. Incoming
+frames are bounded by the frame size limit and the ASGI server's small receive queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from channels.acl import Action
+from channels.body import parse_body
+from channels.hub import Frame, message_frame, message_item
+from channels.names import ChannelName, parse_channel
+from channels.service import Replay
+
+from .auth import Identity
+from .protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_POLICY,
+    CLOSE_UNDECODABLE,
+    Codec,
+    ProtocolError,
+    UndecodableFrame,
+    arg_int,
+    command_id,
+    require_str,
+)
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("realtime.connection")
+
+Reply = dict[str, Any]
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 if allowed, else seconds until a token is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass(slots=True)
+class Subscription:
+    last_seq: int = 0
+    # While the subscribe command replays history, live pushes wait here (bounded).
+    pending: list[tuple[int, Frame]] | None = field(default_factory=list)
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, node: Node, codec: Codec) -> None:
+        self.ws = ws
+        self.node = node
+        self.codec = codec
+        self.session = secrets.token_urlsafe(12)
+        self.identity: Identity | None = None
+        self.subs: dict[str, Subscription] = {}
+        limits = node.settings.limits
+        self._max_queue = limits.send_queue_frames
+        self._out: deque[str | bytes] = deque()
+        self._wake = asyncio.Event()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._close_requested = asyncio.Event()
+        # Set by subscribe: the replay to push right after its reply.
+        self._after_reply: tuple[str, Subscription, Replay] | None = None
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
+        self._rejected = 0
+        self._typing_at: dict[str, float] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Reply]]] = {
+            "auth": self._op_auth_again,
+            "refresh": self._op_refresh,
+            "ping": self._op_ping,
+            "subscribe": self._op_subscribe,
+            "unsubscribe": self._op_unsubscribe,
+            "publish": self._op_publish,
+            "history": self._op_history,
+            "typing": self._op_typing,
+            "read": self._op_read,
+        }
+
+    @property
+    def user(self) -> str:
+        assert self.identity is not None
+        return self.identity.user
+
+    # --- outgoing ---------------------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.enqueue(self.codec.encode(obj))
+
+    def enqueue(self, data: str | bytes) -> None:
+        if self._close_code is not None:
+            return
+        if len(self._out) >= self._max_queue:
+            self.node.metrics.slow_consumers += 1
+            self.close(CLOSE_POLICY, "slow consumer: too far behind")
+            return
+        self._out.append(data)
+        self._wake.set()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close after the frames already queued (or at once when the queue is stuck)."""
+        if self._close_code is None:
+            self._close_code = code
+            self._close_reason = reason
+            self._wake.set()
+            self._close_requested.set()
+
+    async def _writer(self) -> None:
+        ws = self.ws
+        binary = self.codec.binary
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._out:
+                data = self._out.popleft()
+                if binary:
+                    await ws.send_bytes(data)  # type: ignore[arg-type]
+                else:
+                    await ws.send_text(data)  # type: ignore[arg-type]
+                self.node.metrics.frames_out += 1
+            if self._close_code is not None:
+                return
+
+    # --- hub callbacks (run on the event loop, never block) ----------------------------
+
+    def deliver(self, channel: str, seq: int, frame: Frame) -> None:
+        sub = self.subs.get(channel)
+        if sub is None:
+            return
+        if sub.pending is not None:
+            if len(sub.pending) >= self._max_queue:
+                self.close(CLOSE_POLICY, "slow consumer: too far behind")
+                return
+            sub.pending.append((seq, frame))
+            return
+        if seq <= sub.last_seq:
+            return
+        sub.last_seq = seq
+        self.enqueue(frame.encoded(self.codec))
+
+    def deliver_event(self, channel: str, frame: Frame) -> None:
+        if channel in self.subs:
+            self.enqueue(frame.encoded(self.codec))
+
+    def kick(self, channel: str, reason: str) -> None:
+        """Drop a subscription the user is no longer entitled to."""
+        if self.subs.pop(channel, None) is not None:
+            self.node.hub.remove(channel, self)
+            self.send({"push": "unsubscribed", "channel": channel, "reason": reason})
+
+    # --- the connection's life --------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer(), name=f"ws-writer:{self.session}")
+        closer = asyncio.create_task(self._wait_close(writer), name=f"ws-close:{self.session}")
+        self._closing = asyncio.ensure_future(self._close_requested.wait())
+        try:
+            if await self._authenticate():
+                await self._command_loop()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for channel in self.subs:
+                self.node.hub.remove(channel, self)
+            self.subs.clear()
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self.node.unregister(self)
+            self.close(1000)
+            try:
+                async with asyncio.timeout(8):
+                    await closer
+            except Exception:
+                closer.cancel()
+            writer.cancel()
+            self._closing.cancel()
+
+    async def _wait_close(self, writer: asyncio.Task[None]) -> None:
+        """When close() is called: flush what is queued (briefly; never for a slow consumer),
+        then send the close frame."""
+        await self._close_requested.wait()
+        if self._close_code != CLOSE_POLICY:
+            try:
+                async with asyncio.timeout(2):
+                    await asyncio.shield(writer)
+            except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError):
+                pass
+        writer.cancel()
+        try:
+            async with asyncio.timeout(5):
+                await self.ws.close(code=self._close_code or 1000, reason=self._close_reason)
+        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+            pass
+
+    async def _receive(self) -> dict[str, Any] | None:
+        """The next decoded frame; None once the connection is closing."""
+        receive = asyncio.ensure_future(self.ws.receive())
+        await asyncio.wait({receive, self._closing}, return_when=asyncio.FIRST_COMPLETED)
+        if not receive.done():
+            receive.cancel()
+            return None
+        message = receive.result()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        self.node.metrics.frames_in += 1
+        try:
+            return self.codec.decode(data if data is not None else b"")
+        except UndecodableFrame as exc:
+            self.close(CLOSE_UNDECODABLE, str(exc)[:120])
+            return None
+
+    def _reply_error(self, cid: int | None, err: ProtocolError) -> None:
+        if cid is None:
+            self.send({"push": "error", "error": err.to_error()})
+        else:
+            self.send({"id": cid, "ok": False, "error": err.to_error()})
+
+    async def _authenticate(self) -> bool:
+        try:
+            async with asyncio.timeout(self.node.settings.limits.auth_timeout_s):
+                frame = await self._receive()
+        except TimeoutError:
+            self.close(CLOSE_AUTH_TIMEOUT, "no auth in time")
+            return False
+        if frame is None:
+            return False
+        cid = command_id(frame)
+        if frame.get("op") != "auth":
+            self._reply_error(cid, ProtocolError("unauthorized", "the first command must be auth"))
+            self.close(CLOSE_AUTH_FAILED, "auth required")
+            return False
+        try:
+            if cid is None:
+                raise ProtocolError("bad_request", "'id' must be a non-negative integer")
+            identity = self.node.verifier.verify(frame.get("token"))
+            self.node.check_not_banned(identity.user)
+        except ProtocolError as err:
+            self._reply_error(cid, err)
+            self.close(CLOSE_AUTH_FAILED, err.message[:120])
+            return False
+        self._set_identity(identity)
+        self.node.register(self)
+        self.send({"id": cid, "ok": True, "user": identity.user, "roles": sorted(identity.roles),
+                   "session": self.session, "node": self.node.settings.node_id})
+        return True
+
+    def _set_identity(self, identity: Identity) -> None:
+        self.identity = identity
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, identity.expires_at - time.time())
+        self._expiry = loop.call_later(delay, self.close, CLOSE_AUTH_FAILED, "token expired")
+
+    async def _command_loop(self) -> None:
+        while True:
+            frame = await self._receive()
+            if frame is None:
+                return
+            cid = command_id(frame)
+            try:
+                if cid is None:
+                    raise ProtocolError("bad_request", "'id' must be a non-negative integer")
+                self._rate_limit()
+                op = frame.get("op")
+                handler = self._ops.get(op) if isinstance(op, str) else None
+                if handler is None:
+                    raise ProtocolError("bad_request", f"unknown op {op!r}")
+                result = await handler(frame)
+            except ProtocolError as err:
+                self._reply_error(cid, err)
+                continue
+            except Exception:
+                log.exception("op %r failed", frame.get("op"))
+                self._reply_error(cid, ProtocolError("internal", "internal error"))
+                continue
+            self.send({"id": cid, "ok": True, **result})
+            self._flush_after_reply()
+
+    def _rate_limit(self) -> None:
+        wait = self._bucket.take()
+        if not wait:
+            self._rejected = 0
+            return
+        self._rejected += 1
+        if self._rejected > self.node.settings.limits.rate_burst:
+            self.node.metrics.flood_closes += 1
+            self.close(CLOSE_POLICY, "flooding")
+        raise ProtocolError("rate_limited", "too many commands", retry_after_ms=int(wait * 1000) + 1)
+
+    # --- ops --------------------------------------------------------------------------
+
+    async def _op_auth_again(self, frame: dict[str, Any]) -> Reply:
+        raise ProtocolError("bad_request", "already authenticated: use refresh")
+
+    async def _op_refresh(self, frame: dict[str, Any]) -> Reply:
+        identity = self.node.verifier.verify(frame.get("token"))
+        if identity.user != self.user:
+            raise ProtocolError("forbidden", "refresh must be for the same user")
+        self._set_identity(identity)
+        return {"expires_at": int(identity.expires_at)}
+
+    async def _op_ping(self, frame: dict[str, Any]) -> Reply:
+        return {"ts": int(time.time() * 1000)}
+
+    def _channel(self, frame: dict[str, Any]) -> ChannelName:
+        return parse_channel(frame.get("channel"))
+
+    async def _op_subscribe(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        since = arg_int(frame, "since_seq")
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.SUBSCRIBE)
+        if ch.name in self.subs:
+            raise ProtocolError("conflict", f"already subscribed to {ch.name}")
+        if len(self.subs) >= self.node.settings.limits.max_subscriptions:
+            raise ProtocolError("too_large", "subscription limit reached")
+        sub = self.subs[ch.name] = Subscription()
+        try:
+            await self.node.hub.add(ch.name, self)
+            replay = await self.node.channels.replay(ch.name, since)
+        except BaseException:
+            if self.subs.pop(ch.name, None) is not None:
+                self.node.hub.remove(ch.name, self)
+            raise
+        self._after_reply = (ch.name, sub, replay)
+        return {"channel": ch.name, "last_seq": replay.last_seq, "recovered": replay.recovered}
+
+    def _flush_after_reply(self) -> None:
+        """After a subscribe reply: the replay, then live pushes held back meanwhile."""
+        if self._after_reply is None:
+            return
+        channel, sub, replay = self._after_reply
+        self._after_reply = None
+        if self.subs.get(channel) is not sub:
+            return
+        for m in replay.messages:
+            self.enqueue(message_frame(m).encoded(self.codec))
+        sub.last_seq = replay.last_seq
+        pending, sub.pending = sub.pending or [], None
+        for seq, live in pending:
+            if seq > sub.last_seq:
+                sub.last_seq = seq
+                self.enqueue(live.encoded(self.codec))
+
+    async def _op_unsubscribe(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        if self.subs.pop(ch.name, None) is not None:
+            self.node.hub.remove(ch.name, self)
+        return {}
+
+    async def _op_publish(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        cmid = require_str(frame, "client_msg_id", max_len=64)
+        limits = self.node.settings.limits
+        body = parse_body(frame.get("body"), self.codec,
+                          plaintext_allowed=ch.namespace in self.node.settings.plaintext_namespaces,
+                          max_bytes=limits.max_body_bytes)
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.PUBLISH)
+        device = body.get("device") or self.identity.device
+        appended = await self.node.channels.publish(ch.name, self.user, device, cmid, body)
+        self.node.metrics.published += 0 if appended.duplicate else 1
+        reply: Reply = {"seq": appended.message.seq, "ts": appended.message.ts}
+        if appended.duplicate:
+            reply["duplicate"] = True
+        return reply
+
+    async def _op_history(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        before = arg_int(frame, "before_seq", minimum=1)
+        limit = arg_int(frame, "limit", minimum=1, maximum=200) or 50
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.HISTORY)
+        messages, has_more = await self.node.channels.history(ch.name, before, limit)
+        read_seq = await self.node.channels.read_marker(ch.name, self.user)
+        return {"channel": ch.name, "messages": [message_item(m) for m in messages],
+                "has_more": has_more, "read_seq": read_seq}
+
+    async def _op_typing(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.TYPING)
+        now = time.monotonic()
+        last = self._typing_at.get(ch.name, 0.0)
+        if now - last < 1.0:
+            raise ProtocolError("rate_limited", "one typing notice per second per channel",
+                                retry_after_ms=int((1.0 - (now - last)) * 1000) + 1)
+        if len(self._typing_at) > 1000:
+            self._typing_at.clear()
+        self._typing_at[ch.name] = now
+        await self.node.channels.typing(ch.name, self.user)
+        return {}
+
+    async def _op_read(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        seq = arg_int(frame, "seq")
+        if seq is None:
+            raise ProtocolError("bad_request", "'seq' is required")
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.READ)
+        stored = await self.node.channels.mark_read(ch.name, self.user, seq)
+        return {"channel": ch.name, "read_seq": stored}
+

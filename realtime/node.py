@@ -1,0 +1,158 @@
+"""A server node: the store, the broker and hub, access control and the live connections.
+
+Nodes are stateless apart from their sockets: everything another node must see goes through
+the store (history, memberships) or the broker (messages, typing, control events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from channels.acl import AccessControl, MembershipCache
+from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
+from channels.hub import Hub
+from channels.service import ChannelService
+from storage import Store, StoreUnavailable, open_store
+
+from .auth import TokenVerifier
+from .config import Settings
+from .protocol import CLOSE_GOING_AWAY
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("realtime.node")
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why in one line."""
+
+
+@dataclass(slots=True)
+class Metrics:
+    frames_in: int = 0
+    frames_out: int = 0
+    published: int = 0
+    slow_consumers: int = 0
+    flood_closes: int = 0
+
+    def render(self, node: Node) -> str:
+        lines = [
+            "# TYPE rt_connections gauge",
+            f"rt_connections {len(node.connections)}",
+            "# TYPE rt_node_channels gauge",
+            f"rt_node_channels {node.hub.channel_count}",
+        ]
+        for name, value in (
+            ("rt_frames_in_total", self.frames_in),
+            ("rt_frames_out_total", self.frames_out),
+            ("rt_messages_published_total", self.published),
+            ("rt_slow_consumer_closes_total", self.slow_consumers),
+            ("rt_flood_closes_total", self.flood_closes),
+        ):
+            lines += [f"# TYPE {name} counter", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+class Node:
+    def __init__(self, settings: Settings, *, store: Store | None = None,
+                 broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings)
+        if broker is None:
+            broker = (RedisBroker(settings.redis_url, timeout_s=settings.store_timeout_s)
+                      if settings.redis_url else InProcessBroker())
+        self.broker = broker
+        self.hub = Hub(broker, self.store.messages, self._on_control)
+        self.memberships = MembershipCache(self.store.memberships)
+        self.acl = AccessControl(self.memberships)
+        self.channels = ChannelService(self.store, self.hub, timeout_s=settings.store_timeout_s,
+                                       recovery_limit=settings.limits.recovery_limit)
+        self.verifier = TokenVerifier(settings)
+        self.metrics = Metrics()
+        self.connections: set[Connection] = set()
+        self._by_user: dict[str, set[Connection]] = {}
+        self.draining = False
+
+    async def start(self) -> None:
+        timeout = self.settings.store_timeout_s
+        try:
+            async with asyncio.timeout(timeout + 1):
+                await self.store.open()
+        except (StoreUnavailable, TimeoutError) as exc:
+            await self.store.close()
+            raise StartupError(f"store ({self.settings.store_kind}) unavailable: "
+                               f"{exc or 'no answer in time'}") from None
+        try:
+            await self.hub.start()
+        except BrokerUnavailable as exc:
+            await self.store.close()
+            raise StartupError(f"broker unavailable: {exc}") from None
+        log.info("node %s ready: broker=%s store=%s", self.settings.node_id,
+                 self.settings.broker_kind, self.settings.store_kind)
+
+    async def drain(self, code: int = CLOSE_GOING_AWAY, timeout_s: float = 10.0) -> None:
+        """Close every socket with `code` and wait (bounded) for their handlers to finish."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close(code, "server going away")
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.connections:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("%d connections did not close in time", len(self.connections))
+
+    async def stop(self) -> None:
+        await self.hub.close()
+        await self.store.close()
+
+    async def ready(self) -> dict[str, bool]:
+        store_ok, broker_ok = await asyncio.gather(self.store.ping(), self.broker.ping())
+        return {"store": store_ok, "broker": broker_ok, "accepting": not self.draining}
+
+    # --- connections ------------------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self._by_user.setdefault(conn.user, set()).add(conn)
+
+    def unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if conn.identity is not None:
+            conns = self._by_user.get(conn.identity.user)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._by_user[conn.identity.user]
+
+    def check_not_banned(self, user: str) -> None:
+        """Bans arrive with moderation (issue 6); every node checks here on auth."""
+
+    # --- cluster control events -------------------------------------------------------
+
+    async def membership_changed(self, channel: str, user: str, added: bool) -> None:
+        """Tell every node (this one included) so caches and subscriptions follow at once."""
+        event = {"t": "member", "c": channel, "u": user, "added": added}
+        self._on_control(event)
+        try:
+            await self.hub.publish_control(event)
+        except BrokerUnavailable as exc:
+            log.warning("membership change not broadcast (%s); other nodes' caches are stale "
+                        "until their broker reconnects", exc)
+
+    def _on_control(self, event: dict[str, Any]) -> None:
+        if event.get("t") == "resync":
+            # After a broker outage control events may have been missed.
+            self.memberships.clear()
+        elif event.get("t") == "member":
+            channel, user = event.get("c"), event.get("u")
+            if not isinstance(channel, str) or not isinstance(user, str):
+                return
+            self.memberships.invalidate(channel, user)
+            if not event.get("added"):
+                for conn in list(self._by_user.get(user, ())):
+                    conn.kick(channel, "removed")

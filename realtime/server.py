@@ -1,0 +1,217 @@
+"""The ASGI application: `/ws`, the HTTP server API (PROTOCOL.md section 9), health and metrics.
+
+The server API is for the app's own backend and takes `Authorization: Bearer $RT_API_KEY`;
+it is documented in `realtime/openapi.json`, served at `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from channels.body import parse_body
+from channels.hub import message_item
+from channels.names import parse_channel
+from channels.service import SERVER_USER
+
+from .auth import valid_user_id
+from .connection import Connection
+from .node import Node
+from .protocol import JSON, CLOSE_GOING_AWAY, ProtocolError, arg_int, choose_codec, require_str
+
+log = logging.getLogger("realtime.server")
+
+_STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
+           "too_large": 413, "rate_limited": 429, "conflict": 409, "unavailable": 503,
+           "internal": 500}
+MAX_API_BODY = 256 * 1024
+
+
+class ApiResponse(JSONResponse):
+    """JSON with bytes as padded base64, exactly as the `rt.v1.json` wire format."""
+
+    def render(self, content: Any) -> bytes:
+        return JSON.encode(content).encode()
+
+
+def _error(err: ProtocolError) -> Response:
+    return ApiResponse({"error": err.to_error()}, status_code=_STATUS[err.code])
+
+
+def _node(request: Request | WebSocket) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+def api(handler: Any) -> Any:
+    """Bearer-key check and error mapping for server API endpoints."""
+
+    async def endpoint(request: Request) -> Response:
+        key = _node(request).settings.api_key
+        if key is None:
+            return _error(ProtocolError("unavailable", "the server API is off: set RT_API_KEY"))
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return _error(ProtocolError("unauthorized", "missing or wrong API key"))
+        try:
+            response: Response = await handler(request, _node(request))
+            return response
+        except ProtocolError as err:
+            return _error(err)
+
+    return endpoint
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_API_BODY:
+        raise ProtocolError("too_large", f"request body over {MAX_API_BODY} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        raise ProtocolError("bad_request", "the request body must be JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_request", "the request body must be a JSON object")
+    return data
+
+
+def _room(request: Request) -> str:
+    ch = parse_channel(request.path_params["channel"])
+    if ch.namespace != "room":
+        raise ProtocolError("bad_request", "membership is managed for room: channels only")
+    return ch.name
+
+
+def _user(request: Request) -> str:
+    user = request.path_params["user"]
+    if not valid_user_id(user) or user.startswith("@"):
+        raise ProtocolError("bad_request", "invalid user id")
+    return str(user)
+
+
+def _query_int(request: Request, name: str, **bounds: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ProtocolError("bad_request", f"'{name}' must be an integer") from None
+    return arg_int({name: value}, name, **bounds)
+
+
+@api
+async def put_member(request: Request, node: Node) -> Response:
+    channel, user = _room(request), _user(request)
+    added = await node.channels.add_member(channel, user)
+    await node.membership_changed(channel, user, added=True)
+    return ApiResponse({"channel": channel, "user": user, "added": added},
+                       status_code=201 if added else 200)
+
+
+@api
+async def delete_member(request: Request, node: Node) -> Response:
+    channel, user = _room(request), _user(request)
+    removed = await node.channels.remove_member(channel, user)
+    await node.membership_changed(channel, user, added=False)
+    if not removed:
+        raise ProtocolError("not_found", f"{user} is not a member of {channel}")
+    return Response(status_code=204)
+
+
+@api
+async def list_members(request: Request, node: Node) -> Response:
+    channel = _room(request)
+    limit = _query_int(request, "limit", minimum=1, maximum=1000) or 100
+    after = request.query_params.get("after")
+    members = await node.channels.members(channel, limit, after)
+    return ApiResponse({"channel": channel, "members": members,
+                        "next": members[-1] if len(members) == limit else None})
+
+
+@api
+async def post_message(request: Request, node: Node) -> Response:
+    ch = parse_channel(request.path_params["channel"])
+    data = await _json_body(request)
+    cmid = require_str(data, "client_msg_id", max_len=64)
+    plaintext = ch.namespace in node.settings.plaintext_namespaces or ch.namespace == "user"
+    body = parse_body(data.get("body"), JSON, plaintext_allowed=plaintext,
+                      max_bytes=node.settings.limits.max_body_bytes)
+    appended = await node.channels.publish(ch.name, SERVER_USER, None, cmid, body)
+    return ApiResponse({"channel": ch.name, "seq": appended.message.seq,
+                        "ts": appended.message.ts, "duplicate": appended.duplicate},
+                       status_code=200 if appended.duplicate else 201)
+
+
+@api
+async def get_messages(request: Request, node: Node) -> Response:
+    ch = parse_channel(request.path_params["channel"])
+    before = _query_int(request, "before_seq", minimum=1)
+    limit = _query_int(request, "limit", minimum=1, maximum=200) or 50
+    messages, has_more = await node.channels.history(ch.name, before, limit)
+    return ApiResponse({"channel": ch.name, "messages": [message_item(m) for m in messages],
+                        "has_more": has_more})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "node": _node(request).settings.node_id})
+
+
+async def readyz(request: Request) -> Response:
+    node = _node(request)
+    checks = await node.ready()
+    ok = all(checks.values())
+    return JSONResponse({"ready": ok, "node": node.settings.node_id, **checks},
+                        status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    node = _node(request)
+    return PlainTextResponse(node.metrics.render(node),
+                             media_type="text/plain; version=0.0.4")
+
+
+_OPENAPI: bytes | None = None
+
+
+async def openapi(request: Request) -> Response:
+    global _OPENAPI
+    if _OPENAPI is None:
+        _OPENAPI = resources.files("realtime").joinpath("openapi.json").read_bytes()
+    return Response(_OPENAPI, media_type="application/json")
+
+
+async def ws_endpoint(websocket: WebSocket) -> None:
+    node = _node(websocket)
+    if node.draining:
+        await websocket.close(CLOSE_GOING_AWAY)
+        return
+    codec = choose_codec(list(websocket.scope.get("subprotocols", [])))
+    await websocket.accept(subprotocol=codec.name if codec else None)
+    await Connection(websocket, node, codec or JSON).run()
+
+
+def create_app(node: Node) -> Starlette:
+    app = Starlette(routes=[
+        WebSocketRoute("/ws", ws_endpoint),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi),
+        Route("/v1/channels/{channel}/members", list_members, methods=["GET"]),
+        Route("/v1/channels/{channel}/members/{user}", put_member, methods=["PUT"]),
+        Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),
+        Route("/v1/channels/{channel}/messages", post_message, methods=["POST"]),
+        Route("/v1/channels/{channel}/messages", get_messages, methods=["GET"]),
+    ])
+    app.state.node = node
+    return app

@@ -1,0 +1,102 @@
+"""The storage interfaces: one small protocol per kind of record.
+
+Each kind has an embedded (SQLite) and a MongoDB implementation side by side in
+`storage.sqlite` and `storage.mongo`; both pass the same contract tests.
+Every method raises `StoreUnavailable` when the backend cannot answer in time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+SCHEMA_VERSION = 1
+
+
+class StoreUnavailable(Exception):
+    """The backing store did not answer (down, unreachable or timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stored channel message. `body` is the client's envelope (ciphertext or, where a
+    namespace allows it, plaintext); byte fields are `bytes`."""
+
+    channel: str
+    seq: int
+    ts: int
+    user: str
+    device: str | None
+    client_msg_id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    message: Message
+    duplicate: bool  # True: an earlier publish with the same sender and client_msg_id
+
+
+class MessageStore(Protocol):
+    async def append(
+        self,
+        channel: str,
+        user: str,
+        device: str | None,
+        client_msg_id: str,
+        body: dict[str, Any],
+        ts: int,
+    ) -> Appended:
+        """Store a message with the channel's next `seq` (gap-free, never reused), or return
+        the message already stored under (channel, user, client_msg_id)."""
+        ...
+
+    async def last_seq(self, channel: str) -> int:
+        """The highest stored `seq` of the channel, 0 if none."""
+        ...
+
+    async def after(self, channel: str, after_seq: int, limit: int) -> list[Message]:
+        """Up to `limit` messages with `seq > after_seq`, ascending."""
+        ...
+
+    async def before(self, channel: str, before_seq: int | None, limit: int) -> list[Message]:
+        """The newest `limit` messages with `seq < before_seq` (all if None), ascending."""
+        ...
+
+
+class MembershipStore(Protocol):
+    async def add(self, channel: str, user: str, ts: int) -> bool:
+        """Add a member; False if they already were one."""
+        ...
+
+    async def remove(self, channel: str, user: str) -> bool:
+        """Remove a member; False if they were not one."""
+        ...
+
+    async def is_member(self, channel: str, user: str) -> bool: ...
+
+    async def members(self, channel: str, limit: int, after: str | None) -> list[str]:
+        """Members in user-id order, paged by `after` (the last id of the previous page)."""
+        ...
+
+
+class ReadMarkerStore(Protocol):
+    async def set(self, channel: str, user: str, seq: int) -> int:
+        """Move the marker forward (never back); returns the stored value."""
+        ...
+
+    async def get(self, channel: str, user: str) -> int: ...
+
+
+class Store(Protocol):
+    messages: MessageStore
+    memberships: MembershipStore
+    read_markers: ReadMarkerStore
+
+    async def open(self) -> None:
+        """Connect, create collections/tables and indexes idempotently."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...

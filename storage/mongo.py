@@ -1,0 +1,256 @@
+"""The shared store for multi-node deployments: MongoDB through `pymongo.AsyncMongoClient`.
+
+Sequence design (gap-free, never reused, safe when a node dies mid-publish): a message's `seq`
+exists only as the `_id`-like unique key (channel, seq) of its own document. A node inserts the
+message with `seq = last + 1`; if another node took that seq first, the unique index refuses the
+insert and the node re-reads the channel's last seq and tries again. Nothing is reserved before
+the insert, so a node that dies mid-publish leaves no hole. Each node caches the last seq per
+channel and serialises its own publishes per channel, so the common case is one insert per
+publish and retries happen only when two nodes publish to the same channel at the same moment.
+Idempotency: a second unique index on (channel, user, client_msg_id) refuses a retried publish;
+the node then returns the stored original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from .base import SCHEMA_VERSION, Appended, Message, StoreUnavailable
+
+T = TypeVar("T")
+
+_MESSAGE_FIELDS = {"_id": 0, "channel": 1, "seq": 1, "ts": 1, "user": 1, "device": 1,
+                   "client_msg_id": 1, "body": 1}
+
+
+async def _guard(coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except DuplicateKeyError:
+        raise
+    except PyMongoError as exc:
+        raise StoreUnavailable(f"mongodb: {type(exc).__name__}: {exc}") from exc
+
+
+def _message(doc: dict[str, Any]) -> Message:
+    return Message(doc["channel"], doc["seq"], doc["ts"], doc["user"], doc.get("device"),
+                   doc["client_msg_id"], doc["body"])
+
+
+class _ChannelLocks:
+    """One asyncio lock per channel with a bounded cache of last seqs."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.last: OrderedDict[str, int] = OrderedDict()
+        self._size = size
+
+    def lock(self, channel: str) -> asyncio.Lock:
+        lock = self.locks.get(channel)
+        if lock is None:
+            lock = self.locks[channel] = asyncio.Lock()
+        return lock
+
+    def release(self, channel: str) -> None:
+        """Forget an idle lock. A rare race here only costs a retried insert: the unique
+        index, not the lock, is what keeps seqs correct."""
+        lock = self.locks.get(channel)
+        if lock is not None and not lock.locked():
+            del self.locks[channel]
+
+    def remember(self, channel: str, seq: int) -> None:
+        self.last[channel] = seq
+        self.last.move_to_end(channel)
+        if len(self.last) > self._size:
+            self.last.popitem(last=False)
+
+
+class MongoMessages:
+    def __init__(self, db: Any) -> None:
+        self._col = db["messages"]
+        self._channels = _ChannelLocks()
+
+    async def _last(self, channel: str) -> int:
+        doc = await _guard(
+            self._col.find_one({"channel": channel}, {"seq": 1, "_id": 0},
+                               sort=[("seq", DESCENDING)])
+        )
+        return int(doc["seq"]) if doc else 0
+
+    async def _original(self, channel: str, user: str, client_msg_id: str) -> Message | None:
+        doc = await _guard(
+            self._col.find_one({"channel": channel, "user": user, "client_msg_id": client_msg_id},
+                               _MESSAGE_FIELDS)
+        )
+        return _message(doc) if doc else None
+
+    async def append(
+        self,
+        channel: str,
+        user: str,
+        device: str | None,
+        client_msg_id: str,
+        body: dict[str, Any],
+        ts: int,
+    ) -> Appended:
+        try:
+            return await self._append(channel, user, device, client_msg_id, body, ts)
+        finally:
+            self._channels.release(channel)
+
+    async def _append(
+        self,
+        channel: str,
+        user: str,
+        device: str | None,
+        client_msg_id: str,
+        body: dict[str, Any],
+        ts: int,
+    ) -> Appended:
+        async with self._channels.lock(channel):
+            try:
+                last = self._channels.last.get(channel)
+                if last is None:
+                    last = await self._last(channel)
+                for _ in range(1000):
+                    seq = last + 1
+                    doc = {"channel": channel, "seq": seq, "ts": ts, "user": user,
+                           "device": device, "client_msg_id": client_msg_id, "body": body}
+                    try:
+                        await _guard(self._col.insert_one(doc))
+                    except DuplicateKeyError:
+                        original = await self._original(channel, user, client_msg_id)
+                        if original is not None:
+                            return Appended(original, duplicate=True)
+                        last = await self._last(channel)  # another node took `seq`
+                        continue
+                    self._channels.remember(channel, seq)
+                    return Appended(Message(channel, seq, ts, user, device, client_msg_id,
+                                            body), duplicate=False)
+                raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
+            except StoreUnavailable:
+                self._channels.last.pop(channel, None)
+                raise
+
+    async def last_seq(self, channel: str) -> int:
+        return await self._last(channel)
+
+    async def after(self, channel: str, after_seq: int, limit: int) -> list[Message]:
+        cursor = self._col.find({"channel": channel, "seq": {"$gt": after_seq}}, _MESSAGE_FIELDS)
+        docs = await _guard(cursor.sort("seq", ASCENDING).limit(limit).to_list())
+        return [_message(d) for d in docs]
+
+    async def before(self, channel: str, before_seq: int | None, limit: int) -> list[Message]:
+        query: dict[str, Any] = {"channel": channel}
+        if before_seq is not None:
+            query["seq"] = {"$lt": before_seq}
+        cursor = self._col.find(query, _MESSAGE_FIELDS).sort("seq", DESCENDING).limit(limit)
+        docs = await _guard(cursor.to_list())
+        return [_message(d) for d in reversed(docs)]
+
+
+class MongoMemberships:
+    def __init__(self, db: Any) -> None:
+        self._col = db["memberships"]
+
+    async def add(self, channel: str, user: str, ts: int) -> bool:
+        result = await _guard(
+            self._col.update_one({"channel": channel, "user": user},
+                                 {"$setOnInsert": {"since": ts}}, upsert=True)
+        )
+        return result.upserted_id is not None
+
+    async def remove(self, channel: str, user: str) -> bool:
+        result = await _guard(self._col.delete_one({"channel": channel, "user": user}))
+        return bool(result.deleted_count)
+
+    async def is_member(self, channel: str, user: str) -> bool:
+        doc = await _guard(self._col.find_one({"channel": channel, "user": user}, {"_id": 1}))
+        return doc is not None
+
+    async def members(self, channel: str, limit: int, after: str | None) -> list[str]:
+        query: dict[str, Any] = {"channel": channel}
+        if after:
+            query["user"] = {"$gt": after}
+        cursor = self._col.find(query, {"user": 1, "_id": 0}).sort("user", ASCENDING).limit(limit)
+        return [d["user"] for d in await _guard(cursor.to_list())]
+
+
+class MongoReadMarkers:
+    def __init__(self, db: Any) -> None:
+        self._col = db["read_markers"]
+
+    async def set(self, channel: str, user: str, seq: int) -> int:
+        doc = await _guard(
+            self._col.find_one_and_update(
+                {"channel": channel, "user": user},
+                {"$max": {"seq": seq}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        )
+        return int(doc["seq"])
+
+    async def get(self, channel: str, user: str) -> int:
+        doc = await _guard(self._col.find_one({"channel": channel, "user": user}, {"seq": 1}))
+        return int(doc["seq"]) if doc else 0
+
+
+class MongoStore:
+    """History, sequences, idempotency, memberships and read markers shared by all nodes."""
+
+    def __init__(self, uri: str, db_name: str, *, timeout_s: float = 5.0,
+                 write_concern: str | int = "majority") -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri,
+            serverSelectionTimeoutMS=int(timeout_s * 1000),
+            connectTimeoutMS=int(timeout_s * 1000),
+            timeoutMS=int(timeout_s * 1000),
+            appname="realtime",
+            tz_aware=False,
+        )
+        self._db = self._client.get_database(db_name, write_concern=WriteConcern(w=write_concern))
+        self.messages = MongoMessages(self._db)
+        self.memberships = MongoMemberships(self._db)
+        self.read_markers = MongoReadMarkers(self._db)
+
+    async def open(self) -> None:
+        db = self._db
+        steps: list[Callable[[], Awaitable[Any]]] = [
+            lambda: db["messages"].create_index(
+                [("channel", ASCENDING), ("seq", ASCENDING)], unique=True, name="channel_seq"),
+            lambda: db["messages"].create_index(
+                [("channel", ASCENDING), ("user", ASCENDING), ("client_msg_id", ASCENDING)],
+                unique=True, name="idempotency"),
+            lambda: db["memberships"].create_index(
+                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"),
+            lambda: db["read_markers"].create_index(
+                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"),
+        ]
+        for step in steps:
+            await _guard(step())
+        meta = await _guard(db["meta"].find_one({"_id": "schema"}))
+        if meta and int(meta.get("version", 0)) > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"database has schema version {meta['version']}, newer than this server "
+                f"({SCHEMA_VERSION}): upgrade the server"
+            )
+        await _guard(db["meta"].update_one({"_id": "schema"},
+                                           {"$max": {"version": SCHEMA_VERSION}}, upsert=True))
+
+    async def ping(self) -> bool:
+        try:
+            await self._client.admin.command("ping")
+        except PyMongoError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._client.close()
