@@ -33,6 +33,10 @@ class _Server(uvicorn.Server):
             server.close()  # stop accepting first
         await self.node.drain()
         await super().shutdown(sockets)
+        # uvicorn re-raises the captured signal after serving; a drained node exits 0.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 async def _serve(settings: config.Settings, host: str, port: int, log_level: str) -> None:

@@ -91,6 +91,7 @@ class Connection:
         self._after_reply: tuple[str, Subscription, Replay] | None = None
         self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._rejected = 0
+        self._rejected_since = 0.0
         self._typing_at: dict[str, float] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Reply]]] = {
@@ -196,7 +197,7 @@ class Connection:
             self.node.unregister(self)
             self.close(1000)
             try:
-                async with asyncio.timeout(8):
+                async with asyncio.timeout(self.node.settings.limits.ping_timeout_s + 5):
                     await closer
             except Exception:
                 closer.cancel()
@@ -214,8 +215,10 @@ class Connection:
             except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError):
                 pass
         writer.cancel()
+        # The close frame waits behind what the socket already holds (bounded by the transport's
+        # high-water mark); a peer that reads nothing for a ping timeout is dropped by the server.
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(self.node.settings.limits.ping_timeout_s):
                 await self.ws.close(code=self._close_code or 1000, reason=self._close_reason)
         except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
             pass
@@ -309,10 +312,14 @@ class Connection:
             self._flush_after_reply()
 
     def _rate_limit(self) -> None:
+        """Over the rate: `rate_limited`. More than `rate_burst` rejections within 10 s
+        (a client that ignores `retry_after_ms`): flooding, close 4008."""
         wait = self._bucket.take()
         if not wait:
-            self._rejected = 0
             return
+        now = time.monotonic()
+        if now - self._rejected_since > 10.0:
+            self._rejected_since, self._rejected = now, 0
         self._rejected += 1
         if self._rejected > self.node.settings.limits.rate_burst:
             self.node.metrics.flood_closes += 1

@@ -1,0 +1,236 @@
+"""Real parts for the tests: redis-server processes, MongoDB, and server node processes.
+
+MongoDB (../shared/MONGODB.md): a real server when MONGODB_URI is set, otherwise a
+SecantusDB process (wire-compatible, WiredTiger) on a free loopback port; always through
+pymongo's real driver. Every test that needs MongoDB gets its own database name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+SECRET = "test-secret-" + "x" * 40
+API_KEY = "test-api-key-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port} after {timeout}s")
+
+
+def token(user: str, roles: list[str] | None = None, ttl: float = 3600, **claims: object) -> str:
+    now = time.time()
+    payload = {"sub": user, "roles": roles or ["user"], "iat": int(now), "exp": now + ttl, **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.dir = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[type[RedisServer]]:
+    servers: list[RedisServer] = []
+
+    class Factory(RedisServer):
+        def __init__(self) -> None:
+            super().__init__(tmp_path)
+            servers.append(self)
+
+    yield Factory
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: type[RedisServer]) -> RedisServer:
+    server = redis_factory()
+    server.start()
+    return server
+
+
+# --- MongoDB -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    uri = os.environ.get("MONGODB_URI")
+    if uri:
+        yield uri
+        return
+    exe = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
+    if not Path(exe).exists():
+        pytest.fail("secantusd-py is not installed (pip install -e '.[test]') and no MONGODB_URI")
+    port = free_port()
+    storage = tmp_path_factory.mktemp("secantus")
+    log = open(storage / "secantusd.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(storage / "db"),
+         "--standalone"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, timeout=60, proc=proc)
+        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def unique_db() -> str:
+    return "rt_test_" + uuid.uuid4().hex[:12]
+
+
+# --- server nodes ------------------------------------------------------------------------
+
+
+class Node:
+    """A real `realtime serve` process."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        self.port = free_port()
+        self.env = env
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(env["RT_DATA_DIR"]) / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Node:
+        Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "realtime", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        log.close()
+        try:
+            wait_port(self.port, timeout=30, proc=self.proc)
+        except Exception:
+            raise RuntimeError(f"{self.name} did not start:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def api(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+            **kw: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
+        return httpx.request(method, self.http + path, headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
+
+    def add_member(self, channel: str, user: str) -> None:
+        r = self.api("PUT", f"/v1/channels/{channel}/members/{user}")
+        assert r.status_code in (200, 201), r.text
+
+
+def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env.update({"RT_JWT_SECRET": SECRET, "RT_API_KEY": API_KEY, "RT_DATA_DIR": str(data_dir),
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[object]:
+    nodes: list[Node] = []
+
+    def make(name: str = "node", **env: str) -> Node:
+        node = Node(base_env(tmp_path / name, **env), name)
+        nodes.append(node)
+        return node.start()
+
+    yield make
+    for n in nodes:
+        n.stop()
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One embedded-defaults node shared by a module's protocol tests (small limits so the
+    limit paths are reachable in a test)."""
+    node = Node(base_env(tmp_path_factory.mktemp("single"), RT_RECOVERY_LIMIT="5",
+                         RT_AUTH_TIMEOUT_S="1", RT_RATE_PER_S="500", RT_RATE_BURST="500",
+                         RT_SEND_QUEUE_FRAMES="64", RT_MAX_SUBSCRIPTIONS="20"), "single")
+    node.start()
+    yield node
+    node.stop()

@@ -1,0 +1,154 @@
+"""A minimal outside client written only from PROTOCOL.md, for the protocol tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import msgpack
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Opcode
+from websockets.frames import Frame as WsFrame
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+
+def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[str, Any]:
+    nonce, ct, sig = os.urandom(24), os.urandom(size), os.urandom(64)
+    if b64:
+        nonce, ct, sig = (base64.b64encode(x).decode() for x in (nonce, ct, sig))  # type: ignore[assignment]
+    return {"v": 1, "alg": "xchacha20poly1305", "device": device, "key_id": "k1",
+            "nonce": nonce, "ct": ct, "sig": sig}
+
+
+def plain(text: str) -> dict[str, Any]:
+    return {"v": 1, "alg": "none", "text": text}
+
+
+class Raw:
+    def __init__(self, ws: ClientConnection, proto: str | None) -> None:
+        self.ws = ws
+        self.msgpack = proto == "rt.v1.msgpack"
+        self.ids = itertools.count(1)
+        self.pushes: list[dict[str, Any]] = []
+        self._push_event = asyncio.Event()
+
+    @classmethod
+    async def open(cls, url: str, token: str | None = None, *, proto: str | None = "rt.v1.json",
+                   **kw: Any) -> Raw:
+        ws = await connect(url, subprotocols=[proto] if proto else None, **kw)
+        raw = cls(ws, proto)
+        if token is not None:
+            reply = await raw.cmd("auth", token=token)
+            assert reply["ok"], reply
+        return raw
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(msgpack.packb(frame, use_bin_type=True) if self.msgpack
+                           else json.dumps(frame))
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = (msgpack.unpackb(data, raw=False) if self.msgpack
+                                 else json.loads(data))
+        return frame
+
+    async def cmd(self, op: str, timeout: float = 10, **args: Any) -> dict[str, Any]:
+        cid = next(self.ids)
+        await self.send({"id": cid, "op": op, **args})
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("id") == cid:
+                return frame
+            self.pushes.append(frame)
+
+    async def ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = await self.cmd(op, **args)
+        assert reply["ok"], reply
+        return reply
+
+    async def error(self, op: str, **args: Any) -> str:
+        reply = await self.cmd(op, **args)
+        assert reply["ok"] is False, reply
+        assert set(reply["error"]) >= {"code", "message"}
+        code: str = reply["error"]["code"]
+        return code
+
+    async def push(self, timeout: float = 5) -> dict[str, Any]:
+        if self.pushes:
+            return self.pushes.pop(0)
+        return await self.recv(timeout)
+
+    async def no_push(self, wait: float = 0.3) -> None:
+        assert not self.pushes, self.pushes
+        try:
+            frame = await self.recv(wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {frame}")
+
+    async def close_code(self, timeout: float = 10) -> int | None:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        except ConnectionClosed:
+            pass
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def stalled_subscriber(port: int, token: str, channel: str
+                       ) -> tuple[socket.socket, ClientProtocol]:
+    """A client that authenticates, subscribes and then never reads again, on a socket with a
+    small receive buffer: the slow phone on a bad network, with nothing in between."""
+    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws"),
+                           subprotocols=[Subprotocol("rt.v1.json")])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    proto.send_request(proto.connect())
+    sock.sendall(b"".join(proto.data_to_send()))
+    while proto.state is not State.OPEN:
+        proto.receive_data(sock.recv(65536))
+        assert proto.handshake_exc is None, proto.handshake_exc
+    proto.send_text(json.dumps({"id": 1, "op": "auth", "token": token}).encode())
+    proto.send_text(json.dumps({"id": 2, "op": "subscribe", "channel": channel}).encode())
+    sock.sendall(b"".join(proto.data_to_send()))
+    replies = 0
+    while replies < 2:
+        proto.receive_data(sock.recv(65536))
+        for event in proto.events_received():
+            if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
+                assert json.loads(event.data)["ok"], event.data
+                replies += 1
+    return sock, proto
+
+
+def read_close_code(stalled: tuple[socket.socket, ClientProtocol], timeout: float = 20
+                    ) -> int | None:
+    """Drain a stalled client's socket to the end; the close code the server sent, if any."""
+    sock, proto = stalled
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        proto.receive_data(data)
+        for event in proto.events_received():
+            if isinstance(event, WsFrame) and event.opcode is Opcode.CLOSE:
+                return Close.parse(event.data).code
+    return None
