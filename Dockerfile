@@ -1,0 +1,16 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY realtime realtime
+COPY channels channels
+COPY storage storage
+COPY alerts alerts
+COPY presence presence
+COPY crypto crypto
+COPY loadtests loadtests
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 realtime
+USER realtime
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz').status == 200 else 1)"
+STOPSIGNAL SIGTERM
+CMD ["realtime", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,124 @@
+"""Configuration and the CLI: every bad configuration is one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from conftest import SECRET, base_env, free_port
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from realtime import config
+from realtime.auth import TokenVerifier
+from realtime.protocol import ProtocolError
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    full = base_env(tmp_path, **env)
+    for key in [k for k, v in env.items() if v == ""]:
+        full.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "realtime", *args], env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"RT_JWT_SECRET": ""}, "no token key"),
+        ({"RT_JWT_SECRET": "short"}, "at least 32"),
+        ({"RT_JWT_ALGORITHMS": "none"}, "cannot be used"),
+        ({"RT_JWT_ALGORITHMS": "RS256"}, "cannot be used with RT_JWT_SECRET"),
+        ({"RT_REDIS_URL": "redis://127.0.0.1:1"}, "RT_MONGODB_URI is not"),
+        ({"RT_REDIS_URL": "http://x"}, "must start with redis://"),
+        ({"RT_MONGODB_URI": "postgres://x"}, "must start with mongodb://"),
+        ({"RT_RATE_PER_S": "fast"}, "RT_RATE_PER_S must be a number"),
+        ({"RT_SEND_QUEUE_FRAMES": "-3"}, "must be positive"),
+        ({"RT_MAX_BODY_BYTES": "999999999"}, "smaller than RT_MAX_FRAME_BYTES"),
+        ({"RT_NODE_ID": "has space"}, "RT_NODE_ID"),
+        ({"RT_API_KEY": "tiny"}, "RT_API_KEY must be at least 16"),
+        ({"RT_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
+    ],
+)
+def test_bad_configuration_is_one_line(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    if "RT_JWT_SECRET_FILE" in env:
+        env = {**env, "RT_JWT_SECRET": ""}
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()), **env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("realtime: error:"), result.stderr
+    assert fragment in lines[0]
+
+
+def test_unreachable_backends_are_one_line(tmp_path: Path) -> None:
+    dead = free_port()
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()),
+                     RT_REDIS_URL=f"redis://127.0.0.1:{dead}",
+                     RT_MONGODB_URI=f"mongodb://127.0.0.1:{dead}/?directConnection=true",
+                     RT_STORE_TIMEOUT_S="0.5")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("realtime: error: store (mongodb) unavailable")
+    assert "Traceback" not in result.stderr
+
+
+def test_redis_down_is_one_line(tmp_path: Path, mongo_uri: str) -> None:
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()),
+                     RT_REDIS_URL=f"redis://127.0.0.1:{free_port()}", RT_MONGODB_URI=mongo_uri,
+                     RT_STORE_TIMEOUT_S="2")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("realtime: error: broker unavailable")
+
+
+def test_token_command(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "token", "--user", "alice", "--roles", "user,moderator",
+                     "--device", "phone", "--ttl", "60")
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["roles"] == ["user", "moderator"]
+    assert claims["device"] == "phone" and 50 < claims["exp"] - time.time() <= 60
+    bad = run_cli(tmp_path, "token", "--user", "alice", "--roles", "admin")
+    assert bad.returncode == 2 and "--roles" in bad.stderr
+
+
+def test_public_key_tokens_with_explicit_algorithms(tmp_path: Path) -> None:
+    private = Ed25519PrivateKey.generate()
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_file = tmp_path / "jwt.pub"
+    key_file.write_bytes(pem)
+    settings = config.load({"RT_JWT_PUBLIC_KEY_FILE": str(key_file),
+                            "RT_JWT_ALGORITHMS": "EdDSA"})
+    verifier = TokenVerifier(settings)
+    good = jwt.encode({"sub": "alice", "exp": time.time() + 60}, private, algorithm="EdDSA")
+    assert verifier.verify(good).user == "alice"
+    # HS256 signed with the public key's text (algorithm confusion) must fail.
+    forged = jwt.encode({"sub": "alice", "exp": time.time() + 60}, "k" * 40, algorithm="HS256")
+    with pytest.raises(ProtocolError):
+        verifier.verify(forged)
+    with pytest.raises(config.ConfigError):
+        config.load({"RT_JWT_PUBLIC_KEY": pem.decode(), "RT_JWT_ALGORITHMS": "HS256"})
+
+
+def test_defaults_are_embedded() -> None:
+    settings = config.load({"RT_JWT_SECRET": SECRET})
+    assert settings.broker_kind == "in-process" and settings.store_kind == "sqlite"
+    assert settings.limits.max_frame_bytes == 128 * 1024
+    assert settings.limits.auth_timeout_s == 10 and settings.limits.recovery_limit == 1000
+    assert settings.plaintext_namespaces == frozenset({"public"})
+
+
+def test_docker_compose_file_is_valid() -> None:
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    env = {"RT_JWT_SECRET": "x" * 32, "RT_API_KEY": "y" * 16, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([exe, "config", "-q"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
