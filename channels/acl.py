@@ -74,7 +74,9 @@ class AccessControl:
             raise ProtocolError("forbidden", f"not a member of {channel.name}")
         if ns == "user":
             if channel.rest == who.user and action in (
-                Action.SUBSCRIBE, Action.HISTORY, Action.READ
+                Action.SUBSCRIBE,
+                Action.HISTORY,
+                Action.READ,
             ):
                 return
             if action is Action.PUBLISH:

@@ -24,7 +24,9 @@ def _short_str(value: object, name: str) -> str:
     return value
 
 
-def parse_body(raw: object, codec: Codec, *, plaintext_allowed: bool, max_bytes: int) -> dict[str, Any]:
+def parse_body(
+    raw: object, codec: Codec, *, plaintext_allowed: bool, max_bytes: int
+) -> dict[str, Any]:
     """The canonical stored form of a body (bytes as `bytes`), or a `bad_request`/`too_large`/
     `forbidden` error."""
     if not isinstance(raw, dict):
@@ -56,5 +58,12 @@ def parse_body(raw: object, codec: Codec, *, plaintext_allowed: bool, max_bytes:
         raise ProtocolError("bad_request", "body.ct must be non-empty bytes")
     if len(ct) > max_bytes:
         raise ProtocolError("too_large", f"body.ct is over {max_bytes} bytes")
-    return {"v": 1, "alg": ALG_ENVELOPE, "device": device, "key_id": key_id,
-            "nonce": nonce, "ct": ct, "sig": sig}
+    return {
+        "v": 1,
+        "alg": ALG_ENVELOPE,
+        "device": device,
+        "key_id": key_id,
+        "nonce": nonce,
+        "ct": ct,
+        "sig": sig,
+    }

@@ -79,7 +79,9 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
         self._redis = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
             health_check_interval=15,
         )
         self._pubsub = self._redis.pubsub()
@@ -177,7 +179,7 @@ class RedisBroker(Broker):
             except asyncio.CancelledError:
                 pass
         try:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             await self._redis.aclose()
         except (RedisError, OSError):
             pass

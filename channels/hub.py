@@ -77,8 +77,16 @@ class Subscriber(Protocol):
 
 def pack_message(m: Message) -> bytes:
     data: bytes = msgpack.packb(
-        {"t": "m", "c": m.channel, "s": m.seq, "ts": m.ts, "u": m.user, "d": m.device,
-         "i": m.client_msg_id, "b": m.body},
+        {
+            "t": "m",
+            "c": m.channel,
+            "s": m.seq,
+            "ts": m.ts,
+            "u": m.user,
+            "d": m.device,
+            "i": m.client_msg_id,
+            "b": m.body,
+        },
         use_bin_type=True,
     )
     return data
@@ -102,8 +110,9 @@ class _Channel:
 
 
 class Hub:
-    def __init__(self, broker: Broker, messages: MessageStore,
-                 on_control: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self, broker: Broker, messages: MessageStore, on_control: Callable[[dict[str, Any]], None]
+    ) -> None:
         self._broker = broker
         self._messages = messages
         self._on_control = on_control
@@ -215,8 +224,9 @@ class Hub:
         if state is None:
             return
         if event.get("t") == "m":
-            m = Message(channel, event["s"], event["ts"], event["u"], event["d"], event["i"],
-                        event["b"])
+            m = Message(
+                channel, event["s"], event["ts"], event["u"], event["d"], event["i"], event["b"]
+            )
             if state.next_seq is None:
                 state.early.append(m)
             else:
@@ -247,11 +257,13 @@ class Hub:
 
     # --- gap repair -------------------------------------------------------------------
 
-    def _schedule_repair(self, channel: str, state: _Channel, *, wait: float = GAP_WAIT_S,
-                         to_end: bool = False) -> None:
+    def _schedule_repair(
+        self, channel: str, state: _Channel, *, wait: float = GAP_WAIT_S, to_end: bool = False
+    ) -> None:
         if state.repair is None or state.repair.done():
-            state.repair = self._spawn(self._repair(channel, state, wait, to_end),
-                                       f"hub-repair:{channel}")
+            state.repair = self._spawn(
+                self._repair(channel, state, wait, to_end), f"hub-repair:{channel}"
+            )
 
     async def _repair(self, channel: str, state: _Channel, wait: float, to_end: bool) -> None:
         """Fill a gap from the store. Waits briefly first: usually the missing message is

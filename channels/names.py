@@ -24,9 +24,7 @@ def parse_channel(value: object) -> ChannelName:
     if not isinstance(value, str):
         raise ProtocolError("bad_request", "'channel' must be a string")
     if not _NAME.fullmatch(value):
-        raise ProtocolError(
-            "bad_request", "'channel' must be 1-255 characters of [A-Za-z0-9_.:@-]"
-        )
+        raise ProtocolError("bad_request", "'channel' must be 1-255 characters of [A-Za-z0-9_.:@-]")
     namespace, sep, rest = value.partition(":")
     if not sep or not rest:
         raise ProtocolError("bad_request", "'channel' must be namespace:name")

@@ -45,7 +45,9 @@ class ChannelService:
             async with asyncio.timeout(self._timeout):
                 return await call
         except TimeoutError:
-            raise ProtocolError("unavailable", f"{what}: the store did not answer in time") from None
+            raise ProtocolError(
+                "unavailable", f"{what}: the store did not answer in time"
+            ) from None
         except StoreUnavailable as exc:
             log.warning("%s failed: %s", what, exc)
             raise ProtocolError("unavailable", f"{what}: the store is unavailable") from None
@@ -53,8 +55,14 @@ class ChannelService:
             log.warning("%s failed: %s", what, exc)
             raise ProtocolError("unavailable", f"{what}: the broker is unavailable") from None
 
-    async def publish(self, channel: str, user: str, device: str | None, client_msg_id: str,
-                      body: dict[str, object]) -> Appended:
+    async def publish(
+        self,
+        channel: str,
+        user: str,
+        device: str | None,
+        client_msg_id: str,
+        body: dict[str, object],
+    ) -> Appended:
         """Store, then fan out. The caller acknowledges only after this returns."""
         ts = int(time.time() * 1000)
         appended = await self._bounded(
@@ -85,8 +93,9 @@ class ChannelService:
         )
         return Replay(last, messages, missed <= self._recovery_limit)
 
-    async def history(self, channel: str, before_seq: int | None, limit: int
-                      ) -> tuple[list[Message], bool]:
+    async def history(
+        self, channel: str, before_seq: int | None, limit: int
+    ) -> tuple[list[Message], bool]:
         page = await self._bounded(
             "history", self.store.messages.before(channel, before_seq, limit + 1)
         )
@@ -106,8 +115,9 @@ class ChannelService:
         return await self._bounded("remove member", self.store.memberships.remove(channel, user))
 
     async def members(self, channel: str, limit: int, after: str | None) -> list[str]:
-        return await self._bounded("list members",
-                                   self.store.memberships.members(channel, limit, after))
+        return await self._bounded(
+            "list members", self.store.memberships.members(channel, limit, after)
+        )
 
     async def typing(self, channel: str, user: str) -> None:
         await self._bounded("typing", self.hub.publish_event(channel, "typing", u=user))

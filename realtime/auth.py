@@ -70,7 +70,9 @@ class TokenVerifier:
         exp = claims["exp"]
         if not isinstance(exp, int | float):
             raise ProtocolError("unauthorized", "claim 'exp' must be a number")
-        return Identity(user=user, roles=frozenset(roles_claim), expires_at=float(exp), device=device)
+        return Identity(
+            user=user, roles=frozenset(roles_claim), expires_at=float(exp), device=device
+        )
 
 
 def issue_token(

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run a server node")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     token = sub.add_parser("token", help="print a development token (needs RT_JWT_SECRET)")
     token.add_argument("--user", required=True)
     token.add_argument("--roles", default="user", help="comma-separated: user,moderator,responder")
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
         return 0
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not 0 < args.port < 65536:
         return _fail("--port must be 1-65535")
     try:

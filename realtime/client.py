@@ -102,8 +102,12 @@ class Client:
     # --- the connection loop ----------------------------------------------------------
 
     async def _open(self, url: str) -> ClientConnection:
-        ws = await connect(url, subprotocols=[self.codec.name],  # type: ignore[list-item]
-                           max_size=None, open_timeout=self._timeout)
+        ws = await connect(
+            url,
+            subprotocols=[self.codec.name],  # type: ignore[list-item]
+            max_size=None,
+            open_timeout=self._timeout,
+        )
         self._ws = ws
         reader = asyncio.create_task(self._read(ws), name="rt-client-reader")
         try:
@@ -217,14 +221,19 @@ class Client:
         self.last_seq.pop(channel, None)
         await self.request("unsubscribe", channel=channel)
 
-    async def publish(self, channel: str, body: dict[str, Any], *,
-                      client_msg_id: str | None = None, attempts: int = 5) -> dict[str, Any]:
+    async def publish(
+        self,
+        channel: str,
+        body: dict[str, Any],
+        *,
+        client_msg_id: str | None = None,
+        attempts: int = 5,
+    ) -> dict[str, Any]:
         """Publish; retried across reconnects with the same `client_msg_id` (idempotent)."""
         cmid = client_msg_id or uuid.uuid4().hex
         for attempt in range(attempts):
             try:
-                return await self.request("publish", channel=channel, body=body,
-                                          client_msg_id=cmid)
+                return await self.request("publish", channel=channel, body=body, client_msg_id=cmid)
             except (ConnectionLost, ConnectionClosed, TimeoutError):
                 if attempt + 1 == attempts:
                     raise
@@ -234,8 +243,9 @@ class Client:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def history(self, channel: str, before_seq: int | None = None,
-                      limit: int | None = None) -> dict[str, Any]:
+    async def history(
+        self, channel: str, before_seq: int | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
         args: dict[str, Any] = {"channel": channel}
         if before_seq is not None:
             args["before_seq"] = before_seq

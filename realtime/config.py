@@ -122,7 +122,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     redis_url = env.get("RT_REDIS_URL") or None
     mongodb_uri = _read_secret(env, "RT_MONGODB_URI")
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"RT_REDIS_URL must start with redis://, rediss:// or unix://: {redis_url}")
+        raise ConfigError(
+            f"RT_REDIS_URL must start with redis://, rediss:// or unix://: {redis_url}"
+        )
     if mongodb_uri and not mongodb_uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError("RT_MONGODB_URI must start with mongodb:// or mongodb+srv://")
     if redis_url and not mongodb_uri:

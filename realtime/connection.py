@@ -274,8 +274,16 @@ class Connection:
             return False
         self._set_identity(identity)
         self.node.register(self)
-        self.send({"id": cid, "ok": True, "user": identity.user, "roles": sorted(identity.roles),
-                   "session": self.session, "node": self.node.settings.node_id})
+        self.send(
+            {
+                "id": cid,
+                "ok": True,
+                "user": identity.user,
+                "roles": sorted(identity.roles),
+                "session": self.session,
+                "node": self.node.settings.node_id,
+            }
+        )
         return True
 
     def _set_identity(self, identity: Identity) -> None:
@@ -324,7 +332,9 @@ class Connection:
         if self._rejected > self.node.settings.limits.rate_burst:
             self.node.metrics.flood_closes += 1
             self.close(CLOSE_POLICY, "flooding")
-        raise ProtocolError("rate_limited", "too many commands", retry_after_ms=int(wait * 1000) + 1)
+        raise ProtocolError(
+            "rate_limited", "too many commands", retry_after_ms=int(wait * 1000) + 1
+        )
 
     # --- ops --------------------------------------------------------------------------
 
@@ -391,9 +401,12 @@ class Connection:
         ch = self._channel(frame)
         cmid = require_str(frame, "client_msg_id", max_len=64)
         limits = self.node.settings.limits
-        body = parse_body(frame.get("body"), self.codec,
-                          plaintext_allowed=ch.namespace in self.node.settings.plaintext_namespaces,
-                          max_bytes=limits.max_body_bytes)
+        body = parse_body(
+            frame.get("body"),
+            self.codec,
+            plaintext_allowed=ch.namespace in self.node.settings.plaintext_namespaces,
+            max_bytes=limits.max_body_bytes,
+        )
         assert self.identity is not None
         await self.node.acl.check(self.identity, ch, Action.PUBLISH)
         device = body.get("device") or self.identity.device
@@ -412,8 +425,12 @@ class Connection:
         await self.node.acl.check(self.identity, ch, Action.HISTORY)
         messages, has_more = await self.node.channels.history(ch.name, before, limit)
         read_seq = await self.node.channels.read_marker(ch.name, self.user)
-        return {"channel": ch.name, "messages": [message_item(m) for m in messages],
-                "has_more": has_more, "read_seq": read_seq}
+        return {
+            "channel": ch.name,
+            "messages": [message_item(m) for m in messages],
+            "has_more": has_more,
+            "read_seq": read_seq,
+        }
 
     async def _op_typing(self, frame: dict[str, Any]) -> Reply:
         ch = self._channel(frame)
@@ -422,8 +439,11 @@ class Connection:
         now = time.monotonic()
         last = self._typing_at.get(ch.name, 0.0)
         if now - last < 1.0:
-            raise ProtocolError("rate_limited", "one typing notice per second per channel",
-                                retry_after_ms=int((1.0 - (now - last)) * 1000) + 1)
+            raise ProtocolError(
+                "rate_limited",
+                "one typing notice per second per channel",
+                retry_after_ms=int((1.0 - (now - last)) * 1000) + 1,
+            )
         if len(self._typing_at) > 1000:
             self._typing_at.clear()
         self._typing_at[ch.name] = now
@@ -439,4 +459,3 @@ class Connection:
         await self.node.acl.check(self.identity, ch, Action.READ)
         stored = await self.node.channels.mark_read(ch.name, self.user, seq)
         return {"channel": ch.name, "read_seq": stored}
-

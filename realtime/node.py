@@ -58,24 +58,33 @@ class Metrics:
 
 
 class Node:
-    def __init__(self, settings: Settings, *, store: Store | None = None,
-                 broker: Broker | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, store: Store | None = None, broker: Broker | None = None
+    ) -> None:
         self.settings = settings
         self.store = store or open_store(settings)
         if broker is None:
-            broker = (RedisBroker(settings.redis_url, timeout_s=settings.store_timeout_s)
-                      if settings.redis_url else InProcessBroker())
+            broker = (
+                RedisBroker(settings.redis_url, timeout_s=settings.store_timeout_s)
+                if settings.redis_url
+                else InProcessBroker()
+            )
         self.broker = broker
         self.hub = Hub(broker, self.store.messages, self._on_control)
         self.memberships = MembershipCache(self.store.memberships)
         self.acl = AccessControl(self.memberships)
-        self.channels = ChannelService(self.store, self.hub, timeout_s=settings.store_timeout_s,
-                                       recovery_limit=settings.limits.recovery_limit)
+        self.channels = ChannelService(
+            self.store,
+            self.hub,
+            timeout_s=settings.store_timeout_s,
+            recovery_limit=settings.limits.recovery_limit,
+        )
         self.verifier = TokenVerifier(settings)
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self._by_user: dict[str, set[Connection]] = {}
         self.draining = False
+        self._idle = asyncio.Event()  # set whenever a connection goes away
 
     async def start(self) -> None:
         timeout = self.settings.store_timeout_s
@@ -84,15 +93,20 @@ class Node:
                 await self.store.open()
         except (StoreUnavailable, TimeoutError) as exc:
             await self.store.close()
-            raise StartupError(f"store ({self.settings.store_kind}) unavailable: "
-                               f"{exc or 'no answer in time'}") from None
+            raise StartupError(
+                f"store ({self.settings.store_kind}) unavailable: {exc or 'no answer in time'}"
+            ) from None
         try:
             await self.hub.start()
         except BrokerUnavailable as exc:
             await self.store.close()
             raise StartupError(f"broker unavailable: {exc}") from None
-        log.info("node %s ready: broker=%s store=%s", self.settings.node_id,
-                 self.settings.broker_kind, self.settings.store_kind)
+        log.info(
+            "node %s ready: broker=%s store=%s",
+            self.settings.node_id,
+            self.settings.broker_kind,
+            self.settings.store_kind,
+        )
 
     async def drain(self, code: int = CLOSE_GOING_AWAY, timeout_s: float = 10.0) -> None:
         """Close every socket with `code` and wait (bounded) for their handlers to finish."""
@@ -102,7 +116,8 @@ class Node:
         try:
             async with asyncio.timeout(timeout_s):
                 while self.connections:
-                    await asyncio.sleep(0.05)
+                    self._idle.clear()
+                    await self._idle.wait()
         except TimeoutError:
             log.warning("%d connections did not close in time", len(self.connections))
 
@@ -122,6 +137,7 @@ class Node:
 
     def unregister(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self._idle.set()
         if conn.identity is not None:
             conns = self._by_user.get(conn.identity.user)
             if conns is not None:
@@ -141,8 +157,11 @@ class Node:
         try:
             await self.hub.publish_control(event)
         except BrokerUnavailable as exc:
-            log.warning("membership change not broadcast (%s); other nodes' caches are stale "
-                        "until their broker reconnects", exc)
+            log.warning(
+                "membership change not broadcast (%s); other nodes' caches are stale "
+                "until their broker reconnects",
+                exc,
+            )
 
     def _on_control(self, event: dict[str, Any]) -> None:
         if event.get("t") == "resync":

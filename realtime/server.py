@@ -26,13 +26,21 @@ from channels.service import SERVER_USER
 from .auth import valid_user_id
 from .connection import Connection
 from .node import Node
-from .protocol import JSON, CLOSE_GOING_AWAY, ProtocolError, arg_int, choose_codec, require_str
+from .protocol import CLOSE_GOING_AWAY, JSON, ProtocolError, arg_int, choose_codec, require_str
 
 log = logging.getLogger("realtime.server")
 
-_STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
-           "too_large": 413, "rate_limited": 429, "conflict": 409, "unavailable": 503,
-           "internal": 500}
+_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "rate_limited": 429,
+    "conflict": 409,
+    "unavailable": 503,
+    "internal": 500,
+}
 MAX_API_BODY = 256 * 1024
 
 
@@ -114,8 +122,9 @@ async def put_member(request: Request, node: Node) -> Response:
     channel, user = _room(request), _user(request)
     added = await node.channels.add_member(channel, user)
     await node.membership_changed(channel, user, added=True)
-    return ApiResponse({"channel": channel, "user": user, "added": added},
-                       status_code=201 if added else 200)
+    return ApiResponse(
+        {"channel": channel, "user": user, "added": added}, status_code=201 if added else 200
+    )
 
 
 @api
@@ -134,8 +143,13 @@ async def list_members(request: Request, node: Node) -> Response:
     limit = _query_int(request, "limit", minimum=1, maximum=1000) or 100
     after = request.query_params.get("after")
     members = await node.channels.members(channel, limit, after)
-    return ApiResponse({"channel": channel, "members": members,
-                        "next": members[-1] if len(members) == limit else None})
+    return ApiResponse(
+        {
+            "channel": channel,
+            "members": members,
+            "next": members[-1] if len(members) == limit else None,
+        }
+    )
 
 
 @api
@@ -144,12 +158,22 @@ async def post_message(request: Request, node: Node) -> Response:
     data = await _json_body(request)
     cmid = require_str(data, "client_msg_id", max_len=64)
     plaintext = ch.namespace in node.settings.plaintext_namespaces or ch.namespace == "user"
-    body = parse_body(data.get("body"), JSON, plaintext_allowed=plaintext,
-                      max_bytes=node.settings.limits.max_body_bytes)
+    body = parse_body(
+        data.get("body"),
+        JSON,
+        plaintext_allowed=plaintext,
+        max_bytes=node.settings.limits.max_body_bytes,
+    )
     appended = await node.channels.publish(ch.name, SERVER_USER, None, cmid, body)
-    return ApiResponse({"channel": ch.name, "seq": appended.message.seq,
-                        "ts": appended.message.ts, "duplicate": appended.duplicate},
-                       status_code=200 if appended.duplicate else 201)
+    return ApiResponse(
+        {
+            "channel": ch.name,
+            "seq": appended.message.seq,
+            "ts": appended.message.ts,
+            "duplicate": appended.duplicate,
+        },
+        status_code=200 if appended.duplicate else 201,
+    )
 
 
 @api
@@ -158,8 +182,9 @@ async def get_messages(request: Request, node: Node) -> Response:
     before = _query_int(request, "before_seq", minimum=1)
     limit = _query_int(request, "limit", minimum=1, maximum=200) or 50
     messages, has_more = await node.channels.history(ch.name, before, limit)
-    return ApiResponse({"channel": ch.name, "messages": [message_item(m) for m in messages],
-                        "has_more": has_more})
+    return ApiResponse(
+        {"channel": ch.name, "messages": [message_item(m) for m in messages], "has_more": has_more}
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -170,14 +195,14 @@ async def readyz(request: Request) -> Response:
     node = _node(request)
     checks = await node.ready()
     ok = all(checks.values())
-    return JSONResponse({"ready": ok, "node": node.settings.node_id, **checks},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {"ready": ok, "node": node.settings.node_id, **checks}, status_code=200 if ok else 503
+    )
 
 
 async def metrics(request: Request) -> Response:
     node = _node(request)
-    return PlainTextResponse(node.metrics.render(node),
-                             media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(node.metrics.render(node), media_type="text/plain; version=0.0.4")
 
 
 _OPENAPI: bytes | None = None
@@ -201,17 +226,19 @@ async def ws_endpoint(websocket: WebSocket) -> None:
 
 
 def create_app(node: Node) -> Starlette:
-    app = Starlette(routes=[
-        WebSocketRoute("/ws", ws_endpoint),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-        Route("/openapi.json", openapi),
-        Route("/v1/channels/{channel}/members", list_members, methods=["GET"]),
-        Route("/v1/channels/{channel}/members/{user}", put_member, methods=["PUT"]),
-        Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),
-        Route("/v1/channels/{channel}/messages", post_message, methods=["POST"]),
-        Route("/v1/channels/{channel}/messages", get_messages, methods=["GET"]),
-    ])
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/ws", ws_endpoint),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
+            Route("/v1/channels/{channel}/members", list_members, methods=["GET"]),
+            Route("/v1/channels/{channel}/members/{user}", put_member, methods=["PUT"]),
+            Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),
+            Route("/v1/channels/{channel}/messages", post_message, methods=["POST"]),
+            Route("/v1/channels/{channel}/messages", get_messages, methods=["GET"]),
+        ]
+    )
     app.state.node = node
     return app

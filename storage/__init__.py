@@ -47,8 +47,9 @@ def open_store(settings: Settings) -> Store:
     if settings.mongodb_uri:
         from .mongo import MongoStore
 
-        return MongoStore(settings.mongodb_uri, settings.mongodb_db,
-                          timeout_s=settings.store_timeout_s)
+        return MongoStore(
+            settings.mongodb_uri, settings.mongodb_db, timeout_s=settings.store_timeout_s
+        )
     from .sqlite import SqliteStore
 
     return SqliteStore(settings.data_dir)

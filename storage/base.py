@@ -89,9 +89,14 @@ class ReadMarkerStore(Protocol):
 
 
 class Store(Protocol):
-    messages: MessageStore
-    memberships: MembershipStore
-    read_markers: ReadMarkerStore
+    @property
+    def messages(self) -> MessageStore: ...
+
+    @property
+    def memberships(self) -> MembershipStore: ...
+
+    @property
+    def read_markers(self) -> ReadMarkerStore: ...
 
     async def open(self) -> None:
         """Connect, create collections/tables and indexes idempotently."""

@@ -26,8 +26,16 @@ from .base import SCHEMA_VERSION, Appended, Message, StoreUnavailable
 
 T = TypeVar("T")
 
-_MESSAGE_FIELDS = {"_id": 0, "channel": 1, "seq": 1, "ts": 1, "user": 1, "device": 1,
-                   "client_msg_id": 1, "body": 1}
+_MESSAGE_FIELDS = {
+    "_id": 0,
+    "channel": 1,
+    "seq": 1,
+    "ts": 1,
+    "user": 1,
+    "device": 1,
+    "client_msg_id": 1,
+    "body": 1,
+}
 
 
 async def _guard(coro: Awaitable[T]) -> T:
@@ -40,8 +48,15 @@ async def _guard(coro: Awaitable[T]) -> T:
 
 
 def _message(doc: dict[str, Any]) -> Message:
-    return Message(doc["channel"], doc["seq"], doc["ts"], doc["user"], doc.get("device"),
-                   doc["client_msg_id"], doc["body"])
+    return Message(
+        doc["channel"],
+        doc["seq"],
+        doc["ts"],
+        doc["user"],
+        doc.get("device"),
+        doc["client_msg_id"],
+        doc["body"],
+    )
 
 
 class _ChannelLocks:
@@ -79,15 +94,17 @@ class MongoMessages:
 
     async def _last(self, channel: str) -> int:
         doc = await _guard(
-            self._col.find_one({"channel": channel}, {"seq": 1, "_id": 0},
-                               sort=[("seq", DESCENDING)])
+            self._col.find_one(
+                {"channel": channel}, {"seq": 1, "_id": 0}, sort=[("seq", DESCENDING)]
+            )
         )
         return int(doc["seq"]) if doc else 0
 
     async def _original(self, channel: str, user: str, client_msg_id: str) -> Message | None:
         doc = await _guard(
-            self._col.find_one({"channel": channel, "user": user, "client_msg_id": client_msg_id},
-                               _MESSAGE_FIELDS)
+            self._col.find_one(
+                {"channel": channel, "user": user, "client_msg_id": client_msg_id}, _MESSAGE_FIELDS
+            )
         )
         return _message(doc) if doc else None
 
@@ -121,8 +138,15 @@ class MongoMessages:
                     last = await self._last(channel)
                 for _ in range(1000):
                     seq = last + 1
-                    doc = {"channel": channel, "seq": seq, "ts": ts, "user": user,
-                           "device": device, "client_msg_id": client_msg_id, "body": body}
+                    doc = {
+                        "channel": channel,
+                        "seq": seq,
+                        "ts": ts,
+                        "user": user,
+                        "device": device,
+                        "client_msg_id": client_msg_id,
+                        "body": body,
+                    }
                     try:
                         await _guard(self._col.insert_one(doc))
                     except DuplicateKeyError:
@@ -132,8 +156,10 @@ class MongoMessages:
                         last = await self._last(channel)  # another node took `seq`
                         continue
                     self._channels.remember(channel, seq)
-                    return Appended(Message(channel, seq, ts, user, device, client_msg_id,
-                                            body), duplicate=False)
+                    return Appended(
+                        Message(channel, seq, ts, user, device, client_msg_id, body),
+                        duplicate=False,
+                    )
                 raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
             except StoreUnavailable:
                 self._channels.last.pop(channel, None)
@@ -162,8 +188,9 @@ class MongoMemberships:
 
     async def add(self, channel: str, user: str, ts: int) -> bool:
         result = await _guard(
-            self._col.update_one({"channel": channel, "user": user},
-                                 {"$setOnInsert": {"since": ts}}, upsert=True)
+            self._col.update_one(
+                {"channel": channel, "user": user}, {"$setOnInsert": {"since": ts}}, upsert=True
+            )
         )
         return result.upserted_id is not None
 
@@ -206,8 +233,14 @@ class MongoReadMarkers:
 class MongoStore:
     """History, sequences, idempotency, memberships and read markers shared by all nodes."""
 
-    def __init__(self, uri: str, db_name: str, *, timeout_s: float = 5.0,
-                 write_concern: str | int = "majority") -> None:
+    def __init__(
+        self,
+        uri: str,
+        db_name: str,
+        *,
+        timeout_s: float = 5.0,
+        write_concern: str | int = "majority",
+    ) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             uri,
             serverSelectionTimeoutMS=int(timeout_s * 1000),
@@ -225,14 +258,19 @@ class MongoStore:
         db = self._db
         steps: list[Callable[[], Awaitable[Any]]] = [
             lambda: db["messages"].create_index(
-                [("channel", ASCENDING), ("seq", ASCENDING)], unique=True, name="channel_seq"),
+                [("channel", ASCENDING), ("seq", ASCENDING)], unique=True, name="channel_seq"
+            ),
             lambda: db["messages"].create_index(
                 [("channel", ASCENDING), ("user", ASCENDING), ("client_msg_id", ASCENDING)],
-                unique=True, name="idempotency"),
+                unique=True,
+                name="idempotency",
+            ),
             lambda: db["memberships"].create_index(
-                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"),
+                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"
+            ),
             lambda: db["read_markers"].create_index(
-                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"),
+                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"
+            ),
         ]
         for step in steps:
             await _guard(step())
@@ -242,8 +280,11 @@ class MongoStore:
                 f"database has schema version {meta['version']}, newer than this server "
                 f"({SCHEMA_VERSION}): upgrade the server"
             )
-        await _guard(db["meta"].update_one({"_id": "schema"},
-                                           {"$max": {"version": SCHEMA_VERSION}}, upsert=True))
+        await _guard(
+            db["meta"].update_one(
+                {"_id": "schema"}, {"$max": {"version": SCHEMA_VERSION}}, upsert=True
+            )
+        )
 
     async def ping(self) -> bool:
         try:

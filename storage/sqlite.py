@@ -139,8 +139,7 @@ class SqliteMessages:
     async def after(self, channel: str, after_seq: int, limit: int) -> list[Message]:
         def q(db: sqlite3.Connection) -> list[Message]:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE channel=? AND seq>? "
-                "ORDER BY seq LIMIT ?",
+                f"SELECT {_COLUMNS} FROM messages WHERE channel=? AND seq>? ORDER BY seq LIMIT ?",
                 (channel, after_seq, limit),
             ).fetchall()
             return [_row(r) for r in rows]

@@ -35,7 +35,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -70,9 +72,23 @@ class RedisServer:
         if exe is None:
             pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port, proc=self.proc)
 
@@ -118,11 +134,20 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail("secantusd-py is not installed (pip install -e '.[test]') and no MONGODB_URI")
     port = free_port()
     storage = tmp_path_factory.mktemp("secantus")
-    log = open(storage / "secantusd.log", "wb")  # noqa: SIM115
+    log = open(storage / "secantusd.log", "wb")
     proc = subprocess.Popen(
-        [exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(storage / "db"),
-         "--standalone"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            exe,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            str(storage / "db"),
+            "--standalone",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_port(port, timeout=60, proc=proc)
@@ -163,11 +188,24 @@ class Node:
 
     def start(self) -> Node:
         Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "realtime", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "realtime",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         log.close()
         try:
@@ -192,8 +230,9 @@ class Node:
             self.proc.kill()
             self.proc.wait()
 
-    def api(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-            **kw: object) -> httpx.Response:
+    def api(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: object
+    ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
         return httpx.request(method, self.http + path, headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
 
@@ -204,8 +243,14 @@ class Node:
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
-    env.update({"RT_JWT_SECRET": SECRET, "RT_API_KEY": API_KEY, "RT_DATA_DIR": str(data_dir),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "RT_JWT_SECRET": SECRET,
+            "RT_API_KEY": API_KEY,
+            "RT_DATA_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -228,9 +273,18 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
 def single_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One embedded-defaults node shared by a module's protocol tests (small limits so the
     limit paths are reachable in a test)."""
-    node = Node(base_env(tmp_path_factory.mktemp("single"), RT_RECOVERY_LIMIT="5",
-                         RT_AUTH_TIMEOUT_S="1", RT_RATE_PER_S="500", RT_RATE_BURST="500",
-                         RT_SEND_QUEUE_FRAMES="64", RT_MAX_SUBSCRIPTIONS="20"), "single")
+    node = Node(
+        base_env(
+            tmp_path_factory.mktemp("single"),
+            RT_RECOVERY_LIMIT="5",
+            RT_AUTH_TIMEOUT_S="1",
+            RT_RATE_PER_S="500",
+            RT_RATE_BURST="500",
+            RT_SEND_QUEUE_FRAMES="64",
+            RT_MAX_SUBSCRIPTIONS="20",
+        ),
+        "single",
+    )
     node.start()
     yield node
     node.stop()

@@ -9,25 +9,32 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Node, RedisServer, token, unique_db
+from wire import Raw, plain
 
 from realtime.client import Client
-from wire import Raw, plain
 
 
 @pytest.fixture
 def cluster(node_factory: Any, redis_server: RedisServer, mongo_uri: str) -> tuple[Node, Node]:
     db = unique_db()
-    env = {"RT_REDIS_URL": redis_server.url, "RT_MONGODB_URI": mongo_uri, "RT_MONGODB_DB": db,
-           "RT_STORE_TIMEOUT_S": "10"}
-    return node_factory("a", RT_NODE_ID="node-a", **env), node_factory("b", RT_NODE_ID="node-b",
-                                                                        **env)
+    env = {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": db,
+        "RT_STORE_TIMEOUT_S": "10",
+    }
+    return node_factory("a", RT_NODE_ID="node-a", **env), node_factory(
+        "b", RT_NODE_ID="node-b", **env
+    )
 
 
 def chan(ns: str = "public") -> str:
     return f"{ns}:{uuid.uuid4().hex[:8]}"
 
 
-async def test_a_message_published_on_one_node_reaches_the_other(cluster: tuple[Node, Node]) -> None:
+async def test_a_message_published_on_one_node_reaches_the_other(
+    cluster: tuple[Node, Node],
+) -> None:
     a, b = cluster
     ch = chan()
     sub_b = await Raw.open(b.url, token("bob"), proto="rt.v1.msgpack")
@@ -36,8 +43,9 @@ async def test_a_message_published_on_one_node_reaches_the_other(cluster: tuple[
     assert (await sub_b.ok("subscribe", channel=ch))["last_seq"] == 0
     await sub_a.ok("subscribe", channel=ch)
     for i in range(3):
-        assert (await pub.ok("publish", channel=ch, client_msg_id=f"x{i}",
-                             body=plain(f"hello {i}")))["seq"] == i + 1
+        assert (
+            await pub.ok("publish", channel=ch, client_msg_id=f"x{i}", body=plain(f"hello {i}"))
+        )["seq"] == i + 1
     for sub in (sub_b, sub_a):
         pushes = [await sub.push() for _ in range(3)]
         assert [p["seq"] for p in pushes] == [1, 2, 3]
@@ -79,8 +87,14 @@ async def test_concurrent_publishers_on_both_nodes_get_one_gap_free_order(
     pubs = [await Raw.open((a, b)[i % 2].url, token(f"p{i}")) for i in range(4)]
 
     async def run(i: int) -> list[int]:
-        return [(await pubs[i].ok("publish", channel=ch, client_msg_id=f"{i}-{k}",
-                                  body=plain(f"{i}-{k}")))["seq"] for k in range(8)]
+        return [
+            (
+                await pubs[i].ok(
+                    "publish", channel=ch, client_msg_id=f"{i}-{k}", body=plain(f"{i}-{k}")
+                )
+            )["seq"]
+            for k in range(8)
+        ]
 
     acked = await asyncio.gather(*(run(i) for i in range(4)))
     assert sorted(s for r in acked for s in r) == list(range(1, 33))
@@ -101,8 +115,10 @@ async def test_sigkill_of_a_node_loses_nothing_and_clients_resume_elsewhere(
     a, b = cluster
     ch = chan()
     # The subscriber prefers node a; the publisher also starts on node a.
-    async with Client([a.url, b.url], token("bob", ttl=600)) as sub, \
-            Client([a.url, b.url], token("alice", ttl=600)) as pub:
+    async with (
+        Client([a.url, b.url], token("bob", ttl=600)) as sub,
+        Client([a.url, b.url], token("alice", ttl=600)) as pub,
+    ):
         await sub.subscribe(ch)
         assert sub.node == "node-a"
         acked: list[int] = []
@@ -131,7 +147,8 @@ async def test_sigkill_of_a_node_loses_nothing_and_clients_resume_elsewhere(
 
 
 async def test_redis_restart_fan_out_recovers_without_restarting_nodes(
-    cluster: tuple[Node, Node], redis_server: RedisServer,
+    cluster: tuple[Node, Node],
+    redis_server: RedisServer,
 ) -> None:
     a, b = cluster
     ch = chan()
@@ -144,7 +161,7 @@ async def test_redis_restart_fan_out_recovers_without_restarting_nodes(
     # Stored (so acknowledged) while Redis is down; fan-out to node b must follow later.
     reply = await pub.cmd("publish", channel=ch, client_msg_id="during", body=plain("2"))
     assert reply["ok"] and reply["seq"] == 2
-    ready = httpx.get(a.http + "/readyz")
+    ready = await asyncio.to_thread(httpx.get, a.http + "/readyz")
     assert ready.status_code == 503 and ready.json()["broker"] is False
     redis_server.start()  # same port
     pushes = [await sub.push(20)]
@@ -153,9 +170,9 @@ async def test_redis_restart_fan_out_recovers_without_restarting_nodes(
     assert [p["seq"] for p in pushes] == [2, 3]
     await sub.no_push()
     for _ in range(50):
-        if httpx.get(a.http + "/readyz").status_code == 200:
+        if (await asyncio.to_thread(httpx.get, a.http + "/readyz")).status_code == 200:
             break
         await asyncio.sleep(0.1)
-    assert httpx.get(a.http + "/readyz").status_code == 200
+    assert (await asyncio.to_thread(httpx.get, a.http + "/readyz")).status_code == 200
     await sub.close()
     await pub.close()

@@ -18,12 +18,19 @@ from realtime.auth import TokenVerifier
 from realtime.protocol import ProtocolError
 
 
-def run_cli(tmp_path: Path, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    tmp_path: Path, *args: str, timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess[str]:
     full = base_env(tmp_path, **env)
     for key in [k for k, v in env.items() if v == ""]:
         full.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "realtime", *args], env=full,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "realtime", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,26 +63,47 @@ def test_bad_configuration_is_one_line(tmp_path: Path, env: dict[str, str], frag
 
 def test_unreachable_backends_are_one_line(tmp_path: Path) -> None:
     dead = free_port()
-    result = run_cli(tmp_path, "serve", "--port", str(free_port()),
-                     RT_REDIS_URL=f"redis://127.0.0.1:{dead}",
-                     RT_MONGODB_URI=f"mongodb://127.0.0.1:{dead}/?directConnection=true",
-                     RT_STORE_TIMEOUT_S="0.5")
+    result = run_cli(
+        tmp_path,
+        "serve",
+        "--port",
+        str(free_port()),
+        RT_REDIS_URL=f"redis://127.0.0.1:{dead}",
+        RT_MONGODB_URI=f"mongodb://127.0.0.1:{dead}/?directConnection=true",
+        RT_STORE_TIMEOUT_S="0.5",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("realtime: error: store (mongodb) unavailable")
     assert "Traceback" not in result.stderr
 
 
 def test_redis_down_is_one_line(tmp_path: Path, mongo_uri: str) -> None:
-    result = run_cli(tmp_path, "serve", "--port", str(free_port()),
-                     RT_REDIS_URL=f"redis://127.0.0.1:{free_port()}", RT_MONGODB_URI=mongo_uri,
-                     RT_STORE_TIMEOUT_S="2")
+    result = run_cli(
+        tmp_path,
+        "serve",
+        "--port",
+        str(free_port()),
+        RT_REDIS_URL=f"redis://127.0.0.1:{free_port()}",
+        RT_MONGODB_URI=mongo_uri,
+        RT_STORE_TIMEOUT_S="2",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("realtime: error: broker unavailable")
 
 
 def test_token_command(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "token", "--user", "alice", "--roles", "user,moderator",
-                     "--device", "phone", "--ttl", "60")
+    result = run_cli(
+        tmp_path,
+        "token",
+        "--user",
+        "alice",
+        "--roles",
+        "user,moderator",
+        "--device",
+        "phone",
+        "--ttl",
+        "60",
+    )
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["roles"] == ["user", "moderator"]
@@ -86,12 +114,12 @@ def test_token_command(tmp_path: Path) -> None:
 
 def test_public_key_tokens_with_explicit_algorithms(tmp_path: Path) -> None:
     private = Ed25519PrivateKey.generate()
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     key_file = tmp_path / "jwt.pub"
     key_file.write_bytes(pem)
-    settings = config.load({"RT_JWT_PUBLIC_KEY_FILE": str(key_file),
-                            "RT_JWT_ALGORITHMS": "EdDSA"})
+    settings = config.load({"RT_JWT_PUBLIC_KEY_FILE": str(key_file), "RT_JWT_ALGORITHMS": "EdDSA"})
     verifier = TokenVerifier(settings)
     good = jwt.encode({"sub": "alice", "exp": time.time() + 60}, private, algorithm="EdDSA")
     assert verifier.verify(good).user == "alice"
@@ -119,6 +147,7 @@ def test_docker_compose_file_is_valid() -> None:
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     env = {"RT_JWT_SECRET": "x" * 32, "RT_API_KEY": "y" * 16, "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([exe, "config", "-q"], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [exe, "config", "-q"], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

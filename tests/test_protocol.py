@@ -14,7 +14,6 @@ import msgpack
 import pytest
 from conftest import SECRET, Node, token
 from websockets.asyncio.client import connect
-
 from wire import Raw, envelope, plain, read_close_code, stalled_subscriber
 
 
@@ -27,11 +26,16 @@ def chan(prefix: str = "public") -> str:
 
 @pytest.mark.parametrize(
     ("offered", "chosen"),
-    [(["rt.v1.json"], "rt.v1.json"), (["rt.v1.msgpack"], "rt.v1.msgpack"),
-     (["x.unknown", "rt.v1.msgpack", "rt.v1.json"], "rt.v1.msgpack"), (None, None)],
+    [
+        (["rt.v1.json"], "rt.v1.json"),
+        (["rt.v1.msgpack"], "rt.v1.msgpack"),
+        (["x.unknown", "rt.v1.msgpack", "rt.v1.json"], "rt.v1.msgpack"),
+        (None, None),
+    ],
 )
-async def test_subprotocol_negotiation(single_node: Node, offered: list[str] | None,
-                                       chosen: str | None) -> None:
+async def test_subprotocol_negotiation(
+    single_node: Node, offered: list[str] | None, chosen: str | None
+) -> None:
     ws = await connect(single_node.url, subprotocols=offered)  # type: ignore[arg-type]
     assert ws.subprotocol == chosen
     raw = Raw(ws, chosen or "rt.v1.json")  # no subprotocol: the server speaks JSON
@@ -53,8 +57,9 @@ async def test_first_frame_must_be_auth(single_node: Node) -> None:
     assert await raw.close_code() == 4003
 
 
-@pytest.mark.parametrize("case", ["garbage", "expired", "alg_none", "wrong_key", "bad_role",
-                                  "no_exp", "server_user"])
+@pytest.mark.parametrize(
+    "case", ["garbage", "expired", "alg_none", "wrong_key", "bad_role", "no_exp", "server_user"]
+)
 async def test_bad_tokens_close_4003(single_node: Node, case: str) -> None:
     now = int(time.time())
     if case == "garbage":
@@ -63,8 +68,11 @@ async def test_bad_tokens_close_4003(single_node: Node, case: str) -> None:
         tok = token("alice", ttl=-10)
     elif case == "alg_none":
         header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
-        body = base64.urlsafe_b64encode(
-            json.dumps({"sub": "alice", "exp": now + 600}).encode()).rstrip(b"=").decode()
+        body = (
+            base64.urlsafe_b64encode(json.dumps({"sub": "alice", "exp": now + 600}).encode())
+            .rstrip(b"=")
+            .decode()
+        )
         tok = f"{header}.{body}."
     elif case == "wrong_key":
         tok = jwt.encode({"sub": "alice", "exp": now + 600}, "other" * 10, algorithm="HS256")
@@ -94,8 +102,9 @@ async def test_token_expiry_closes_4003_unless_refreshed(single_node: Node) -> N
 # --- section 2: frames -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frame", [b"\xff\xfe not json", "[1, 2, 3]", '"just a string"',
-                                   "{\"id\": 1, \"op\": NaN}"])
+@pytest.mark.parametrize(
+    "frame", [b"\xff\xfe not json", "[1, 2, 3]", '"just a string"', '{"id": 1, "op": NaN}']
+)
 async def test_undecodable_json_closes_1007(single_node: Node, frame: str | bytes) -> None:
     raw = await Raw.open(single_node.url, token("alice"))
     await raw.ws.send(frame)
@@ -111,8 +120,15 @@ async def test_undecodable_msgpack_closes_1007(single_node: Node, frame: str | b
 
 async def test_oversize_frame_closes_1009(single_node: Node) -> None:
     raw = await Raw.open(single_node.url, token("alice"), max_size=None)
-    await raw.send({"id": 1, "op": "publish", "channel": "public:x", "client_msg_id": "big",
-                    "body": plain("x" * (129 * 1024))})
+    await raw.send(
+        {
+            "id": 1,
+            "op": "publish",
+            "channel": "public:x",
+            "client_msg_id": "big",
+            "body": plain("x" * (129 * 1024)),
+        }
+    )
     assert await raw.close_code() == 1009
 
 
@@ -127,8 +143,10 @@ async def test_invalid_commands_get_errors_and_the_connection_stays(single_node:
     assert await raw.error("auth", token=token("alice")) == "bad_request"
     assert await raw.error("subscribe") == "bad_request"
     assert await raw.error("publish", channel="public:x", body=plain("a")) == "bad_request"
-    assert await raw.error("publish", channel="public:x", client_msg_id="x" * 65,
-                           body=plain("a")) == "bad_request"
+    assert (
+        await raw.error("publish", channel="public:x", client_msg_id="x" * 65, body=plain("a"))
+        == "bad_request"
+    )
     assert await raw.error("history", channel="public:x", limit=201) == "bad_request"
     assert await raw.error("history", channel="public:x", before_seq=-1) == "bad_request"
     reply = await raw.ok("ping")
@@ -136,13 +154,26 @@ async def test_invalid_commands_get_errors_and_the_connection_stays(single_node:
     await raw.close()
 
 
-@pytest.mark.parametrize("name", ["", "nonamespace", "public:", "public:has space",
-                                  "public:ü", "public:" + "a" * 250, "bogus:x", 7])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "nonamespace",
+        "public:",
+        "public:has space",
+        "public:ü",
+        "public:" + "a" * 250,
+        "bogus:x",
+        7,
+    ],
+)
 async def test_bad_channel_names(single_node: Node, name: object) -> None:
     raw = await Raw.open(single_node.url, token("alice"))
     assert await raw.error("subscribe", channel=name) == "bad_request"
-    assert await raw.error("publish", channel=name, client_msg_id="a",
-                           body=plain("x")) == "bad_request"
+    assert (
+        await raw.error("publish", channel=name, client_msg_id="a", body=plain("x"))
+        == "bad_request"
+    )
     await raw.close()
 
 
@@ -174,28 +205,38 @@ async def test_access_rules_per_namespace(single_node: Node) -> None:
     mod = await Raw.open(single_node.url, token("mia", roles=["user", "moderator"]))
     room = chan("room")
     assert await alice.error("subscribe", channel=room) == "forbidden"
-    assert await alice.error("publish", channel=room, client_msg_id="1",
-                             body=envelope(b64=True)) == "forbidden"
+    assert (
+        await alice.error("publish", channel=room, client_msg_id="1", body=envelope(b64=True))
+        == "forbidden"
+    )
     assert await alice.error("history", channel=room) == "forbidden"
     assert await alice.error("typing", channel=room) == "forbidden"
     assert await alice.error("read", channel=room, seq=1) == "forbidden"
     await alice.ok("subscribe", channel="user:alice")
     assert await alice.error("subscribe", channel="user:bob") == "forbidden"
     assert await alice.error("history", channel="user:bob") == "forbidden"
-    assert await alice.error("publish", channel="user:alice", client_msg_id="1",
-                             body=plain("x")) == "forbidden"
+    assert (
+        await alice.error("publish", channel="user:alice", client_msg_id="1", body=plain("x"))
+        == "forbidden"
+    )
     assert await alice.error("subscribe", channel="alert:a1") == "forbidden"
     await mod.ok("subscribe", channel="alert:a1")
-    assert await mod.error("publish", channel="alert:a1", client_msg_id="1",
-                           body=plain("x")) == "forbidden"
+    assert (
+        await mod.error("publish", channel="alert:a1", client_msg_id="1", body=plain("x"))
+        == "forbidden"
+    )
     await alice.close()
     await mod.close()
 
 
 async def test_room_membership_through_the_server_api(single_node: Node) -> None:
     room = chan("room")
-    assert single_node.api("PUT", f"/v1/channels/{room}/members/bob",
-                           headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        single_node.api(
+            "PUT", f"/v1/channels/{room}/members/bob", headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     bob = await Raw.open(single_node.url, token("bob"))
     assert await bob.error("subscribe", channel=room) == "forbidden"  # cached as not a member
     single_node.add_member(room, "bob")
@@ -210,8 +251,10 @@ async def test_room_membership_through_the_server_api(single_node: Node) -> None
     assert single_node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
     push = await bob.push()
     assert push == {"push": "unsubscribed", "channel": room, "reason": "removed"}
-    assert await bob.error("publish", channel=room, client_msg_id="m2",
-                           body=envelope(b64=True)) == "forbidden"
+    assert (
+        await bob.error("publish", channel=room, client_msg_id="m2", body=envelope(b64=True))
+        == "forbidden"
+    )
     assert single_node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 404
     assert single_node.api("PUT", "/v1/channels/public:x/members/bob").status_code == 400
     await bob.close()
@@ -222,9 +265,16 @@ async def test_publish_seq_idempotency_and_push_shape(single_node: Node) -> None
     sub = await Raw.open(single_node.url, token("bob"))
     pub = await Raw.open(single_node.url, token("alice", device="phone"))
     assert (await sub.ok("subscribe", channel=ch)) | {"id": 0} == {
-        "id": 0, "ok": True, "channel": ch, "last_seq": 0, "recovered": True}
-    seqs = [(await pub.ok("publish", channel=ch, client_msg_id=f"c{i}",
-                          body=plain(f"m{i}")))["seq"] for i in range(5)]
+        "id": 0,
+        "ok": True,
+        "channel": ch,
+        "last_seq": 0,
+        "recovered": True,
+    }
+    seqs = [
+        (await pub.ok("publish", channel=ch, client_msg_id=f"c{i}", body=plain(f"m{i}")))["seq"]
+        for i in range(5)
+    ]
     assert seqs == [1, 2, 3, 4, 5]
     again = await pub.ok("publish", channel=ch, client_msg_id="c2", body=plain("other"))
     assert again["seq"] == 3 and again["duplicate"] is True
@@ -268,8 +318,10 @@ async def test_envelope_bytes_cross_wire_formats(single_node: Node) -> None:
     assert await j.error("publish", channel=room, client_msg_id="e3", body=bad) == "bad_request"
     bad = dict(env_b64, ct="not base64!")
     assert await j.error("publish", channel=room, client_msg_id="e4", body=bad) == "bad_request"
-    assert await j.error("publish", channel=room, client_msg_id="e5",
-                         body=plain("secret")) == "forbidden"
+    assert (
+        await j.error("publish", channel=room, client_msg_id="e5", body=plain("secret"))
+        == "forbidden"
+    )
     big = envelope(size=70 * 1024)
     assert await m.error("publish", channel=room, client_msg_id="e6", body=big) == "too_large"
     await j.close()
@@ -405,20 +457,31 @@ async def test_slow_consumer_is_closed_4008(single_node: Node) -> None:
 async def test_server_api_publish_and_history(single_node: Node) -> None:
     bob = await Raw.open(single_node.url, token("bob"))
     await bob.ok("subscribe", channel="user:bob")
-    r = single_node.api("POST", "/v1/channels/user:bob/messages",
-                        json={"client_msg_id": "n1", "body": plain("you have mail")})
+    r = single_node.api(
+        "POST",
+        "/v1/channels/user:bob/messages",
+        json={"client_msg_id": "n1", "body": plain("you have mail")},
+    )
     assert r.status_code == 201, r.text
     push = await bob.push()
     assert push["from"]["user"] == "@server" and push["body"]["text"] == "you have mail"
-    r = single_node.api("POST", "/v1/channels/user:bob/messages",
-                        json={"client_msg_id": "n1", "body": plain("again")})
+    r = single_node.api(
+        "POST",
+        "/v1/channels/user:bob/messages",
+        json={"client_msg_id": "n1", "body": plain("again")},
+    )
     assert r.status_code == 200 and r.json()["duplicate"] is True
     r = single_node.api("GET", "/v1/channels/user:bob/messages?limit=10")
     assert [m["body"]["text"] for m in r.json()["messages"]] == ["you have mail"]
-    assert single_node.api("POST", "/v1/channels/user:bob/messages",
-                           content=b"[").status_code == 400
-    assert single_node.api("POST", "/v1/channels/room:r/messages",
-                           json={"client_msg_id": "x", "body": plain("p")}).status_code == 403
+    assert (
+        single_node.api("POST", "/v1/channels/user:bob/messages", content=b"[").status_code == 400
+    )
+    assert (
+        single_node.api(
+            "POST", "/v1/channels/room:r/messages", json={"client_msg_id": "x", "body": plain("p")}
+        ).status_code
+        == 403
+    )
     await bob.close()
 
 

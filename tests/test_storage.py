@@ -15,8 +15,15 @@ from storage import Store
 from storage.mongo import MongoStore
 from storage.sqlite import SqliteStore
 
-ENVELOPE = {"v": 1, "alg": "xchacha20poly1305", "device": "d1", "key_id": "k1",
-            "nonce": os.urandom(24), "ct": os.urandom(40), "sig": os.urandom(64)}
+ENVELOPE = {
+    "v": 1,
+    "alg": "xchacha20poly1305",
+    "device": "d1",
+    "key_id": "k1",
+    "nonce": os.urandom(24),
+    "ct": os.urandom(40),
+    "sig": os.urandom(64),
+}
 
 StoreFactory = Callable[[], Store]
 
@@ -26,6 +33,7 @@ async def factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """Makes stores over one shared backend (two MongoStores = two nodes on one database)."""
     opened: list[Store] = []
     if request.param == "sqlite":
+
         def make() -> Store:
             return SqliteStore(tmp_path)
     else:
@@ -60,7 +68,11 @@ async def test_append_assigns_gap_free_seqs_and_reads_back(factory: Any) -> None
     assert [x.seq for x in after] == [3, 4, 5]
     assert after[0].body == ENVELOPE  # bytes come back as bytes
     assert (after[0].user, after[0].device, after[0].client_msg_id, after[0].ts) == (
-        "alice", "d1", "c2", 1002)
+        "alice",
+        "d1",
+        "c2",
+        1002,
+    )
     assert [x.seq for x in await m.after("room:a", 0, 2)] == [1, 2]
     assert [x.seq for x in await m.before("room:a", None, 2)] == [4, 5]
     assert [x.seq for x in await m.before("room:a", 4, 10)] == [1, 2, 3]
@@ -85,8 +97,7 @@ async def test_concurrent_appends_from_two_nodes_form_one_total_order(factory: A
         store = nodes[n % 2]
         seqs = []
         for i in range(6):
-            appended = await store.messages.append("room:busy", f"u{n}", None, f"m{i}",
-                                                   ENVELOPE, i)
+            appended = await store.messages.append("room:busy", f"u{n}", None, f"m{i}", ENVELOPE, i)
             seqs.append(appended.message.seq)
         return seqs
 
@@ -101,10 +112,12 @@ async def test_concurrent_appends_from_two_nodes_form_one_total_order(factory: A
 
 async def test_concurrent_retries_of_one_message_store_it_once(factory: Any) -> None:
     nodes = [await factory(), await factory()]
-    results = await asyncio.gather(*(
-        nodes[i % 2].messages.append("room:r", "alice", None, "once", ENVELOPE, i)
-        for i in range(6)
-    ))
+    results = await asyncio.gather(
+        *(
+            nodes[i % 2].messages.append("room:r", "alice", None, "once", ENVELOPE, i)
+            for i in range(6)
+        )
+    )
     assert {r.message.seq for r in results} == {1}
     assert sum(not r.duplicate for r in results) == 1
     assert await nodes[0].messages.last_seq("room:r") == 1
@@ -158,19 +171,22 @@ async def test_mongodb_documents_hold_ciphertext_as_sent(mongo_uri: str) -> None
     assert doc["body"]["ct"] == ENVELOPE["ct"] and doc["body"]["alg"] == "xchacha20poly1305"
     assert "text" not in doc["body"]
     indexes = await client[db]["messages"].index_information()
-    assert any(ix.get("unique") and [k for k, _ in ix["key"]] == ["channel", "seq"]
-               for ix in indexes.values())
+    assert any(
+        ix.get("unique") and [k for k, _ in ix["key"]] == ["channel", "seq"]
+        for ix in indexes.values()
+    )
     await client.close()
     await store.close()
 
 
 async def test_unreachable_mongodb_is_unavailable_not_a_hang() -> None:
-    from storage import StoreUnavailable
-
     from conftest import free_port
 
-    store = MongoStore(f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", "x",
-                       timeout_s=0.5)
+    from storage import StoreUnavailable
+
+    store = MongoStore(
+        f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", "x", timeout_s=0.5
+    )
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(store.open(), 5)
     assert await store.ping() is False

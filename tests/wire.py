@@ -26,8 +26,15 @@ def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[s
     nonce, ct, sig = os.urandom(24), os.urandom(size), os.urandom(64)
     if b64:
         nonce, ct, sig = (base64.b64encode(x).decode() for x in (nonce, ct, sig))  # type: ignore[assignment]
-    return {"v": 1, "alg": "xchacha20poly1305", "device": device, "key_id": "k1",
-            "nonce": nonce, "ct": ct, "sig": sig}
+    return {
+        "v": 1,
+        "alg": "xchacha20poly1305",
+        "device": device,
+        "key_id": "k1",
+        "nonce": nonce,
+        "ct": ct,
+        "sig": sig,
+    }
 
 
 def plain(text: str) -> dict[str, Any]:
@@ -43,8 +50,9 @@ class Raw:
         self._push_event = asyncio.Event()
 
     @classmethod
-    async def open(cls, url: str, token: str | None = None, *, proto: str | None = "rt.v1.json",
-                   **kw: Any) -> Raw:
+    async def open(
+        cls, url: str, token: str | None = None, *, proto: str | None = "rt.v1.json", **kw: Any
+    ) -> Raw:
         ws = await connect(url, subprotocols=[proto] if proto else None, **kw)
         raw = cls(ws, proto)
         if token is not None:
@@ -53,13 +61,15 @@ class Raw:
         return raw
 
     async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(msgpack.packb(frame, use_bin_type=True) if self.msgpack
-                           else json.dumps(frame))
+        await self.ws.send(
+            msgpack.packb(frame, use_bin_type=True) if self.msgpack else json.dumps(frame)
+        )
 
     async def recv(self, timeout: float = 5) -> dict[str, Any]:
         data = await asyncio.wait_for(self.ws.recv(), timeout)
-        frame: dict[str, Any] = (msgpack.unpackb(data, raw=False) if self.msgpack
-                                 else json.loads(data))
+        frame: dict[str, Any] = (
+            msgpack.unpackb(data, raw=False) if self.msgpack else json.loads(data)
+        )
         return frame
 
     async def cmd(self, op: str, timeout: float = 10, **args: Any) -> dict[str, Any]:
@@ -109,12 +119,12 @@ class Raw:
         await self.ws.close()
 
 
-def stalled_subscriber(port: int, token: str, channel: str
-                       ) -> tuple[socket.socket, ClientProtocol]:
+def stalled_subscriber(port: int, token: str, channel: str) -> tuple[socket.socket, ClientProtocol]:
     """A client that authenticates, subscribes and then never reads again, on a socket with a
     small receive buffer: the slow phone on a bad network, with nothing in between."""
-    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws"),
-                           subprotocols=[Subprotocol("rt.v1.json")])
+    proto = ClientProtocol(
+        parse_uri(f"ws://127.0.0.1:{port}/ws"), subprotocols=[Subprotocol("rt.v1.json")]
+    )
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     sock.settimeout(10)
@@ -137,8 +147,9 @@ def stalled_subscriber(port: int, token: str, channel: str
     return sock, proto
 
 
-def read_close_code(stalled: tuple[socket.socket, ClientProtocol], timeout: float = 20
-                    ) -> int | None:
+def read_close_code(
+    stalled: tuple[socket.socket, ClientProtocol], timeout: float = 20
+) -> int | None:
     """Drain a stalled client's socket to the end; the close code the server sent, if any."""
     sock, proto = stalled
     sock.settimeout(timeout)
