@@ -1,0 +1,31 @@
+"""python -m loadtests fanout [--subscribers N] [--messages M] [--rate R] [--clients K]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import fanout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests")
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    f = sub.add_parser("fanout", help="1 publisher -> 1 channel -> N subscribers, one node")
+    f.add_argument("--subscribers", type=int, default=1000)
+    f.add_argument("--messages", type=int, default=200)
+    f.add_argument("--rate", type=float, default=50.0, help="publishes per second")
+    f.add_argument("--clients", type=int, default=2, help="client processes")
+    f.add_argument("--timeout", type=float, default=120.0, help="hard stop, seconds")
+    f.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    args = parser.parse_args()
+    if not (0 < args.subscribers <= 20000 and 0 < args.messages <= 100000 and args.rate > 0):
+        parser.error("subscribers 1..20000, messages 1..100000, rate > 0")
+    result = fanout.run(args.subscribers, args.messages, args.rate, args.clients, args.timeout)
+    print(fanout.report(result, args.out))
+    return 0 if result.delivered == result.expected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
