@@ -51,8 +51,16 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-async def _subscribers(url: str, secret: str, first: int, count: int, expected: int,
-                       deadline: float, ready: Any, out: Any) -> None:
+async def _subscribers(
+    url: str,
+    secret: str,
+    first: int,
+    count: int,
+    expected: int,
+    deadline: float,
+    ready: Any,
+    out: Any,
+) -> None:
     socks = []
     for i in range(first, first + count):
         ws = await connect(url, subprotocols=["rt.v1.json"], max_size=None)  # type: ignore[list-item]
@@ -85,8 +93,7 @@ async def _subscribers(url: str, secret: str, first: int, count: int, expected: 
 
     await asyncio.gather(*(read(ws) for ws in socks))
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    out.put({"received": received, "latencies": latencies,
-             "cpu_s": cpu.ru_utime + cpu.ru_stime})
+    out.put({"received": received, "latencies": latencies, "cpu_s": cpu.ru_utime + cpu.ru_stime})
     for ws in socks:
         await ws.close()
 
@@ -138,9 +145,17 @@ async def _publish(url: str, secret: str, messages: int, rate: float) -> None:
             delay = target - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await ws.send(json.dumps({"id": i + 1, "op": "publish", "channel": CHANNEL,
-                                      "client_msg_id": f"b{i}",
-                                      "body": {"v": 1, "alg": "none", "text": repr(time.time())}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "id": i + 1,
+                        "op": "publish",
+                        "channel": CHANNEL,
+                        "client_msg_id": f"b{i}",
+                        "body": {"v": 1, "alg": "none", "text": repr(time.time())},
+                    }
+                )
+            )
         for _ in range(messages):  # every publish acknowledged
             await ws.recv()
 
@@ -149,11 +164,18 @@ def run(subscribers: int, messages: int, rate: float, clients: int, timeout_s: f
     secret = secrets.token_hex(32)
     port = _free_port()
     data = tempfile.mkdtemp(prefix="rt-bench-")
-    env = {**os.environ, "RT_JWT_SECRET": secret, "RT_DATA_DIR": data,
-           "RT_RATE_PER_S": "100000", "RT_RATE_BURST": "100000",
-           "RT_SEND_QUEUE_FRAMES": "100000"}
-    server = subprocess.Popen([sys.executable, "-m", "realtime", "serve", "--port", str(port),
-                               "--log-level", "warning"], env=env)
+    env = {
+        **os.environ,
+        "RT_JWT_SECRET": secret,
+        "RT_DATA_DIR": data,
+        "RT_RATE_PER_S": "100000",
+        "RT_RATE_BURST": "100000",
+        "RT_SEND_QUEUE_FRAMES": "100000",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "realtime", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+    )
     url = f"ws://127.0.0.1:{port}/ws"
     try:
         for _ in range(200):
@@ -162,15 +184,20 @@ def run(subscribers: int, messages: int, rate: float, clients: int, timeout_s: f
                 break
             except OSError:
                 time.sleep(0.05)
-        cpu0, rss0 = _proc_stats(server.pid)
+        _, rss0 = _proc_stats(server.pid)
         ctx = mp.get_context("spawn")
         ready, out = ctx.Queue(), ctx.Queue()
         deadline = time.time() + timeout_s
-        per = [subscribers // clients + (1 if i < subscribers % clients else 0)
-               for i in range(clients)]
-        procs = [ctx.Process(target=_client_process,
-                             args=(url, secret, sum(per[:i]), n, messages, deadline, ready, out))
-                 for i, n in enumerate(per)]
+        per = [
+            subscribers // clients + (1 if i < subscribers % clients else 0) for i in range(clients)
+        ]
+        procs = [
+            ctx.Process(
+                target=_client_process,
+                args=(url, secret, sum(per[:i]), n, messages, deadline, ready, out),
+            )
+            for i, n in enumerate(per)
+        ]
         for p in procs:
             p.start()
         for _ in procs:
@@ -190,15 +217,22 @@ def run(subscribers: int, messages: int, rate: float, clients: int, timeout_s: f
     latencies = [x for r in results for x in r["latencies"]]
     delivered = sum(r["received"] for r in results)
     return Result(
-        scenario="fanout", subscribers=subscribers, messages=messages, rate_per_s=rate,
-        delivered=delivered, expected=subscribers * messages,
+        scenario="fanout",
+        subscribers=subscribers,
+        messages=messages,
+        rate_per_s=rate,
+        delivered=delivered,
+        expected=subscribers * messages,
         delivered_per_s=round(delivered / duration, 1),
-        latency_ms_p50=round(_pct(latencies, 50), 2), latency_ms_p95=round(_pct(latencies, 95), 2),
+        latency_ms_p50=round(_pct(latencies, 50), 2),
+        latency_ms_p95=round(_pct(latencies, 95), 2),
         latency_ms_p99=round(_pct(latencies, 99), 2),
         latency_ms_max=round(max(latencies) * 1000 if latencies else float("nan"), 2),
-        server_cpu_s=round(cpu2 - cpu1, 2), server_rss_mb=round(rss2 / 2**20, 1),
+        server_cpu_s=round(cpu2 - cpu1, 2),
+        server_rss_mb=round(rss2 / 2**20, 1),
         server_rss_kb_per_connection=round((rss_connected - rss0) / 1024 / subscribers, 1),
-        client_cpu_s=round(sum(r["cpu_s"] for r in results), 2), client_processes=clients,
+        client_cpu_s=round(sum(r["cpu_s"] for r in results), 2),
+        client_processes=clients,
         duration_s=round(duration, 2),
     )
 

@@ -39,9 +39,27 @@ class _Server(uvicorn.Server):
             captured.clear()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def _serve(settings: config.Settings, host: str, port: int, log_level: str) -> None:
+    sock = _listen(host, port)
     node = Node(settings)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        sock.close()
+        raise
     limits = settings.limits
     cfg = uvicorn.Config(
         create_app(node),
@@ -60,11 +78,9 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
     )
     server = _Server(cfg, node)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await node.stop()
-    if not server.started:
-        raise StartupError(f"could not listen on {host}:{port}")
 
 
 def _fail(message: str) -> int:

@@ -151,3 +151,17 @@ def test_docker_compose_file_is_valid() -> None:
         [exe, "config", "-q"], cwd=root, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"realtime: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
