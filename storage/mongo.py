@@ -117,53 +117,46 @@ class MongoMessages:
         body: dict[str, Any],
         ts: int,
     ) -> Appended:
+        doc = {
+            "channel": channel,
+            "seq": 0,
+            "ts": ts,
+            "user": user,
+            "device": device,
+            "client_msg_id": client_msg_id,
+            "body": body,
+        }
         try:
-            return await self._append(channel, user, device, client_msg_id, body, ts)
+            async with self._channels.lock(channel):
+                return await self._insert_next(doc)
         finally:
             self._channels.release(channel)
 
-    async def _append(
-        self,
-        channel: str,
-        user: str,
-        device: str | None,
-        client_msg_id: str,
-        body: dict[str, Any],
-        ts: int,
-    ) -> Appended:
-        async with self._channels.lock(channel):
-            try:
-                last = self._channels.last.get(channel)
-                if last is None:
+    async def _insert_next(self, doc: dict[str, Any]) -> Appended:
+        """Insert with the channel's next seq; on a unique-index refusal, either return the
+        original (a retried publish) or re-read the last seq (another node took it)."""
+        channel = doc["channel"]
+        try:
+            last = self._channels.last.get(channel)
+            if last is None:
+                last = await self._last(channel)
+            for _ in range(1000):
+                doc.pop("_id", None)
+                doc["seq"] = last + 1
+                try:
+                    await _guard(self._col.insert_one(doc))
+                except DuplicateKeyError:
+                    original = await self._original(channel, doc["user"], doc["client_msg_id"])
+                    if original is not None:
+                        return Appended(original, duplicate=True)
                     last = await self._last(channel)
-                for _ in range(1000):
-                    seq = last + 1
-                    doc = {
-                        "channel": channel,
-                        "seq": seq,
-                        "ts": ts,
-                        "user": user,
-                        "device": device,
-                        "client_msg_id": client_msg_id,
-                        "body": body,
-                    }
-                    try:
-                        await _guard(self._col.insert_one(doc))
-                    except DuplicateKeyError:
-                        original = await self._original(channel, user, client_msg_id)
-                        if original is not None:
-                            return Appended(original, duplicate=True)
-                        last = await self._last(channel)  # another node took `seq`
-                        continue
-                    self._channels.remember(channel, seq)
-                    return Appended(
-                        Message(channel, seq, ts, user, device, client_msg_id, body),
-                        duplicate=False,
-                    )
-                raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
-            except StoreUnavailable:
-                self._channels.last.pop(channel, None)
-                raise
+                    continue
+                self._channels.remember(channel, doc["seq"])
+                return Appended(_message(doc), duplicate=False)
+            raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
+        except StoreUnavailable:
+            self._channels.last.pop(channel, None)
+            raise
 
     async def last_seq(self, channel: str) -> int:
         return await self._last(channel)
