@@ -1,4 +1,5 @@
-"""`realtime serve` runs a node; `realtime token` prints a development token.
+"""`realtime serve` runs a node; `realtime token` prints a development token;
+`realtime export` / `realtime import` back up and restore (or migrate) the configured store.
 
 Bad configuration ends with one line on stderr (`realtime: error: ...`) and exit status 2.
 """
@@ -10,8 +11,12 @@ import asyncio
 import logging
 import socket
 import sys
+from pathlib import Path
 
 import uvicorn
+
+from storage import StoreUnavailable, open_store
+from storage.backup import ImportError_, export_store, import_store
 
 from . import config
 from .auth import ROLES, issue_token, valid_user_id
@@ -83,6 +88,27 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         await node.stop()
 
 
+async def _backup(settings: config.Settings, args: argparse.Namespace) -> None:
+    store = open_store(settings)
+    try:
+        async with asyncio.timeout(settings.store_timeout_s + 1):
+            await store.open()
+    except (StoreUnavailable, TimeoutError) as exc:
+        await store.close()
+        raise StartupError(f"store ({settings.store_kind}) unavailable: {exc}") from None
+    try:
+        if args.command == "export":
+            counts = await export_store(store, args.out, store_kind=settings.store_kind)
+            summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+            print(f"exported {summary} from {settings.store_kind} to {args.out}")
+        else:
+            added = await import_store(store, args.src)
+            summary = ", ".join(f"{n} {kind}" for kind, n in added.items())
+            print(f"imported {summary} (new records) into {settings.store_kind}")
+    finally:
+        await store.close()
+
+
 def _fail(message: str) -> int:
     print(f"realtime: error: {message}", file=sys.stderr)
     return 2
@@ -102,12 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--roles", default="user", help="comma-separated: user,moderator,responder")
     token.add_argument("--device", default=None)
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    export = sub.add_parser("export", help="write every stored record to a directory")
+    export.add_argument("--out", required=True, type=Path, help="directory to create or fill")
+    imp = sub.add_parser("import", help="load an export into the configured store")
+    imp.add_argument("--from", dest="src", required=True, type=Path, help="an export directory")
     args = parser.parse_args(argv)
 
     try:
-        settings = config.load()
+        settings = config.load(need_token_key=args.command in ("serve", "token"))
     except config.ConfigError as exc:
         return _fail(str(exc))
+
+    if args.command in ("export", "import"):
+        try:
+            asyncio.run(_backup(settings, args))
+        except (StartupError, ImportError_, StoreUnavailable, OSError) as exc:
+            return _fail(str(exc))
+        return 0
 
     if args.command == "token":
         roles = [r.strip() for r in args.roles.split(",") if r.strip()]

@@ -48,6 +48,11 @@ class Settings:
     api_key: str | None
     plaintext_namespaces: frozenset[str]
     store_timeout_s: float = 5.0
+    mongodb_write_concern: str | int = "majority"
+    mongodb_journal: bool = True
+    # Days to keep messages per namespace; a namespace not listed keeps them forever.
+    retention_days: dict[str, float] = field(default_factory=dict)
+    retention_interval_s: float = 3600.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -87,7 +92,9 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool 
     return value
 
 
-def load(env: Mapping[str, str] | None = None) -> Settings:
+def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -> Settings:
+    """Settings from `env` (default: the process environment). `need_token_key=False` is for
+    commands that verify no tokens (export, import)."""
     env = os.environ if env is None else env
 
     secret = _read_secret(env, "RT_JWT_SECRET")
@@ -113,6 +120,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         if bad:
             raise ConfigError(f"RT_JWT_ALGORITHMS: {bad[0]} cannot be used with RT_JWT_SECRET")
         key = secret
+    elif not need_token_key:
+        key, algorithms = "", ()
     else:
         raise ConfigError(
             "no token key: set RT_JWT_SECRET (HS256, 32+ chars) or RT_JWT_PUBLIC_KEY "
@@ -160,6 +169,19 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if limits.max_body_bytes >= limits.max_frame_bytes:
         raise ConfigError("RT_MAX_BODY_BYTES must be smaller than RT_MAX_FRAME_BYTES")
 
+    wc_raw = env.get("RT_MONGODB_WRITE_CONCERN") or "majority"
+    write_concern: str | int = wc_raw
+    if wc_raw != "majority":
+        if not wc_raw.isdigit() or int(wc_raw) < 1:
+            raise ConfigError(
+                "RT_MONGODB_WRITE_CONCERN must be 'majority' or a number of members >= 1 "
+                "(0 would acknowledge writes that may be lost)"
+            )
+        write_concern = int(wc_raw)
+    journal_raw = (env.get("RT_MONGODB_JOURNAL") or "true").lower()
+    if journal_raw not in ("true", "false", "1", "0"):
+        raise ConfigError("RT_MONGODB_JOURNAL must be true or false")
+
     return Settings(
         jwt_key=key,
         jwt_algorithms=algorithms,
@@ -171,5 +193,36 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         api_key=api_key,
         plaintext_namespaces=plaintext_namespaces,
         store_timeout_s=_number(env, "RT_STORE_TIMEOUT_S", 5.0),
+        mongodb_write_concern=write_concern,
+        mongodb_journal=journal_raw in ("true", "1"),
+        retention_days=_retention(env.get("RT_RETENTION", "")),
+        retention_interval_s=_number(env, "RT_RETENTION_INTERVAL_S", 3600.0),
         limits=limits,
     )
+
+
+def _retention(raw: str) -> dict[str, float]:
+    """`room=forever,public=30d,user=90` -> {"public": 30.0, "user": 90.0}."""
+    from channels.names import NAMESPACES
+
+    days: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        namespace, sep, value = item.partition("=")
+        namespace = namespace.strip().rstrip(":")
+        value = value.strip().lower().removesuffix("d")
+        if not sep or namespace not in NAMESPACES:
+            raise ConfigError(
+                f"RT_RETENTION: {item!r} must be namespace=DAYSd or namespace=forever "
+                f"with a namespace among {', '.join(sorted(NAMESPACES))}"
+            )
+        if value == "forever":
+            days.pop(namespace, None)
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"RT_RETENTION: {item!r}: days must be a number") from None
+        if number <= 0:
+            raise ConfigError(f"RT_RETENTION: {item!r}: days must be positive")
+        days[namespace] = number
+    return days

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,7 @@ class Node:
         self._by_user: dict[str, set[Connection]] = {}
         self.draining = False
         self._idle = asyncio.Event()  # set whenever a connection goes away
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         timeout = self.settings.store_timeout_s
@@ -101,6 +103,8 @@ class Node:
         except BrokerUnavailable as exc:
             await self.store.close()
             raise StartupError(f"broker unavailable: {exc}") from None
+        if self.settings.retention_days:
+            self._retention = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
             "node %s ready: broker=%s store=%s",
             self.settings.node_id,
@@ -121,7 +125,24 @@ class Node:
         except TimeoutError:
             log.warning("%d connections did not close in time", len(self.connections))
 
+    async def _retention_loop(self) -> None:
+        """Delete messages past their namespace's retention, on every node (idempotent)."""
+        while True:
+            for namespace, days in self.settings.retention_days.items():
+                cutoff = int((time.time() - days * 86400) * 1000)
+                try:
+                    deleted = await self.store.messages.purge(namespace, cutoff)
+                except Exception as exc:
+                    log.warning("retention of %s: failed (%s); retrying later", namespace, exc)
+                    continue
+                if deleted:
+                    log.info("retention of %s: deleted %d messages", namespace, deleted)
+            await asyncio.sleep(self.settings.retention_interval_s)
+
     async def stop(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
         await self.hub.close()
         await self.store.close()
 

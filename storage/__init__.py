@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import (
-    SCHEMA_VERSION,
+    RECORD_KINDS,
     Appended,
     MembershipStore,
     Message,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from realtime.config import Settings
 
 __all__ = [
-    "SCHEMA_VERSION",
+    "RECORD_KINDS",
     "Appended",
     "MembershipStore",
     "Message",
@@ -48,7 +48,11 @@ def open_store(settings: Settings) -> Store:
         from .mongo import MongoStore
 
         return MongoStore(
-            settings.mongodb_uri, settings.mongodb_db, timeout_s=settings.store_timeout_s
+            settings.mongodb_uri,
+            settings.mongodb_db,
+            timeout_s=settings.store_timeout_s,
+            write_concern=settings.mongodb_write_concern,
+            journal=settings.mongodb_journal,
         )
     from .sqlite import SqliteStore
 

@@ -7,10 +7,12 @@ Every method raises `StoreUnavailable` when the backend cannot answer in time.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-SCHEMA_VERSION = 1
+# The kinds of record a store keeps, as exported by `realtime export` (one file each).
+RECORD_KINDS = ("messages", "channel_heads", "memberships", "read_markers")
 
 
 class StoreUnavailable(Exception):
@@ -63,6 +65,11 @@ class MessageStore(Protocol):
         """The newest `limit` messages with `seq < before_seq` (all if None), ascending."""
         ...
 
+    async def purge(self, namespace: str, before_ts: int) -> int:
+        """Delete the namespace's messages older than `before_ts` (retention). The channel's
+        highest seq is remembered first, so seqs are never reused; returns how many went."""
+        ...
+
 
 class MembershipStore(Protocol):
     async def add(self, channel: str, user: str, ts: int) -> bool:
@@ -103,5 +110,16 @@ class Store(Protocol):
         ...
 
     async def ping(self) -> bool: ...
+
+    async def schema_version(self) -> int: ...
+
+    def dump(self, kind: str) -> AsyncIterator[dict[str, Any]]:
+        """Every record of one kind as a plain document (bytes stay bytes)."""
+        ...
+
+    async def load(self, kind: str, records: list[dict[str, Any]]) -> int:
+        """Insert records of one kind, skipping those already present; returns how many
+        were new (import is idempotent)."""
+        ...
 
     async def close(self) -> None: ...

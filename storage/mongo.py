@@ -8,21 +8,27 @@ the insert, so a node that dies mid-publish leaves no hole. Each node caches the
 channel and serialises its own publishes per channel, so the common case is one insert per
 publish and retries happen only when two nodes publish to the same channel at the same moment.
 Idempotency: a second unique index on (channel, user, client_msg_id) refuses a retried publish;
-the node then returns the stored original.
+the node then returns the stored original. The idempotency record is the message itself, so the
+two can never disagree, and it lives as long as the message (see retention).
+
+Retention deletes old messages but first records each channel's highest seq in `channel_heads`;
+the last seq of a channel is the larger of its newest message and its head, so a seq is never
+reused even after every message of a channel expired.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from .base import SCHEMA_VERSION, Appended, Message, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Message, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -90,6 +96,7 @@ class _ChannelLocks:
 class MongoMessages:
     def __init__(self, db: Any) -> None:
         self._col = db["messages"]
+        self._heads = db["channel_heads"]
         self._channels = _ChannelLocks()
 
     async def _last(self, channel: str) -> int:
@@ -98,7 +105,8 @@ class MongoMessages:
                 {"channel": channel}, {"seq": 1, "_id": 0}, sort=[("seq", DESCENDING)]
             )
         )
-        return int(doc["seq"]) if doc else 0
+        head = await _guard(self._heads.find_one({"_id": channel}))
+        return max(int(doc["seq"]) if doc else 0, int(head["last_seq"]) if head else 0)
 
     async def _original(self, channel: str, user: str, client_msg_id: str) -> Message | None:
         doc = await _guard(
@@ -174,6 +182,28 @@ class MongoMessages:
         docs = await _guard(cursor.to_list())
         return [_message(d) for d in reversed(docs)]
 
+    async def purge(self, namespace: str, before_ts: int) -> int:
+        match = {"channel": {"$regex": f"^{re.escape(namespace)}:"}, "ts": {"$lt": before_ts}}
+        heads = await _guard(
+            (
+                await self._col.aggregate(
+                    [{"$match": match}, {"$group": {"_id": "$channel", "seq": {"$max": "$seq"}}}]
+                )
+            ).to_list()
+        )
+        if heads:
+            await _guard(
+                self._heads.bulk_write(
+                    [
+                        UpdateOne({"_id": h["_id"]}, {"$max": {"last_seq": h["seq"]}}, upsert=True)
+                        for h in heads
+                    ],
+                    ordered=False,
+                )
+            )
+        result = await _guard(self._col.delete_many(match))
+        return int(result.deleted_count)
+
 
 class MongoMemberships:
     def __init__(self, db: Any) -> None:
@@ -223,6 +253,41 @@ class MongoReadMarkers:
         return int(doc["seq"]) if doc else 0
 
 
+async def _v1(db: Any) -> None:
+    """The initial collections and indexes."""
+    messages = db["messages"]
+    await messages.create_index(
+        [("channel", ASCENDING), ("seq", ASCENDING)], unique=True, name="channel_seq"
+    )
+    await messages.create_index(
+        [("channel", ASCENDING), ("user", ASCENDING), ("client_msg_id", ASCENDING)],
+        unique=True,
+        name="idempotency",
+    )
+    await messages.create_index([("channel", ASCENDING), ("ts", ASCENDING)], name="channel_ts")
+    for name in ("memberships", "read_markers"):
+        await db[name].create_index(
+            [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"
+        )
+
+
+# Schema migrations: entry i brings a database from version i to version i + 1. Each must be
+# idempotent (index creation is), since a node can die between a step and the version bump.
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Export/import: the fields of each kind's plain documents, and their unique key.
+_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "messages": (
+        ("channel", "seq", "ts", "user", "device", "client_msg_id", "body"),
+        ("channel", "seq"),
+    ),
+    "channel_heads": (("channel", "last_seq"), ("channel",)),
+    "memberships": (("channel", "user", "since"), ("channel", "user")),
+    "read_markers": (("channel", "user", "seq"), ("channel", "user")),
+}
+
+
 class MongoStore:
     """History, sequences, idempotency, memberships and read markers shared by all nodes."""
 
@@ -233,6 +298,7 @@ class MongoStore:
         *,
         timeout_s: float = 5.0,
         write_concern: str | int = "majority",
+        journal: bool = True,
     ) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             uri,
@@ -242,42 +308,30 @@ class MongoStore:
             appname="realtime",
             tz_aware=False,
         )
-        self._db = self._client.get_database(db_name, write_concern=WriteConcern(w=write_concern))
+        self._db = self._client.get_database(
+            db_name, write_concern=WriteConcern(w=write_concern, j=journal)
+        )
         self.messages = MongoMessages(self._db)
         self.memberships = MongoMemberships(self._db)
         self.read_markers = MongoReadMarkers(self._db)
 
     async def open(self) -> None:
-        db = self._db
-        steps: list[Callable[[], Awaitable[Any]]] = [
-            lambda: db["messages"].create_index(
-                [("channel", ASCENDING), ("seq", ASCENDING)], unique=True, name="channel_seq"
-            ),
-            lambda: db["messages"].create_index(
-                [("channel", ASCENDING), ("user", ASCENDING), ("client_msg_id", ASCENDING)],
-                unique=True,
-                name="idempotency",
-            ),
-            lambda: db["memberships"].create_index(
-                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"
-            ),
-            lambda: db["read_markers"].create_index(
-                [("channel", ASCENDING), ("user", ASCENDING)], unique=True, name="channel_user"
-            ),
-        ]
-        for step in steps:
-            await _guard(step())
-        meta = await _guard(db["meta"].find_one({"_id": "schema"}))
-        if meta and int(meta.get("version", 0)) > SCHEMA_VERSION:
+        meta = self._db["meta"]
+        version = await self.schema_version()
+        if version > SCHEMA_VERSION:
             raise StoreUnavailable(
-                f"database has schema version {meta['version']}, newer than this server "
+                f"database has schema version {version}, newer than this server "
                 f"({SCHEMA_VERSION}): upgrade the server"
             )
-        await _guard(
-            db["meta"].update_one(
-                {"_id": "schema"}, {"$max": {"version": SCHEMA_VERSION}}, upsert=True
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await _guard(MIGRATIONS[target - 1](self._db))
+            await _guard(
+                meta.update_one({"_id": "schema"}, {"$max": {"version": target}}, upsert=True)
             )
-        )
+
+    async def schema_version(self) -> int:
+        doc = await _guard(self._db["meta"].find_one({"_id": "schema"}))
+        return int(doc.get("version", 0)) if doc else 0
 
     async def ping(self) -> bool:
         try:
@@ -285,6 +339,39 @@ class MongoStore:
         except PyMongoError:
             return False
         return True
+
+    async def dump(self, kind: str) -> AsyncIterator[dict[str, Any]]:
+        assert kind in RECORD_KINDS, kind
+        fields, key = _KINDS[kind]
+        if kind == "channel_heads":  # keyed by _id = channel
+            cursor = self._db[kind].find({}).sort("_id", ASCENDING)
+            async for doc in cursor:
+                yield {"channel": doc["_id"], "last_seq": doc["last_seq"]}
+            return
+        cursor = self._db[kind].find({}, {"_id": 0}).sort([(k, ASCENDING) for k in key])
+        async for doc in cursor:
+            yield {f: doc.get(f) for f in fields}
+
+    async def load(self, kind: str, records: list[dict[str, Any]]) -> int:
+        assert kind in RECORD_KINDS, kind
+        fields, key = _KINDS[kind]
+        if not records:
+            return 0
+        ops = []
+        for r in records:
+            doc = {f: r.get(f) for f in fields}
+            if kind == "channel_heads":
+                ops.append(
+                    UpdateOne(
+                        {"_id": doc["channel"]},
+                        {"$max": {"last_seq": doc["last_seq"]}},
+                        upsert=True,
+                    )
+                )
+            else:
+                ops.append(UpdateOne({k: doc[k] for k in key}, {"$setOnInsert": doc}, upsert=True))
+        result = await _guard(self._db[kind].bulk_write(ops, ordered=False))
+        return int(result.upserted_count)
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,51 +1,71 @@
 """The embedded store: one SQLite file in WAL mode under RT_DATA_DIR.
 
-All writes run on one dedicated thread (one connection, `synchronous=FULL`, each append its own
-transaction), so `seq` assignment is serialised and an acknowledged message has been fsynced
-before the reply: a SIGKILL of the process loses nothing acknowledged. Reads run on a second
-thread with its own connection (WAL lets them proceed while a write commits).
+All writes run on one dedicated thread with one connection and `synchronous=FULL`, so `seq`
+assignment is serialised and nothing is acknowledged before it is on disk: a SIGKILL of the
+process loses nothing acknowledged. Appends are group-committed: every append that arrives
+while a commit is in progress joins the next transaction, so N concurrent publishers share one
+fsync instead of paying N. Reads run on a second thread with its own connection (WAL lets them
+proceed while a write commits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
 
-from .base import SCHEMA_VERSION, Appended, Message, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Message, StoreUnavailable
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    channel TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
-    user TEXT NOT NULL, device TEXT, client_msg_id TEXT NOT NULL, body BLOB NOT NULL,
-    PRIMARY KEY (channel, seq)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
-    ON messages (channel, user, client_msg_id);
-CREATE TABLE IF NOT EXISTS memberships (
-    channel TEXT NOT NULL, user TEXT NOT NULL, since INTEGER NOT NULL,
-    PRIMARY KEY (channel, user)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS read_markers (
-    channel TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL,
-    PRIMARY KEY (channel, user)
-) WITHOUT ROWID;
-"""
+# Schema migrations: entry i brings a database from version i to version i + 1. Each runs in
+# one transaction with the version bump, so a crash mid-upgrade leaves the old version intact.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS messages (
+        channel TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+        user TEXT NOT NULL, device TEXT, client_msg_id TEXT NOT NULL, body BLOB NOT NULL,
+        PRIMARY KEY (channel, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
+        ON messages (channel, user, client_msg_id);
+    CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
+    CREATE TABLE IF NOT EXISTS channel_heads (
+        channel TEXT PRIMARY KEY, last_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS memberships (
+        channel TEXT NOT NULL, user TEXT NOT NULL, since INTEGER NOT NULL,
+        PRIMARY KEY (channel, user)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS read_markers (
+        channel TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL,
+        PRIMARY KEY (channel, user)
+    ) WITHOUT ROWID;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = "channel, seq, ts, user, device, client_msg_id, body"
+_LAST_SEQ = (
+    "SELECT MAX(COALESCE((SELECT MAX(seq) FROM messages WHERE channel=?1), 0),"
+    " COALESCE((SELECT last_seq FROM channel_heads WHERE channel=?1), 0))"
+)
 
 
 def _row(row: tuple[Any, ...]) -> Message:
     channel, seq, ts, user, device, cmid, body = row
     return Message(channel, seq, ts, user, device, cmid, msgpack.unpackb(body, raw=False))
+
+
+def _namespace_range(namespace: str) -> tuple[str, str]:
+    """Channel names of a namespace sort between `ns:` and `ns;` (';' follows ':')."""
+    return f"{namespace}:", f"{namespace};"
 
 
 class _Db:
@@ -56,7 +76,7 @@ class _Db:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._conn: sqlite3.Connection | None = None
 
-    def _connect(self) -> sqlite3.Connection:
+    def connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -68,8 +88,8 @@ class _Db:
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, lambda: fn(self._connect()))
-        except sqlite3.OperationalError as exc:
+            return await loop.run_in_executor(self._executor, lambda: fn(self.connect()))
+        except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def close(self) -> None:
@@ -83,10 +103,38 @@ class _Db:
         self._executor.shutdown(wait=True)
 
 
+@dataclass(slots=True)
+class _Pending:
+    channel: str
+    user: str
+    device: str | None
+    client_msg_id: str
+    body: dict[str, Any]
+    blob: bytes
+    ts: int
+    future: asyncio.Future[Appended]
+
+
+def _transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
 class SqliteMessages:
-    def __init__(self, writer: _Db, reader: _Db) -> None:
+    def __init__(self, writer: _Db, reader: _Db, max_batch: int = 256) -> None:
         self._w = writer
         self._r = reader
+        self._queue: list[_Pending] = []
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None  # owned; ends when the queue is empty
+        self._max_batch = max_batch
+        self.batches = 0  # group commits made (for the storage benchmark)
 
     async def append(
         self,
@@ -97,44 +145,65 @@ class SqliteMessages:
         body: dict[str, Any],
         ts: int,
     ) -> Appended:
+        loop = asyncio.get_running_loop()
         blob = msgpack.packb(body, use_bin_type=True)
+        pending = _Pending(
+            channel, user, device, client_msg_id, body, blob, ts, loop.create_future()
+        )
+        self._queue.append(pending)
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush(), name="sqlite-group-commit")
+        return await asyncio.shield(pending.future)
 
-        def txn(db: sqlite3.Connection) -> Appended:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+    async def _flush(self) -> None:
+        """Commit queued appends in groups until the queue is empty."""
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                try:
+                    results = await self._w.run(lambda db, b=batch: self._commit(db, b))  # type: ignore[misc]
+                except BaseException as exc:
+                    error = exc if isinstance(exc, Exception) else StoreUnavailable(repr(exc))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self.batches += 1
+                for p, result in zip(batch, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(result)
+        finally:
+            self._flushing = False
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Pending]) -> list[Appended]:
+        def work() -> list[Appended]:
+            results = []
+            for p in batch:
                 found = db.execute(
                     f"SELECT {_COLUMNS} FROM messages "
                     "WHERE channel=? AND user=? AND client_msg_id=?",
-                    (channel, user, client_msg_id),
+                    (p.channel, p.user, p.client_msg_id),
                 ).fetchone()
                 if found:
-                    db.execute("ROLLBACK")
-                    return Appended(_row(found), duplicate=True)
-                (last,) = db.execute(
-                    "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE channel=?", (channel,)
-                ).fetchone()
+                    results.append(Appended(_row(found), duplicate=True))
+                    continue
+                (last,) = db.execute(_LAST_SEQ, (p.channel,)).fetchone()
                 seq = last + 1
                 db.execute(
                     f"INSERT INTO messages ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                    (channel, seq, ts, user, device, client_msg_id, blob),
+                    (p.channel, seq, p.ts, p.user, p.device, p.client_msg_id, p.blob),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            return Appended(Message(channel, seq, ts, user, device, client_msg_id, body), False)
+                message = Message(p.channel, seq, p.ts, p.user, p.device, p.client_msg_id, p.body)
+                results.append(Appended(message, duplicate=False))
+            return results
 
-        return await self._w.run(txn)
+        return _transaction(db, work)
 
     async def last_seq(self, channel: str) -> int:
-        def q(db: sqlite3.Connection) -> int:
-            (last,) = db.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE channel=?", (channel,)
-            ).fetchone()
-            return int(last)
-
-        return await self._r.run(q)
+        return await self._r.run(lambda db: int(db.execute(_LAST_SEQ, (channel,)).fetchone()[0]))
 
     async def after(self, channel: str, after_seq: int, limit: int) -> list[Message]:
         def q(db: sqlite3.Connection) -> list[Message]:
@@ -158,6 +227,31 @@ class SqliteMessages:
             return [_row(r) for r in reversed(rows)]
 
         return await self._r.run(q)
+
+    async def purge(self, namespace: str, before_ts: int) -> int:
+        low, high = _namespace_range(namespace)
+
+        def q(db: sqlite3.Connection) -> int:
+            def work() -> int:
+                # Remember each channel's highest seq first, so that seqs are never reused
+                # even when every message of a channel has expired.
+                db.execute(
+                    "INSERT INTO channel_heads (channel, last_seq) "
+                    "SELECT channel, MAX(seq) FROM messages "
+                    "WHERE channel>=? AND channel<? AND ts<? GROUP BY channel "
+                    "ON CONFLICT (channel) DO UPDATE "
+                    "SET last_seq=MAX(last_seq, excluded.last_seq)",
+                    (low, high, before_ts),
+                )
+                cur = db.execute(
+                    "DELETE FROM messages WHERE channel>=? AND channel<? AND ts<?",
+                    (low, high, before_ts),
+                )
+                return cur.rowcount
+
+            return _transaction(db, work)
+
+        return await self._w.run(q)
 
 
 class SqliteMemberships:
@@ -229,6 +323,15 @@ class SqliteReadMarkers:
         return await self._r.run(q)
 
 
+# Export/import: the plain documents of each kind, as columns -> values.
+_DUMP = {
+    "messages": (f"SELECT {_COLUMNS} FROM messages ORDER BY channel, seq", _COLUMNS),
+    "memberships": ("SELECT channel, user, since FROM memberships", "channel, user, since"),
+    "read_markers": ("SELECT channel, user, seq FROM read_markers", "channel, user, seq"),
+    "channel_heads": ("SELECT channel, last_seq FROM channel_heads", "channel, last_seq"),
+}
+
+
 class SqliteStore:
     """The embedded store (single-node topology)."""
 
@@ -248,19 +351,29 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot create RT_DATA_DIR {self._data_dir}: {exc}") from exc
 
         def migrate(db: sqlite3.Connection) -> None:
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row and int(row[0]) > SCHEMA_VERSION:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
                 raise StoreUnavailable(
-                    f"{self.path} has schema version {row[0]}, newer than this server "
+                    f"{self.path} has schema version {version}, newer than this server "
                     f"({SCHEMA_VERSION}): upgrade the server"
                 )
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version={target}")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
 
         await self._writer.run(migrate)
+
+    async def schema_version(self) -> int:
+        return await self._reader.run(
+            lambda db: int(db.execute("PRAGMA user_version").fetchone()[0])
+        )
 
     async def ping(self) -> bool:
         try:
@@ -268,6 +381,50 @@ class SqliteStore:
         except StoreUnavailable:
             return False
         return True
+
+    async def dump(self, kind: str) -> AsyncIterator[dict[str, Any]]:
+        assert kind in RECORD_KINDS, kind
+        query, columns = _DUMP[kind]
+        names = [c.strip() for c in columns.split(",")]
+        offset, page = 0, 1000
+        while True:
+            rows = await self._reader.run(
+                lambda db, o=offset: db.execute(f"{query} LIMIT ? OFFSET ?", (page, o)).fetchall()  # type: ignore[misc]
+            )
+            for row in rows:
+                record = dict(zip(names, row, strict=True))
+                if kind == "messages":
+                    record["body"] = msgpack.unpackb(record["body"], raw=False)
+                yield record
+            if len(rows) < page:
+                return
+            offset += page
+
+    async def load(self, kind: str, records: list[dict[str, Any]]) -> int:
+        """Insert records, skipping any already present; returns how many were new."""
+        assert kind in RECORD_KINDS, kind
+        _, columns = _DUMP[kind]
+        names = [c.strip() for c in columns.split(",")]
+        rows = []
+        for r in records:
+            values = dict(r)
+            if kind == "messages":
+                values["body"] = msgpack.packb(values["body"], use_bin_type=True)
+            rows.append(tuple(values.get(n) for n in names))
+        table = kind
+        placeholders = ",".join("?" * len(names))
+
+        def q(db: sqlite3.Connection) -> int:
+            def work() -> int:
+                before = db.total_changes
+                db.executemany(
+                    f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({placeholders})", rows
+                )
+                return db.total_changes - before
+
+            return _transaction(db, work)
+
+        return await self._writer.run(q)
 
     async def close(self) -> None:
         await self._writer.close()

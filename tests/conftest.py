@@ -123,42 +123,67 @@ def redis_server(redis_factory: type[RedisServer]) -> RedisServer:
 # --- MongoDB -----------------------------------------------------------------------------
 
 
+class SecantusServer:
+    """A local wire-compatible MongoDB (SecantusDB) that a test can stop and start again."""
+
+    def __init__(self, storage: Path) -> None:
+        self.port = free_port()
+        self.storage = storage
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def start(self) -> None:
+        exe = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
+        if not Path(exe).exists():
+            pytest.fail(
+                "secantusd-py is not installed (pip install -e '.[test]') and no MONGODB_URI"
+            )
+        self.storage.mkdir(parents=True, exist_ok=True)
+        log = open(self.storage / "secantusd.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--storage-path",
+                str(self.storage / "db"),
+                "--standalone",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_port(self.port, timeout=60, proc=self.proc)
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), which keeps acknowledged data."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri = os.environ.get("MONGODB_URI")
     if uri:
         yield uri
         return
-    exe = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
-    if not Path(exe).exists():
-        pytest.fail("secantusd-py is not installed (pip install -e '.[test]') and no MONGODB_URI")
-    port = free_port()
-    storage = tmp_path_factory.mktemp("secantus")
-    log = open(storage / "secantusd.log", "wb")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--storage-path",
-            str(storage / "db"),
-            "--standalone",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    server = SecantusServer(tmp_path_factory.mktemp("secantus"))
+    server.start()
     try:
-        wait_port(port, timeout=60, proc=proc)
-        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
+        yield server.uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def unique_db() -> str:
