@@ -1,4 +1,4 @@
-"""python -m loadtests fanout [--subscribers N] [--messages M] [--rate R] [--clients K]"""
+"""python -m loadtests fanout | store  (--help on each)"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import fanout
+from . import fanout, store
 
 
 def main() -> int:
@@ -19,7 +19,17 @@ def main() -> int:
     f.add_argument("--clients", type=int, default=2, help="client processes")
     f.add_argument("--timeout", type=float, default=120.0, help="hard stop, seconds")
     f.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    st = sub.add_parser("store", help="cost of one durable append, grouped and not")
+    st.add_argument("--backend", choices=["sqlite", "mongodb"], default="sqlite")
+    st.add_argument("--publishers", default="1,8,64", help="comma-separated concurrencies")
+    st.add_argument("--messages", type=int, default=2000, help="appends per run")
     args = parser.parse_args()
+    if args.scenario == "store":
+        counts = [int(x) for x in args.publishers.split(",")]
+        if not (all(0 < c <= 1000 for c in counts) and 0 < args.messages <= 100000):
+            parser.error("publishers 1..1000, messages 1..100000")
+        print(store.report(store.run(args.backend, counts, args.messages)))
+        return 0
     if not (0 < args.subscribers <= 20000 and 0 < args.messages <= 100000 and args.rate > 0):
         parser.error("subscribers 1..20000, messages 1..100000, rate > 0")
     result = fanout.run(args.subscribers, args.messages, args.rate, args.clients, args.timeout)

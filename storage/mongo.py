@@ -5,8 +5,9 @@ exists only as the `_id`-like unique key (channel, seq) of its own document. A n
 message with `seq = last + 1`; if another node took that seq first, the unique index refuses the
 insert and the node re-reads the channel's last seq and tries again. Nothing is reserved before
 the insert, so a node that dies mid-publish leaves no hole. Each node caches the last seq per
-channel and serialises its own publishes per channel, so the common case is one insert per
-publish and retries happen only when two nodes publish to the same channel at the same moment.
+channel and groups its own concurrent publishes to a channel into one ordered `insert_many`,
+so the common case is one round trip per publish (or per group) and retries happen only when
+two nodes publish to the same channel at the same moment.
 Idempotency: a second unique index on (channel, user, client_msg_id) refuses a retried publish;
 the node then returns the stored original. The idempotency record is the message itself, so the
 two can never disagree, and it lives as long as the message (see retention).
@@ -22,10 +23,11 @@ import asyncio
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from .base import RECORD_KINDS, Appended, Message, StoreUnavailable
@@ -47,7 +49,7 @@ _MESSAGE_FIELDS = {
 async def _guard(coro: Awaitable[T]) -> T:
     try:
         return await coro
-    except DuplicateKeyError:
+    except (DuplicateKeyError, BulkWriteError):
         raise
     except PyMongoError as exc:
         raise StoreUnavailable(f"mongodb: {type(exc).__name__}: {exc}") from exc
@@ -65,39 +67,25 @@ def _message(doc: dict[str, Any]) -> Message:
     )
 
 
-class _ChannelLocks:
-    """One asyncio lock per channel with a bounded cache of last seqs."""
-
-    def __init__(self, size: int = 100_000) -> None:
-        self.locks: dict[str, asyncio.Lock] = {}
-        self.last: OrderedDict[str, int] = OrderedDict()
-        self._size = size
-
-    def lock(self, channel: str) -> asyncio.Lock:
-        lock = self.locks.get(channel)
-        if lock is None:
-            lock = self.locks[channel] = asyncio.Lock()
-        return lock
-
-    def release(self, channel: str) -> None:
-        """Forget an idle lock. A rare race here only costs a retried insert: the unique
-        index, not the lock, is what keeps seqs correct."""
-        lock = self.locks.get(channel)
-        if lock is not None and not lock.locked():
-            del self.locks[channel]
-
-    def remember(self, channel: str, seq: int) -> None:
-        self.last[channel] = seq
-        self.last.move_to_end(channel)
-        if len(self.last) > self._size:
-            self.last.popitem(last=False)
+@dataclass(slots=True)
+class _Pending:
+    doc: dict[str, Any]
+    future: asyncio.Future[Appended]
 
 
 class MongoMessages:
-    def __init__(self, db: Any) -> None:
+    """Appends are grouped per channel: while one insert is in flight, further publishes to the
+    channel queue up and go together in one ordered `insert_many` with consecutive seqs."""
+
+    def __init__(self, db: Any, max_batch: int = 256, cache_size: int = 100_000) -> None:
         self._col = db["messages"]
         self._heads = db["channel_heads"]
-        self._channels = _ChannelLocks()
+        self._queues: dict[str, list[_Pending]] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}  # owned: one per busy channel
+        self._last_seqs: OrderedDict[str, int] = OrderedDict()
+        self._cache_size = cache_size
+        self.max_batch = max_batch
+        self.batches = 0  # insert round trips made (for the storage benchmark)
 
     async def _last(self, channel: str) -> int:
         doc = await _guard(
@@ -108,13 +96,11 @@ class MongoMessages:
         head = await _guard(self._heads.find_one({"_id": channel}))
         return max(int(doc["seq"]) if doc else 0, int(head["last_seq"]) if head else 0)
 
-    async def _original(self, channel: str, user: str, client_msg_id: str) -> Message | None:
-        doc = await _guard(
-            self._col.find_one(
-                {"channel": channel, "user": user, "client_msg_id": client_msg_id}, _MESSAGE_FIELDS
-            )
-        )
-        return _message(doc) if doc else None
+    def _remember(self, channel: str, seq: int) -> None:
+        self._last_seqs[channel] = seq
+        self._last_seqs.move_to_end(channel)
+        if len(self._last_seqs) > self._cache_size:
+            self._last_seqs.popitem(last=False)
 
     async def append(
         self,
@@ -134,37 +120,94 @@ class MongoMessages:
             "client_msg_id": client_msg_id,
             "body": body,
         }
-        try:
-            async with self._channels.lock(channel):
-                return await self._insert_next(doc)
-        finally:
-            self._channels.release(channel)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(doc, loop.create_future())
+        self._queues.setdefault(channel, []).append(pending)
+        if channel not in self._flushers:
+            self._flushers[channel] = loop.create_task(
+                self._flush(channel), name=f"mongo-append:{channel}"
+            )
+        return await asyncio.shield(pending.future)
 
-    async def _insert_next(self, doc: dict[str, Any]) -> Appended:
-        """Insert with the channel's next seq; on a unique-index refusal, either return the
-        original (a retried publish) or re-read the last seq (another node took it)."""
-        channel = doc["channel"]
+    async def _flush(self, channel: str) -> None:
+        queue = self._queues[channel]
         try:
-            last = self._channels.last.get(channel)
-            if last is None:
-                last = await self._last(channel)
-            for _ in range(1000):
-                doc.pop("_id", None)
-                doc["seq"] = last + 1
+            while queue:
+                batch = queue[: self.max_batch]
+                del queue[: self.max_batch]
                 try:
-                    await _guard(self._col.insert_one(doc))
-                except DuplicateKeyError:
-                    original = await self._original(channel, doc["user"], doc["client_msg_id"])
-                    if original is not None:
-                        return Appended(original, duplicate=True)
-                    last = await self._last(channel)
-                    continue
-                self._channels.remember(channel, doc["seq"])
-                return Appended(_message(doc), duplicate=False)
-            raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
-        except StoreUnavailable:
-            self._channels.last.pop(channel, None)
+                    await self._insert(channel, batch)
+                except Exception as exc:
+                    self._last_seqs.pop(channel, None)
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+        except BaseException:
+            for p in queue:
+                if not p.future.done():
+                    p.future.set_exception(StoreUnavailable("append cancelled"))
             raise
+        finally:
+            del self._flushers[channel]
+            if not queue:
+                del self._queues[channel]
+
+    async def _insert(self, channel: str, batch: list[_Pending]) -> None:
+        """Insert with consecutive seqs after the channel's last. On a unique-index refusal
+        at position k, the first k are stored; the refused one is either a retried publish
+        (its original is returned) or lost a race for its seq to another node (re-read the
+        last seq and go on with the rest)."""
+        last = self._last_seqs.get(channel)
+        if last is None:
+            last = await self._last(channel)
+        remaining = batch
+        for _ in range(1000):
+            if not remaining:
+                return
+            docs = []
+            for i, p in enumerate(remaining):
+                p.doc.pop("_id", None)
+                p.doc["seq"] = last + 1 + i
+                docs.append(p.doc)
+            refused: int | None = None
+            try:
+                await _guard(self._col.insert_many(docs, ordered=True))
+                inserted = len(docs)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors") or []
+                if (
+                    not errors
+                    or errors[0].get("code") != 11000
+                    or exc.details.get("writeConcernErrors")
+                ):
+                    raise StoreUnavailable(f"mongodb: insert failed: {exc.details}") from exc
+                inserted = int(exc.details.get("nInserted", 0))
+                refused = int(errors[0]["index"])
+            self.batches += 1
+            for p in remaining[:inserted]:
+                p.doc.pop("_id", None)
+                p.future.set_result(Appended(_message(p.doc), duplicate=False))
+            if inserted:
+                last = remaining[inserted - 1].doc["seq"]
+                self._remember(channel, last)
+            remaining = remaining[inserted:]
+            if refused is not None and remaining:
+                first = remaining[0].doc
+                original = await self._original(channel, first["user"], first["client_msg_id"])
+                if original is not None:
+                    remaining[0].future.set_result(Appended(original, duplicate=True))
+                    remaining = remaining[1:]
+                else:
+                    last = await self._last(channel)  # another node took the seq
+        raise StoreUnavailable(f"could not assign a seq on {channel}: contention")
+
+    async def _original(self, channel: str, user: str, client_msg_id: str) -> Message | None:
+        doc = await _guard(
+            self._col.find_one(
+                {"channel": channel, "user": user, "client_msg_id": client_msg_id}, _MESSAGE_FIELDS
+            )
+        )
+        return _message(doc) if doc else None
 
     async def last_seq(self, channel: str) -> int:
         return await self._last(channel)
