@@ -231,8 +231,8 @@ class Hub:
                 state.early.append(m)
             else:
                 self._accept(state, m)
-        elif event.get("t") == "typing":
-            frame = Frame({"push": "typing", "channel": channel, "user": event["u"]})
+        elif event.get("t") in ("typing", "join", "leave"):
+            frame = Frame({"push": event["t"], "channel": channel, "user": event["u"]})
             for sub in list(state.subscribers):
                 if sub.user != event["u"]:
                     sub.deliver_event(channel, frame)

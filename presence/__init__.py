@@ -1,6 +1,12 @@
 """Presence: who is in a channel right now, across nodes and crashes (PROTOCOL.md section 6).
 
-Not built yet (issue 4). It will own the presence records in Redis (in-process on the
-embedded topology) and offer `join`/`leave` pushes exactly once per user, heartbeats that clear
-a dead node's members within 30 s, and a user's global online status.
+Offers:
+- `PresenceStore` with `MemoryPresence` (embedded topology) and `RedisPresence` (shared by all
+  nodes; one atomic script per join or leave, pipelined) in `presence.store`;
+- `PresenceTracker` (`presence.tracker`): a node's local counts, `join`/`leave` exactly once per
+  user on every node, heartbeats, reaping of dead nodes' members within
+  `RT_PRESENCE_NODE_TIMEOUT_S` + `RT_PRESENCE_HEARTBEAT_S`, rebuild after a Redis restart.
+
+Presence data is ephemeral by design: it lives only in Redis (or in the process) and is rebuilt
+from the live connections.
 """

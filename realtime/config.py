@@ -53,6 +53,8 @@ class Settings:
     # Days to keep messages per namespace; a namespace not listed keeps them forever.
     retention_days: dict[str, float] = field(default_factory=dict)
     retention_interval_s: float = 3600.0
+    presence_heartbeat_s: float = 5.0
+    presence_node_timeout_s: float = 15.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -182,6 +184,13 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
     if journal_raw not in ("true", "false", "1", "0"):
         raise ConfigError("RT_MONGODB_JOURNAL must be true or false")
 
+    heartbeat = _number(env, "RT_PRESENCE_HEARTBEAT_S", 5.0)
+    node_timeout = _number(env, "RT_PRESENCE_NODE_TIMEOUT_S", 15.0)
+    if node_timeout < 2 * heartbeat:
+        raise ConfigError(
+            "RT_PRESENCE_NODE_TIMEOUT_S must be at least twice RT_PRESENCE_HEARTBEAT_S"
+        )
+
     return Settings(
         jwt_key=key,
         jwt_algorithms=algorithms,
@@ -197,6 +206,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         mongodb_journal=journal_raw in ("true", "1"),
         retention_days=_retention(env.get("RT_RETENTION", "")),
         retention_interval_s=_number(env, "RT_RETENTION_INTERVAL_S", 3600.0),
+        presence_heartbeat_s=heartbeat,
+        presence_node_timeout_s=node_timeout,
         limits=limits,
     )
 

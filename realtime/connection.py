@@ -15,8 +15,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from channels.acl import Action
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("realtime.connection")
 
 Reply = dict[str, Any]
+T = TypeVar("T")
 
 
 class TokenBucket:
@@ -92,7 +94,6 @@ class Connection:
         self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._rejected = 0
         self._rejected_since = 0.0
-        self._typing_at: dict[str, float] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Reply]]] = {
             "auth": self._op_auth_again,
@@ -104,6 +105,8 @@ class Connection:
             "history": self._op_history,
             "typing": self._op_typing,
             "read": self._op_read,
+            "presence": self._op_presence,
+            "presence.invisible": self._op_invisible,
         }
 
     @property
@@ -175,6 +178,7 @@ class Connection:
         """Drop a subscription the user is no longer entitled to."""
         if self.subs.pop(channel, None) is not None:
             self.node.hub.remove(channel, self)
+            self.node.spawn(self.node.presence.remove(channel, self.user), "presence-remove")
             self.send({"push": "unsubscribed", "channel": channel, "reason": reason})
 
     # --- the connection's life --------------------------------------------------------
@@ -191,6 +195,9 @@ class Connection:
         finally:
             for channel in self.subs:
                 self.node.hub.remove(channel, self)
+            if self.identity is not None and self in self.node.connections:
+                gone = [*self.subs, f"user:{self.user}"]
+                await asyncio.gather(*(self.node.presence.remove(ch, self.user) for ch in gone))
             self.subs.clear()
             if self._expiry is not None:
                 self._expiry.cancel()
@@ -274,6 +281,7 @@ class Connection:
             return False
         self._set_identity(identity)
         self.node.register(self)
+        await self.node.presence.add(f"user:{identity.user}", identity.user)  # online status
         self.send(
             {
                 "id": cid,
@@ -372,6 +380,7 @@ class Connection:
                 self.node.hub.remove(ch.name, self)
             raise
         self._after_reply = (ch.name, sub, replay)
+        await self.node.presence.add(ch.name, self.user)
         return {"channel": ch.name, "last_seq": replay.last_seq, "recovered": replay.recovered}
 
     def _flush_after_reply(self) -> None:
@@ -395,6 +404,7 @@ class Connection:
         ch = self._channel(frame)
         if self.subs.pop(ch.name, None) is not None:
             self.node.hub.remove(ch.name, self)
+            await self.node.presence.remove(ch.name, self.user)
         return {}
 
     async def _op_publish(self, frame: dict[str, Any]) -> Reply:
@@ -436,17 +446,13 @@ class Connection:
         ch = self._channel(frame)
         assert self.identity is not None
         await self.node.acl.check(self.identity, ch, Action.TYPING)
-        now = time.monotonic()
-        last = self._typing_at.get(ch.name, 0.0)
-        if now - last < 1.0:
+        wait = self.node.typing_allowed(self.user, ch.name)
+        if wait:
             raise ProtocolError(
                 "rate_limited",
-                "one typing notice per second per channel",
-                retry_after_ms=int((1.0 - (now - last)) * 1000) + 1,
+                "one typing notice per second per user and channel",
+                retry_after_ms=int(wait * 1000) + 1,
             )
-        if len(self._typing_at) > 1000:
-            self._typing_at.clear()
-        self._typing_at[ch.name] = now
         await self.node.channels.typing(ch.name, self.user)
         return {}
 
@@ -459,3 +465,41 @@ class Connection:
         await self.node.acl.check(self.identity, ch, Action.READ)
         stored = await self.node.channels.mark_read(ch.name, self.user, seq)
         return {"channel": ch.name, "read_seq": stored}
+
+    async def _op_presence(self, frame: dict[str, Any]) -> Reply:
+        """Members of a channel, paged (`cursor` from the previous reply, 0 = done). On
+        `user:<id>` any user may ask whether <id> is online, unless <id> is invisible."""
+        ch = self._channel(frame)
+        cursor = arg_int(frame, "cursor") or 0
+        limit = arg_int(frame, "limit", minimum=1, maximum=1000) or 100
+        assert self.identity is not None
+        if ch.namespace == "user":
+            if ch.rest != self.user and await self._bounded(
+                self.node.presence.store.is_invisible(ch.rest)
+            ):
+                return {"channel": ch.name, "members": [], "cursor": 0, "total": 0}
+        else:
+            await self.node.acl.check(self.identity, ch, Action.SUBSCRIBE)
+        page = await self._bounded(self.node.presence.members(ch.name, cursor, limit))
+        members = [{"user": user, "since": since} for user, since in page.members]
+        return {
+            "channel": ch.name,
+            "members": members,
+            "cursor": page.cursor,
+            "total": page.total,
+        }
+
+    async def _op_invisible(self, frame: dict[str, Any]) -> Reply:
+        invisible = frame.get("invisible")
+        if not isinstance(invisible, bool):
+            raise ProtocolError("bad_request", "'invisible' must be true or false")
+        await self._bounded(self.node.presence.store.set_invisible(self.user, invisible))
+        return {"invisible": invisible}
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        """A presence store call, bounded by the store timeout; a failure is `unavailable`."""
+        try:
+            async with asyncio.timeout(self.node.settings.store_timeout_s):
+                return await call
+        except (TimeoutError, OSError, RedisError) as exc:
+            raise ProtocolError("unavailable", f"presence is unavailable: {exc}") from None

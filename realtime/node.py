@@ -16,6 +16,8 @@ from channels.acl import AccessControl, MembershipCache
 from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from channels.hub import Hub
 from channels.service import ChannelService
+from presence.store import MemoryPresence, PresenceStore, RedisPresence
+from presence.tracker import PresenceTracker
 from storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
@@ -80,6 +82,24 @@ class Node:
             timeout_s=settings.store_timeout_s,
             recovery_limit=settings.limits.recovery_limit,
         )
+        presence_store: PresenceStore = (
+            RedisPresence(
+                settings.redis_url,
+                timeout_s=settings.store_timeout_s,
+                node_timeout_s=settings.presence_node_timeout_s,
+            )
+            if settings.redis_url
+            else MemoryPresence()
+        )
+        self.presence = PresenceTracker(
+            presence_store,
+            settings.node_id,
+            self._publish_presence,
+            heartbeat_s=settings.presence_heartbeat_s,
+            node_timeout_s=settings.presence_node_timeout_s,
+        )
+        self._typing_at: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.verifier = TokenVerifier(settings)
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
@@ -103,6 +123,7 @@ class Node:
         except BrokerUnavailable as exc:
             await self.store.close()
             raise StartupError(f"broker unavailable: {exc}") from None
+        await self.presence.start()
         if self.settings.retention_days:
             self._retention = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
@@ -143,8 +164,42 @@ class Node:
         if self._retention is not None:
             self._retention.cancel()
             await asyncio.gather(self._retention, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.presence.stop()
+        await self.presence.store.close()
         await self.hub.close()
         await self.store.close()
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run a background task owned by the node: logged if it fails, cancelled on stop."""
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _publish_presence(self, channel: str, kind: str, user: str) -> None:
+        try:
+            await self.hub.publish_event(channel, kind, u=user)
+        except BrokerUnavailable as exc:
+            log.warning("presence %s of %s on %s not pushed: %s", kind, user, channel, exc)
+
+    def typing_allowed(self, user: str, channel: str) -> float:
+        """0 if `user` may send a typing notice on `channel` now (one per second per user and
+        channel on this node), else seconds to wait."""
+        now = time.monotonic()
+        wait = 1.0 - (now - self._typing_at.get((user, channel), -1.0))
+        if wait > 0:
+            return wait
+        if len(self._typing_at) > 100_000:
+            self._typing_at = {k: v for k, v in self._typing_at.items() if now - v < 1.0}
+        self._typing_at[(user, channel)] = now
+        return 0.0
 
     async def ready(self) -> dict[str, bool]:
         store_ok, broker_ok = await asyncio.gather(self.store.ping(), self.broker.ping())

@@ -47,6 +47,7 @@ class Raw:
         self.msgpack = proto == "rt.v1.msgpack"
         self.ids = itertools.count(1)
         self.pushes: list[dict[str, Any]] = []
+        self.presence_log: list[dict[str, Any]] = []
         self._push_event = asyncio.Event()
 
     @classmethod
@@ -93,15 +94,22 @@ class Raw:
         code: str = reply["error"]["code"]
         return code
 
-    async def push(self, timeout: float = 5) -> dict[str, Any]:
-        if self.pushes:
-            return self.pushes.pop(0)
-        return await self.recv(timeout)
+    async def push(self, timeout: float = 5, *, presence: bool = False) -> dict[str, Any]:
+        """The next push; `join`/`leave` pushes are set aside in `presence_log` unless
+        `presence` is true."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.pushes:
+                frame = self.pushes.pop(0)
+            else:
+                frame = await self.recv(max(0.0, deadline - asyncio.get_running_loop().time()))
+            if presence or frame.get("push") not in ("join", "leave"):
+                return frame
+            self.presence_log.append(frame)
 
-    async def no_push(self, wait: float = 0.3) -> None:
-        assert not self.pushes, self.pushes
+    async def no_push(self, wait: float = 0.3, *, presence: bool = False) -> None:
         try:
-            frame = await self.recv(wait)
+            frame = await self.push(wait, presence=presence)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame {frame}")
