@@ -1,12 +1,13 @@
-"""python -m loadtests fanout | store  (--help on each)"""
+"""python -m loadtests fanout | store | presence  (--help on each)"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from . import fanout, store
+from . import fanout, presence, store
 
 
 def main() -> int:
@@ -23,7 +24,18 @@ def main() -> int:
     st.add_argument("--backend", choices=["sqlite", "mongodb"], default="sqlite")
     st.add_argument("--publishers", default="1,8,64", help="comma-separated concurrencies")
     st.add_argument("--messages", type=int, default=2000, help="appends per run")
+    pr = sub.add_parser("presence", help="cost of join/leave on a large channel (Redis)")
+    pr.add_argument("--rate", type=float, default=1000.0, help="joins per second")
+    pr.add_argument("--seconds", type=float, default=5.0)
+    pr.add_argument("--members", type=int, default=10000, help="members already present")
+    pr.add_argument("--redis-url", default=None, help="default: start a local redis-server")
     args = parser.parse_args()
+    if args.scenario == "presence":
+        if not (0 < args.rate <= 20000 and 0 < args.seconds <= 120 and 0 <= args.members <= 10**6):
+            parser.error("rate 1..20000, seconds 1..120, members 0..1000000")
+        measured = presence.run(args.rate, args.seconds, args.members, args.redis_url)
+        print("\n".join(f"| {k} | {v} |" for k, v in asdict(measured).items()))
+        return 0
     if args.scenario == "store":
         counts = [int(x) for x in args.publishers.split(",")]
         if not (all(0 < c <= 1000 for c in counts) and 0 < args.messages <= 100000):

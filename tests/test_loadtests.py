@@ -14,3 +14,18 @@ def test_fanout_smoke(tmp_path: Path) -> None:
     assert result.latency_ms_p50 > 0
     table = fanout.report(result, tmp_path)
     assert "delivered_per_s" in table and list(tmp_path.glob("fanout-*.json"))
+
+
+def test_store_smoke() -> None:
+    from loadtests import store
+
+    results = store.run("sqlite", [1, 4], 40)
+    assert len(results) == 4 and all(r.appends == 40 for r in results)
+    assert "appends/s" in store.report(results)
+
+
+def test_presence_smoke(redis_server: object) -> None:
+    from loadtests import presence
+
+    result = presence.run(rate=100, seconds=0.3, members=50, redis_url=redis_server.url)  # type: ignore[attr-defined]
+    assert result.operations == 60 and result.members_before == 50

@@ -54,6 +54,7 @@ class Raw:
     async def open(
         cls, url: str, token: str | None = None, *, proto: str | None = "rt.v1.json", **kw: Any
     ) -> Raw:
+        kw.setdefault("close_timeout", 1)  # a test client may leave pushes unread
         ws = await connect(url, subprotocols=[proto] if proto else None, **kw)
         raw = cls(ws, proto)
         if token is not None:

@@ -1,0 +1,190 @@
+"""Presence (PROTOCOL.md section 6) on one node and across nodes, crashes and Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from conftest import Node, RedisServer, token, unique_db
+from wire import Raw
+
+
+def chan() -> str:
+    return f"public:{uuid.uuid4().hex[:8]}"
+
+
+async def presence_pushes(raw: Raw, count: int, timeout: float) -> list[tuple[str, str]]:
+    got = []
+    for _ in range(count):
+        push = await raw.push(timeout, presence=True)
+        assert push["push"] in ("join", "leave"), push
+        got.append((push["push"], push["user"]))
+    return got
+
+
+async def members(raw: Raw, channel: str) -> list[str]:
+    reply = await raw.ok("presence", channel=channel)
+    return [m["user"] for m in reply["members"]]
+
+
+async def test_presence_on_one_node(single_node: Node) -> None:
+    ch = chan()
+    watcher = await Raw.open(single_node.url, token("watcher"))
+    await watcher.ok("subscribe", channel=ch)
+    alice1 = await Raw.open(single_node.url, token("alice"))
+    await alice1.ok("subscribe", channel=ch)
+    assert await presence_pushes(watcher, 1, 5) == [("join", "alice")]
+    alice2 = await Raw.open(single_node.url, token("alice"))
+    await alice2.ok("subscribe", channel=ch)  # a second device: no second join
+    await watcher.no_push(0.3, presence=True)
+    reply = await watcher.ok("presence", channel=ch)
+    assert sorted(m["user"] for m in reply["members"]) == ["alice", "watcher"]
+    assert all(isinstance(m["since"], int) for m in reply["members"])
+    assert reply["total"] == 2 and reply["cursor"] == 0
+    await alice1.close()  # one of two devices: no leave
+    await watcher.no_push(0.3, presence=True)
+    await alice2.ok("unsubscribe", channel=ch)
+    assert await presence_pushes(watcher, 1, 5) == [("leave", "alice")]
+    assert await members(watcher, ch) == ["watcher"]
+    assert await watcher.error("presence", channel="room:secret") == "forbidden"
+    for r in (watcher, alice2):
+        await r.close()
+
+
+async def test_online_status_and_invisible(single_node: Node) -> None:
+    bob = await Raw.open(single_node.url, token("bob"))
+    carol = await Raw.open(single_node.url, token("carol"))
+    assert await members(carol, "user:bob") == ["bob"]
+    assert await members(carol, "user:nobody-here") == []
+    assert (await bob.ok("presence.invisible", invisible=True))["invisible"] is True
+    assert await members(carol, "user:bob") == []
+    assert await members(bob, "user:bob") == ["bob"]  # you always see yourself
+    await bob.ok("presence.invisible", invisible=False)
+    assert await members(carol, "user:bob") == ["bob"]
+    assert await bob.error("presence.invisible", invisible="yes") == "bad_request"
+    await bob.close()
+    await asyncio.sleep(0.2)
+    assert await members(carol, "user:bob") == []
+    await carol.close()
+
+
+async def test_large_channel_presence_is_paged(single_node: Node) -> None:
+    ch = chan()
+    clients = [await Raw.open(single_node.url, token(f"m{i:03d}")) for i in range(30)]
+    for c in clients:
+        await c.ok("subscribe", channel=ch)
+    seen: list[str] = []
+    cursor = 0
+    while True:
+        page = await clients[0].ok("presence", channel=ch, cursor=cursor, limit=7)
+        assert page["total"] == 30
+        seen += [m["user"] for m in page["members"]]
+        cursor = page["cursor"]
+        if cursor == 0:
+            break
+    assert sorted(seen) == [f"m{i:03d}" for i in range(30)]
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+@pytest.fixture
+def presence_env(redis_server: RedisServer, mongo_uri: str) -> dict[str, str]:
+    return {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_PRESENCE_HEARTBEAT_S": "0.5",
+        "RT_PRESENCE_NODE_TIMEOUT_S": "2",
+    }
+
+
+async def test_join_and_leave_once_across_nodes(
+    node_factory: Any, presence_env: dict[str, str]
+) -> None:
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    ch = chan()
+    on_a = await Raw.open(a.url, token("anna"))
+    on_b = await Raw.open(b.url, token("ben"))
+    await on_a.ok("subscribe", channel=ch)
+    await on_b.ok("subscribe", channel=ch)
+    assert await presence_pushes(on_a, 1, 5) == [("join", "ben")]
+    # ben's second device, on the other node: nobody is told anything
+    ben2 = await Raw.open(a.url, token("ben"))
+    await ben2.ok("subscribe", channel=ch)
+    await on_a.no_push(0.5, presence=True)
+    assert sorted(await members(on_a, ch)) == ["anna", "ben"]
+    assert sorted(await members(on_b, ch)) == ["anna", "ben"]
+    await on_b.close()  # one of ben's two connections
+    await on_a.no_push(0.5, presence=True)
+    await ben2.close()
+    assert await presence_pushes(on_a, 1, 5) == [("leave", "ben")]
+    await on_a.no_push(0.5, presence=True)
+    await on_a.close()
+
+
+async def test_a_killed_node_s_members_leave_once(
+    node_factory: Any, presence_env: dict[str, str]
+) -> None:
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    c: Node = node_factory("c", RT_NODE_ID="c", **presence_env)
+    ch = chan()
+    watch_a = await Raw.open(a.url, token("wa"))
+    watch_b = await Raw.open(b.url, token("wb"))
+    await watch_a.ok("subscribe", channel=ch)
+    await watch_b.ok("subscribe", channel=ch)
+    doomed = [await Raw.open(c.url, token(f"d{i}")) for i in range(3)]
+    for d in doomed:
+        await d.ok("subscribe", channel=ch)
+    for w in (watch_a, watch_b):
+        pushes = await presence_pushes(w, 4 if w is watch_a else 3, 5)
+        assert {u for kind, u in pushes if kind == "join"} >= {"d0", "d1", "d2"}
+    c.kill()  # SIGKILL: no leave from c itself
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for w in (watch_a, watch_b):
+        leaves = await presence_pushes(w, 3, 30)
+        assert sorted(leaves) == [("leave", "d0"), ("leave", "d1"), ("leave", "d2")]
+    assert loop.time() - started < 30
+    for w in (watch_a, watch_b):
+        await w.no_push(2.0, presence=True)  # exactly once, not once per surviving node
+        assert sorted(await members(w, ch)) == ["wa", "wb"]
+    back = await Raw.open(a.url, token("d0"))  # the user reconnects elsewhere
+    await back.ok("subscribe", channel=ch)
+    assert await presence_pushes(watch_b, 1, 5) == [("join", "d0")]
+    for r in (watch_a, watch_b, back):
+        await r.close()
+
+
+async def test_presence_is_rebuilt_after_a_redis_restart(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    ch = chan()
+    on_a = await Raw.open(a.url, token("anna"))
+    on_b = await Raw.open(b.url, token("ben"))
+    await on_a.ok("subscribe", channel=ch)
+    await on_b.ok("subscribe", channel=ch)
+    assert await presence_pushes(on_a, 1, 5) == [("join", "ben")]
+    assert sorted(await members(on_a, ch)) == ["anna", "ben"]
+    redis_server.stop()
+    redis_server.start()  # empty: presence is gone from Redis
+    for _ in range(60):
+        await asyncio.sleep(0.25)
+        try:
+            if sorted(await members(on_a, ch)) == ["anna", "ben"]:
+                break
+        except AssertionError:
+            continue  # unavailable while Redis comes back
+    assert sorted(await members(on_a, ch)) == ["anna", "ben"]
+    assert sorted(await members(on_b, ch)) == ["anna", "ben"]
+    # nobody left, so nobody is told anyone joined; and presence works on
+    await on_a.no_push(0.5, presence=True)
+    carl = await Raw.open(b.url, token("carl"))
+    await carl.ok("subscribe", channel=ch)
+    assert await presence_pushes(on_a, 1, 10) == [("join", "carl")]
+    for r in (on_a, on_b, carl):
+        await r.close()
