@@ -2,8 +2,10 @@
 body where the namespace allows it. The server checks shape and sizes and keeps exactly the
 envelope's fields; it never sees chat plaintext in encrypted namespaces.
 
-Signature verification against the key directory arrives with crypto/ (issue 5); until then the
-envelope's shape and sizes are enforced and its `sig` is stored for clients to verify.
+Beyond the shapes checked here, `crypto.directory.KeyDirectory` verifies `sig` against the
+sending device's registered key before anything is stored. An envelope may carry `frank`, the
+sender's franking commitment; the server adds `ftag`, its tag binding that commitment to the
+sender, channel and time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ ALG_ENVELOPE = "xchacha20poly1305"
 ALG_PLAIN = "none"
 NONCE_BYTES = 24
 SIG_BYTES = 64
+FRANK_BYTES = 32  # HMAC-SHA256 franking commitment (optional)
 
 
 def _short_str(value: object, name: str) -> str:
@@ -58,7 +61,7 @@ def parse_body(
         raise ProtocolError("bad_request", "body.ct must be non-empty bytes")
     if len(ct) > max_bytes:
         raise ProtocolError("too_large", f"body.ct is over {max_bytes} bytes")
-    return {
+    body: dict[str, Any] = {
         "v": 1,
         "alg": ALG_ENVELOPE,
         "device": device,
@@ -67,3 +70,9 @@ def parse_body(
         "ct": ct,
         "sig": sig,
     }
+    if raw.get("frank") is not None:
+        frank = codec.bytes_field(raw.get("frank"))
+        if frank is None or len(frank) != FRANK_BYTES:
+            raise ProtocolError("bad_request", f"body.frank must be {FRANK_BYTES} bytes")
+        body["frank"] = frank
+    return body

@@ -231,6 +231,10 @@ class Hub:
                 state.early.append(m)
             else:
                 self._accept(state, m)
+        elif event.get("t") == "rekey":
+            frame = Frame({"push": "rekey", "channel": channel})
+            for sub in list(state.subscribers):
+                sub.deliver_event(channel, frame)
         elif event.get("t") in ("typing", "join", "leave"):
             frame = Frame({"push": event["t"], "channel": channel, "user": event["u"]})
             for sub in list(state.subscribers):

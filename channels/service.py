@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from realtime.protocol import ProtocolError
 from storage import Appended, Message, Store, StoreUnavailable
@@ -34,9 +34,18 @@ class Replay:
 
 
 class ChannelService:
-    def __init__(self, store: Store, hub: Hub, *, timeout_s: float, recovery_limit: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        *,
+        timeout_s: float,
+        recovery_limit: int,
+        tag: Callable[[dict[str, Any], str, str, int], None] | None = None,
+    ) -> None:
         self.store = store
         self.hub = hub
+        self._tag = tag  # adds the server's franking tag to a franked envelope
         self._timeout = timeout_s
         self._recovery_limit = recovery_limit
 
@@ -61,10 +70,12 @@ class ChannelService:
         user: str,
         device: str | None,
         client_msg_id: str,
-        body: dict[str, object],
+        body: dict[str, Any],
     ) -> Appended:
         """Store, then fan out. The caller acknowledges only after this returns."""
         ts = int(time.time() * 1000)
+        if self._tag is not None:
+            self._tag(body, channel, user, ts)
         appended = await self._bounded(
             "publish",
             self.store.messages.append(channel, user, device, client_msg_id, body, ts),

@@ -6,6 +6,7 @@ Every variable is documented in the README's configuration table. A bad value ra
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import uuid
@@ -53,6 +54,7 @@ class Settings:
     # Days to keep messages per namespace; a namespace not listed keeps them forever.
     retention_days: dict[str, float] = field(default_factory=dict)
     retention_interval_s: float = 3600.0
+    franking_key: bytes = b""
     presence_heartbeat_s: float = 5.0
     presence_node_timeout_s: float = 15.0
     limits: Limits = field(default_factory=Limits)
@@ -184,6 +186,21 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
     if journal_raw not in ("true", "false", "1", "0"):
         raise ConfigError("RT_MONGODB_JOURNAL must be true or false")
 
+    franking_raw = _read_secret(env, "RT_FRANKING_KEY")
+    if franking_raw is not None:
+        if len(franking_raw) < 32:
+            raise ConfigError("RT_FRANKING_KEY must be at least 32 characters")
+        franking_key = hashlib.sha256(b"rt-franking:" + franking_raw.encode()).digest()
+    elif secret:
+        franking_key = hashlib.sha256(b"rt-franking:" + secret.encode()).digest()
+    elif need_token_key:
+        raise ConfigError(
+            "RT_FRANKING_KEY is required with RT_JWT_PUBLIC_KEY (the same on every node): "
+            "it keys the tags that make abuse reports verifiable"
+        )
+    else:
+        franking_key = b""
+
     heartbeat = _number(env, "RT_PRESENCE_HEARTBEAT_S", 5.0)
     node_timeout = _number(env, "RT_PRESENCE_NODE_TIMEOUT_S", 15.0)
     if node_timeout < 2 * heartbeat:
@@ -206,6 +223,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         mongodb_journal=journal_raw in ("true", "1"),
         retention_days=_retention(env.get("RT_RETENTION", "")),
         retention_interval_s=_number(env, "RT_RETENTION_INTERVAL_S", 3600.0),
+        franking_key=franking_key,
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,

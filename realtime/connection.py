@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from channels.acl import Action
-from channels.body import parse_body
+from channels.body import ALG_ENVELOPE, parse_body
 from channels.hub import Frame, message_frame, message_item
 from channels.names import ChannelName, parse_channel
 from channels.service import Replay
+from storage import Report, StoreUnavailable
 
 from .auth import Identity
 from .protocol import (
@@ -36,6 +38,7 @@ from .protocol import (
     ProtocolError,
     UndecodableFrame,
     arg_int,
+    arg_str,
     command_id,
     require_str,
 )
@@ -107,6 +110,12 @@ class Connection:
             "read": self._op_read,
             "presence": self._op_presence,
             "presence.invisible": self._op_invisible,
+            "keys.register": self._op_keys_register,
+            "keys.lookup": self._op_keys_lookup,
+            "keys.share": self._op_keys_share,
+            "keys.fetch": self._op_keys_fetch,
+            "members": self._op_members,
+            "report": self._op_report,
         }
 
     @property
@@ -419,6 +428,8 @@ class Connection:
         )
         assert self.identity is not None
         await self.node.acl.check(self.identity, ch, Action.PUBLISH)
+        if body["alg"] == ALG_ENVELOPE:
+            await self._bounded(self.node.keys.verify_envelope(self.user, ch.name, cmid, body))
         device = body.get("device") or self.identity.device
         appended = await self.node.channels.publish(ch.name, self.user, device, cmid, body)
         self.node.metrics.published += 0 if appended.duplicate else 1
@@ -497,9 +508,118 @@ class Connection:
         return {"invisible": invisible}
 
     async def _bounded(self, call: Awaitable[T]) -> T:
-        """A presence store call, bounded by the store timeout; a failure is `unavailable`."""
+        """A store call, bounded by the store timeout; a failure is `unavailable`."""
         try:
             async with asyncio.timeout(self.node.settings.store_timeout_s):
                 return await call
-        except (TimeoutError, OSError, RedisError) as exc:
-            raise ProtocolError("unavailable", f"presence is unavailable: {exc}") from None
+        except (TimeoutError, OSError, RedisError, StoreUnavailable) as exc:
+            raise ProtocolError("unavailable", f"a backend is unavailable: {exc}") from None
+
+    # --- keys and reports (PROTOCOL.md sections 5 and 8) -------------------------------
+
+    async def _op_keys_register(self, frame: dict[str, Any]) -> Reply:
+        device = await self._bounded(self.node.keys.register(self.user, frame, self.codec))
+        return {"device": device.device}
+
+    async def _op_keys_lookup(self, frame: dict[str, Any]) -> Reply:
+        devices = await self._bounded(self.node.keys.lookup(frame.get("users")))
+        return {
+            "devices": [
+                {
+                    "user": d.user,
+                    "device": d.device,
+                    "identity_key": d.identity_key,
+                    "signing_key": d.signing_key,
+                }
+                for d in devices
+            ]
+        }
+
+    async def _op_keys_share(self, frame: dict[str, Any]) -> Reply:
+        """Hand a channel key to member devices (sealed boxes); every recipient device must
+        belong to a user entitled to the channel."""
+        ch = self._channel(frame)
+        key_id = require_str(frame, "key_id", max_len=64)
+        sealed = self.node.keys.sealed_map(frame.get("sealed"), self.codec)
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.PUBLISH)
+        for device_id in sealed:
+            device = await self._bounded(self.node.keys.device(device_id))
+            if device is None:
+                raise ProtocolError("not_found", f"device {device_id!r} is not registered")
+            owner = Identity(user=device.user, roles=frozenset({"user"}), expires_at=0)
+            try:
+                await self.node.acl.check(owner, ch, Action.HISTORY)
+            except ProtocolError:
+                raise ProtocolError(
+                    "forbidden", f"device {device_id!r} is not a member's device"
+                ) from None
+        conflicts = await self._bounded(
+            self.node.store.keys.share(
+                ch.name, key_id, sealed, self.identity.device, int(time.time() * 1000)
+            )
+        )
+        return {"channel": ch.name, "key_id": key_id, "conflicts": conflicts}
+
+    async def _op_keys_fetch(self, frame: dict[str, Any]) -> Reply:
+        ch = self._channel(frame)
+        key_id = arg_str(frame, "key_id", max_len=64, required=False)
+        assert self.identity is not None
+        device_id = arg_str(frame, "device", max_len=64, required=False) or self.identity.device
+        if device_id is None:
+            raise ProtocolError("bad_request", "'device' is required (or a token device claim)")
+        await self.node.acl.check(self.identity, ch, Action.HISTORY)
+        device = await self._bounded(self.node.keys.device(device_id))
+        if device is None or device.user != self.user:
+            raise ProtocolError("forbidden", f"device {device_id!r} is not yours")
+        found = await self._bounded(self.node.store.keys.fetch(ch.name, device_id, key_id))
+        if found is None:
+            raise ProtocolError("not_found", "no key shared with this device for that channel")
+        return {"channel": ch.name, "key_id": found[0], "sealed": found[1]}
+
+    async def _op_members(self, frame: dict[str, Any]) -> Reply:
+        """Members of a room (to share keys with them), paged by `after`."""
+        ch = self._channel(frame)
+        if ch.namespace != "room":
+            raise ProtocolError("bad_request", "only room: channels have a member list")
+        after = arg_str(frame, "after", max_len=128, required=False)
+        limit = arg_int(frame, "limit", minimum=1, maximum=1000) or 1000
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.HISTORY)
+        members = await self.node.channels.members(ch.name, limit, after)
+        return {
+            "channel": ch.name,
+            "members": members,
+            "next": members[-1] if len(members) == limit else None,
+        }
+
+    async def _op_report(self, frame: dict[str, Any]) -> Reply:
+        """A member reports a message; with `franking` the plaintext they reveal is checked to
+        be exactly what the sender sent, or the report is refused."""
+        ch = self._channel(frame)
+        seq = arg_int(frame, "seq", minimum=1)
+        if seq is None:
+            raise ProtocolError("bad_request", "'seq' is required")
+        reason = require_str(frame, "reason", max_len=500)
+        assert self.identity is not None
+        await self.node.acl.check(self.identity, ch, Action.HISTORY)
+        found = await self._bounded(self.node.store.messages.after(ch.name, seq - 1, 1))
+        if not found or found[0].seq != seq:
+            raise ProtocolError("not_found", f"no message {seq} in {ch.name}")
+        message = found[0]
+        text = None
+        if frame.get("franking") is not None:
+            text = self.node.keys.verify_report(message, frame["franking"], self.codec)
+        report = Report(
+            id=uuid.uuid4().hex,
+            channel=ch.name,
+            seq=seq,
+            reporter=self.user,
+            sender=message.user,
+            reason=reason,
+            ts=int(time.time() * 1000),
+            text=text,
+            verified=text is not None,
+        )
+        await self._bounded(self.node.store.reports.add(report))
+        return {"report_id": report.id, "verified": report.verified}

@@ -16,6 +16,7 @@ from channels.acl import AccessControl, MembershipCache
 from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from channels.hub import Hub
 from channels.service import ChannelService
+from crypto.directory import KeyDirectory
 from presence.store import MemoryPresence, PresenceStore, RedisPresence
 from presence.tracker import PresenceTracker
 from storage import Store, StoreUnavailable, open_store
@@ -76,11 +77,13 @@ class Node:
         self.hub = Hub(broker, self.store.messages, self._on_control)
         self.memberships = MembershipCache(self.store.memberships)
         self.acl = AccessControl(self.memberships)
+        self.keys = KeyDirectory(self.store.keys, settings.franking_key)
         self.channels = ChannelService(
             self.store,
             self.hub,
             timeout_s=settings.store_timeout_s,
             recovery_limit=settings.limits.recovery_limit,
+            tag=self.keys.tag,
         )
         presence_store: PresenceStore = (
             RedisPresence(
@@ -232,6 +235,8 @@ class Node:
         self._on_control(event)
         try:
             await self.hub.publish_control(event)
+            if not added:  # the remaining members share a new key before the next message
+                await self.hub.publish_event(channel, "rekey")
         except BrokerUnavailable as exc:
             log.warning(
                 "membership change not broadcast (%s); other nodes' caches are stale "

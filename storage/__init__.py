@@ -1,8 +1,9 @@
 """Persistence of channel history, sequences, idempotency, memberships and read markers.
 
 Offers:
-- the interfaces `Store`, `MessageStore`, `MembershipStore`, `ReadMarkerStore` and the
-  records `Message` and `Appended` (`storage.base`);
+- the interfaces `Store`, `MessageStore`, `MembershipStore`, `ReadMarkerStore`, `KeyStore`
+  (device keys and sealed channel keys), `ReportStore` and the records `Message`, `Appended`,
+  `Device`, `Report` (`storage.base`);
 - `SqliteStore`, the embedded single-node store (`storage.sqlite`);
 - `MongoStore`, the shared multi-node store on `pymongo.AsyncMongoClient` (`storage.mongo`);
 - `open_store(settings)`, which picks one from the configuration.
@@ -18,10 +19,14 @@ from typing import TYPE_CHECKING
 from .base import (
     RECORD_KINDS,
     Appended,
+    Device,
+    KeyStore,
     MembershipStore,
     Message,
     MessageStore,
     ReadMarkerStore,
+    Report,
+    ReportStore,
     Store,
     StoreUnavailable,
 )
@@ -32,10 +37,14 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_KINDS",
     "Appended",
+    "Device",
+    "KeyStore",
     "MembershipStore",
     "Message",
     "MessageStore",
     "ReadMarkerStore",
+    "Report",
+    "ReportStore",
     "Store",
     "StoreUnavailable",
     "open_store",

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 # The kinds of record a store keeps, as exported by `realtime export` (one file each).
-RECORD_KINDS = ("messages", "channel_heads", "memberships", "read_markers")
+RECORD_KINDS = (
+    "messages",
+    "channel_heads",
+    "memberships",
+    "read_markers",
+    "devices",
+    "channel_keys",
+    "reports",
+)
 
 
 class StoreUnavailable(Exception):
@@ -95,6 +103,61 @@ class ReadMarkerStore(Protocol):
     async def get(self, channel: str, user: str) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A registered device: its public keys, bound for good to the user who registered it."""
+
+    device: str
+    user: str
+    identity_key: bytes
+    signing_key: bytes
+    ts: int
+
+
+class KeyStore(Protocol):
+    async def register(self, device: Device) -> Device:
+        """Store the device unless its id exists; returns what is stored for that id (the
+        caller compares it with what it asked for)."""
+        ...
+
+    async def device(self, device_id: str) -> Device | None: ...
+
+    async def devices_of(self, users: list[str]) -> list[Device]: ...
+
+    async def share(
+        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
+    ) -> list[str]:
+        """Store sealed channel keys per device; returns the devices that already held a
+        different sealed key under this key id (kept unchanged)."""
+        ...
+
+    async def fetch(
+        self, channel: str, device: str, key_id: str | None
+    ) -> tuple[str, bytes] | None:
+        """(key_id, sealed) for the device: that key id, or the newest shared."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    id: str
+    channel: str
+    seq: int
+    reporter: str
+    sender: str
+    reason: str
+    ts: int
+    text: str | None  # the revealed plaintext, only when franking verified it
+    verified: bool
+    state: str = "open"
+
+
+class ReportStore(Protocol):
+    async def add(self, report: Report) -> None: ...
+
+    async def list(self, state: str, limit: int) -> list[Report]: ...
+
+
 class Store(Protocol):
     @property
     def messages(self) -> MessageStore: ...
@@ -104,6 +167,12 @@ class Store(Protocol):
 
     @property
     def read_markers(self) -> ReadMarkerStore: ...
+
+    @property
+    def keys(self) -> KeyStore: ...
+
+    @property
+    def reports(self) -> ReportStore: ...
 
     async def open(self) -> None:
         """Connect, create collections/tables and indexes idempotently."""

@@ -30,7 +30,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, Upd
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from .base import RECORD_KINDS, Appended, Message, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Device, Message, Report, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -314,9 +314,25 @@ async def _v1(db: Any) -> None:
         )
 
 
+async def _v2(db: Any) -> None:
+    """The key directory and member reports."""
+    await db["devices"].create_index([("device", ASCENDING)], unique=True, name="device")
+    await db["devices"].create_index([("user", ASCENDING)], name="user")
+    await db["channel_keys"].create_index(
+        [("channel", ASCENDING), ("device", ASCENDING), ("key_id", ASCENDING)],
+        unique=True,
+        name="channel_device_key",
+    )
+    await db["channel_keys"].create_index(
+        [("channel", ASCENDING), ("device", ASCENDING), ("ts", DESCENDING)], name="newest"
+    )
+    await db["reports"].create_index([("id", ASCENDING)], unique=True, name="id")
+    await db["reports"].create_index([("state", ASCENDING), ("ts", ASCENDING)], name="state_ts")
+
+
 # Schema migrations: entry i brings a database from version i to version i + 1. Each must be
 # idempotent (index creation is), since a node can die between a step and the version bump.
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1]
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.
@@ -328,7 +344,112 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "channel_heads": (("channel", "last_seq"), ("channel",)),
     "memberships": (("channel", "user", "since"), ("channel", "user")),
     "read_markers": (("channel", "user", "seq"), ("channel", "user")),
+    "devices": (("device", "user", "identity_key", "signing_key", "ts"), ("device",)),
+    "channel_keys": (
+        ("channel", "device", "key_id", "sealed", "from_device", "ts"),
+        ("channel", "device", "key_id"),
+    ),
+    "reports": (
+        ("id", "channel", "seq", "reporter", "sender", "reason", "ts", "text", "verified", "state"),
+        ("id",),
+    ),
 }
+
+
+_DEVICE_FIELDS = {"_id": 0, "device": 1, "user": 1, "identity_key": 1, "signing_key": 1, "ts": 1}
+
+
+def _device_of(doc: dict[str, Any]) -> Device:
+    return Device(doc["device"], doc["user"], doc["identity_key"], doc["signing_key"], doc["ts"])
+
+
+class MongoKeys:
+    def __init__(self, db: Any) -> None:
+        self._devices = db["devices"]
+        self._keys = db["channel_keys"]
+
+    async def register(self, device: Device) -> Device:
+        doc = {
+            "device": device.device,
+            "user": device.user,
+            "identity_key": device.identity_key,
+            "signing_key": device.signing_key,
+            "ts": device.ts,
+        }
+        await _guard(
+            self._devices.update_one({"device": device.device}, {"$setOnInsert": doc}, upsert=True)
+        )
+        stored = await self.device(device.device)
+        return stored or device
+
+    async def device(self, device_id: str) -> Device | None:
+        doc = await _guard(self._devices.find_one({"device": device_id}, _DEVICE_FIELDS))
+        return _device_of(doc) if doc else None
+
+    async def devices_of(self, users: list[str]) -> list[Device]:
+        if not users:
+            return []
+        cursor = self._devices.find({"user": {"$in": users}}, _DEVICE_FIELDS)
+        docs = await _guard(cursor.sort([("user", ASCENDING), ("device", ASCENDING)]).to_list())
+        return [_device_of(d) for d in docs]
+
+    async def share(
+        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
+    ) -> list[str]:
+        if not sealed:
+            return []
+        ops = [
+            UpdateOne(
+                {"channel": channel, "device": device, "key_id": key_id},
+                {"$setOnInsert": {"sealed": box, "from_device": from_device, "ts": ts}},
+                upsert=True,
+            )
+            for device, box in sealed.items()
+        ]
+        await _guard(self._keys.bulk_write(ops, ordered=False))
+        held = await _guard(
+            self._keys.find(
+                {"channel": channel, "key_id": key_id, "device": {"$in": list(sealed)}},
+                {"device": 1, "sealed": 1},
+            ).to_list()
+        )
+        return [d["device"] for d in held if d["sealed"] != sealed[d["device"]]]
+
+    async def fetch(
+        self, channel: str, device: str, key_id: str | None
+    ) -> tuple[str, bytes] | None:
+        query: dict[str, Any] = {"channel": channel, "device": device}
+        if key_id is not None:
+            query["key_id"] = key_id
+        doc = await _guard(self._keys.find_one(query, sort=[("ts", DESCENDING)]))
+        return (doc["key_id"], doc["sealed"]) if doc else None
+
+
+class MongoReports:
+    def __init__(self, db: Any) -> None:
+        self._col = db["reports"]
+
+    async def add(self, report: Report) -> None:
+        fields = _KINDS["reports"][0]
+        await _guard(self._col.insert_one({f: getattr(report, f) for f in fields}))
+
+    async def list(self, state: str, limit: int) -> list[Report]:
+        cursor = self._col.find({"state": state}, {"_id": 0}).sort("ts", ASCENDING).limit(limit)
+        return [
+            Report(
+                d["id"],
+                d["channel"],
+                d["seq"],
+                d["reporter"],
+                d["sender"],
+                d["reason"],
+                d["ts"],
+                d.get("text"),
+                bool(d["verified"]),
+                d["state"],
+            )
+            for d in await _guard(cursor.to_list())
+        ]
 
 
 class MongoStore:
@@ -357,6 +478,8 @@ class MongoStore:
         self.messages = MongoMessages(self._db)
         self.memberships = MongoMemberships(self._db)
         self.read_markers = MongoReadMarkers(self._db)
+        self.keys = MongoKeys(self._db)
+        self.reports = MongoReports(self._db)
 
     async def open(self) -> None:
         meta = self._db["meta"]

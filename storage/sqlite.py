@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from .base import RECORD_KINDS, Appended, Message, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Device, Message, Report, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -47,6 +47,24 @@ MIGRATIONS: list[str] = [
         channel TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL,
         PRIMARY KEY (channel, user)
     ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS devices (
+        device TEXT PRIMARY KEY, user TEXT NOT NULL, identity_key BLOB NOT NULL,
+        signing_key BLOB NOT NULL, ts INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS devices_user ON devices (user);
+    CREATE TABLE IF NOT EXISTS channel_keys (
+        channel TEXT NOT NULL, device TEXT NOT NULL, key_id TEXT NOT NULL, sealed BLOB NOT NULL,
+        from_device TEXT, ts INTEGER NOT NULL, PRIMARY KEY (channel, device, key_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS channel_keys_newest ON channel_keys (channel, device, ts);
+    CREATE TABLE IF NOT EXISTS reports (
+        id TEXT PRIMARY KEY, channel TEXT NOT NULL, seq INTEGER NOT NULL,
+        reporter TEXT NOT NULL, sender TEXT NOT NULL, reason TEXT NOT NULL, ts INTEGER NOT NULL,
+        text TEXT, verified INTEGER NOT NULL, state TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS reports_state ON reports (state, ts);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -323,12 +341,150 @@ class SqliteReadMarkers:
         return await self._r.run(q)
 
 
+class SqliteKeys:
+    def __init__(self, writer: _Db, reader: _Db) -> None:
+        self._w = writer
+        self._r = reader
+
+    async def register(self, device: Device) -> Device:
+        def q(db: sqlite3.Connection) -> Device:
+            db.execute(
+                "INSERT OR IGNORE INTO devices (device, user, identity_key, signing_key, ts) "
+                "VALUES (?,?,?,?,?)",
+                (device.device, device.user, device.identity_key, device.signing_key, device.ts),
+            )
+            return _device(db, device.device) or device
+
+        return await self._w.run(q)
+
+    async def device(self, device_id: str) -> Device | None:
+        return await self._r.run(lambda db: _device(db, device_id))
+
+    async def devices_of(self, users: list[str]) -> list[Device]:
+        marks = ",".join("?" * len(users))
+
+        def q(db: sqlite3.Connection) -> list[Device]:
+            rows = db.execute(
+                "SELECT device, user, identity_key, signing_key, ts FROM devices "
+                f"WHERE user IN ({marks}) ORDER BY user, device",
+                users,
+            ).fetchall()
+            return [Device(*r) for r in rows]
+
+        return await self._r.run(q) if users else []
+
+    async def share(
+        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
+    ) -> list[str]:
+        def q(db: sqlite3.Connection) -> list[str]:
+            def work() -> list[str]:
+                conflicts = []
+                for device, box in sealed.items():
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO channel_keys "
+                        "(channel, device, key_id, sealed, from_device, ts) VALUES (?,?,?,?,?,?)",
+                        (channel, device, key_id, box, from_device, ts),
+                    )
+                    if cur.rowcount == 0:
+                        (held,) = db.execute(
+                            "SELECT sealed FROM channel_keys "
+                            "WHERE channel=? AND device=? AND key_id=?",
+                            (channel, device, key_id),
+                        ).fetchone()
+                        if held != box:
+                            conflicts.append(device)
+                return conflicts
+
+            return _transaction(db, work)
+
+        return await self._w.run(q)
+
+    async def fetch(
+        self, channel: str, device: str, key_id: str | None
+    ) -> tuple[str, bytes] | None:
+        def q(db: sqlite3.Connection) -> tuple[str, bytes] | None:
+            if key_id is None:
+                row = db.execute(
+                    "SELECT key_id, sealed FROM channel_keys WHERE channel=? AND device=? "
+                    "ORDER BY ts DESC LIMIT 1",
+                    (channel, device),
+                ).fetchone()
+            else:
+                row = db.execute(
+                    "SELECT key_id, sealed FROM channel_keys "
+                    "WHERE channel=? AND device=? AND key_id=?",
+                    (channel, device, key_id),
+                ).fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._r.run(q)
+
+
+def _device(db: sqlite3.Connection, device_id: str) -> Device | None:
+    row = db.execute(
+        "SELECT device, user, identity_key, signing_key, ts FROM devices WHERE device=?",
+        (device_id,),
+    ).fetchone()
+    return Device(*row) if row else None
+
+
+_REPORT_COLUMNS = "id, channel, seq, reporter, sender, reason, ts, text, verified, state"
+
+
+class SqliteReports:
+    def __init__(self, writer: _Db, reader: _Db) -> None:
+        self._w = writer
+        self._r = reader
+
+    async def add(self, report: Report) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO reports ({_REPORT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    report.id,
+                    report.channel,
+                    report.seq,
+                    report.reporter,
+                    report.sender,
+                    report.reason,
+                    report.ts,
+                    report.text,
+                    int(report.verified),
+                    report.state,
+                ),
+            )
+
+        await self._w.run(q)
+
+    async def list(self, state: str, limit: int) -> list[Report]:
+        def q(db: sqlite3.Connection) -> list[Report]:
+            rows = db.execute(
+                f"SELECT {_REPORT_COLUMNS} FROM reports WHERE state=? ORDER BY ts LIMIT ?",
+                (state, limit),
+            ).fetchall()
+            return [
+                Report(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9])
+                for r in rows
+            ]
+
+        return await self._r.run(q)
+
+
 # Export/import: the plain documents of each kind, as columns -> values.
 _DUMP = {
     "messages": (f"SELECT {_COLUMNS} FROM messages ORDER BY channel, seq", _COLUMNS),
     "memberships": ("SELECT channel, user, since FROM memberships", "channel, user, since"),
     "read_markers": ("SELECT channel, user, seq FROM read_markers", "channel, user, seq"),
     "channel_heads": ("SELECT channel, last_seq FROM channel_heads", "channel, last_seq"),
+    "devices": (
+        "SELECT device, user, identity_key, signing_key, ts FROM devices",
+        "device, user, identity_key, signing_key, ts",
+    ),
+    "channel_keys": (
+        "SELECT channel, device, key_id, sealed, from_device, ts FROM channel_keys",
+        "channel, device, key_id, sealed, from_device, ts",
+    ),
+    "reports": (f"SELECT {_REPORT_COLUMNS} FROM reports", _REPORT_COLUMNS),
 }
 
 
@@ -343,6 +499,8 @@ class SqliteStore:
         self.messages = SqliteMessages(self._writer, self._reader)
         self.memberships = SqliteMemberships(self._writer, self._reader)
         self.read_markers = SqliteReadMarkers(self._writer, self._reader)
+        self.keys = SqliteKeys(self._writer, self._reader)
+        self.reports = SqliteReports(self._writer, self._reader)
 
     async def open(self) -> None:
         try:

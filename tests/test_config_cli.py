@@ -119,7 +119,13 @@ def test_public_key_tokens_with_explicit_algorithms(tmp_path: Path) -> None:
     )
     key_file = tmp_path / "jwt.pub"
     key_file.write_bytes(pem)
-    settings = config.load({"RT_JWT_PUBLIC_KEY_FILE": str(key_file), "RT_JWT_ALGORITHMS": "EdDSA"})
+    settings = config.load(
+        {
+            "RT_JWT_PUBLIC_KEY_FILE": str(key_file),
+            "RT_JWT_ALGORITHMS": "EdDSA",
+            "RT_FRANKING_KEY": "f" * 32,
+        }
+    )
     verifier = TokenVerifier(settings)
     good = jwt.encode({"sub": "alice", "exp": time.time() + 60}, private, algorithm="EdDSA")
     assert verifier.verify(good).user == "alice"
@@ -129,6 +135,8 @@ def test_public_key_tokens_with_explicit_algorithms(tmp_path: Path) -> None:
         verifier.verify(forged)
     with pytest.raises(config.ConfigError):
         config.load({"RT_JWT_PUBLIC_KEY": pem.decode(), "RT_JWT_ALGORITHMS": "HS256"})
+    with pytest.raises(config.ConfigError, match="RT_FRANKING_KEY"):
+        config.load({"RT_JWT_PUBLIC_KEY": pem.decode()})
 
 
 def test_defaults_are_embedded() -> None:

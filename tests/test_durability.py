@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import subprocess
 import sys
@@ -14,9 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT, Node, SecantusServer, base_env, token, unique_db
-from wire import Raw, plain
-
-SIG = base64.b64encode(bytes(64)).decode()
+from wire import AppDevice, Raw, plain
 
 
 async def _burst(
@@ -153,19 +150,13 @@ async def test_retention_deletes_old_messages_but_never_reuses_seqs(node_factory
     for i in range(3):
         await raw.ok("publish", channel="public:short", client_msg_id=f"r{i}", body=plain("x"))
     node.add_member("room:long", "alice")
+    device = AppDevice("alice-phone")
+    await device.register(raw, "alice")
     await raw.ok(
         "publish",
         channel="room:long",
         client_msg_id="keep",
-        body={
-            "v": 1,
-            "alg": "xchacha20poly1305",
-            "device": "d",
-            "key_id": "k",
-            "nonce": "A" * 32,
-            "ct": "AAAA",
-            "sig": SIG,
-        },
+        body=device.envelope("room:long", "keep"),
     )
     await asyncio.sleep(2.5)  # retention is ~1.7 s
     history = await raw.ok("history", channel="public:short")
@@ -195,17 +186,11 @@ async def test_a_single_node_moves_to_mongodb_with_export_and_import(
     raw = await Raw.open(single.url, token("alice"))
     room = f"room:{uuid.uuid4().hex[:6]}"
     single.add_member(room, "alice")
-    env_body = {
-        "v": 1,
-        "alg": "xchacha20poly1305",
-        "device": "d",
-        "key_id": "k",
-        "nonce": "B" * 32,
-        "ct": "Y2lwaGVydGV4dA==",
-        "sig": SIG,
-    }
+    device = AppDevice("alice-laptop")
+    await device.register(raw, "alice")
+    bodies = [device.envelope(room, f"m{i}") for i in range(6)]
     for i in range(5):
-        await raw.ok("publish", channel=room, client_msg_id=f"m{i}", body=env_body)
+        await raw.ok("publish", channel=room, client_msg_id=f"m{i}", body=bodies[i])
     await raw.ok("read", channel=room, seq=3)
     await raw.close()
     single.stop()
@@ -231,9 +216,10 @@ async def test_a_single_node_moves_to_mongodb_with_export_and_import(
     raw = await Raw.open(moved.url, token("alice"))
     history = await raw.ok("history", channel=room)
     assert [m["client_msg_id"] for m in history["messages"]] == [f"m{i}" for i in range(5)]
-    assert history["messages"][0]["body"] == env_body and history["read_seq"] == 3
-    assert (await raw.ok("publish", channel=room, client_msg_id="m5", body=env_body))["seq"] == 6
-    assert (await raw.ok("publish", channel=room, client_msg_id="m1", body=env_body))[
+    assert history["messages"][0]["body"]["ct"] == bodies[0]["ct"] and history["read_seq"] == 3
+    # the device came along too: its next signed message verifies on the new store
+    assert (await raw.ok("publish", channel=room, client_msg_id="m5", body=bodies[5]))["seq"] == 6
+    assert (await raw.ok("publish", channel=room, client_msg_id="m1", body=bodies[1]))[
         "duplicate"
     ] is True
     await raw.close()

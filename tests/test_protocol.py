@@ -14,7 +14,7 @@ import msgpack
 import pytest
 from conftest import SECRET, Node, token
 from websockets.asyncio.client import connect
-from wire import Raw, envelope, plain, read_close_code, stalled_subscriber
+from wire import AppDevice, Raw, envelope, plain, read_close_code, stalled_subscriber
 
 
 def chan(prefix: str = "public") -> str:
@@ -245,14 +245,20 @@ async def test_room_membership_through_the_server_api(single_node: Node) -> None
     r = single_node.api("GET", f"/v1/channels/{room}/members")
     assert r.json()["members"] == ["bob", "carol"]
     await bob.ok("subscribe", channel=room)
-    reply = await bob.ok("publish", channel=room, client_msg_id="m1", body=envelope(b64=True))
+    phone = AppDevice(f"bob-{uuid.uuid4().hex[:6]}")
+    await phone.register(bob, "bob")
+    reply = await bob.ok(
+        "publish", channel=room, client_msg_id="m1", body=phone.envelope(room, "m1")
+    )
     assert reply["seq"] == 1
     assert (await bob.push())["seq"] == 1
     assert single_node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
     push = await bob.push()
     assert push == {"push": "unsubscribed", "channel": room, "reason": "removed"}
     assert (
-        await bob.error("publish", channel=room, client_msg_id="m2", body=envelope(b64=True))
+        await bob.error(
+            "publish", channel=room, client_msg_id="m2", body=phone.envelope(room, "m2")
+        )
         == "forbidden"
     )
     assert single_node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 404
@@ -300,16 +306,22 @@ async def test_envelope_bytes_cross_wire_formats(single_node: Node) -> None:
     j = await Raw.open(single_node.url, token("bob"))
     m = await Raw.open(single_node.url, token("alice"), proto="rt.v1.msgpack")
     await j.ok("subscribe", channel=room)
-    env = envelope(device="laptop")
+    laptop = AppDevice(f"laptop-{uuid.uuid4().hex[:6]}")
+    await laptop.register(m, "alice")
+    phone = AppDevice(f"phone-{uuid.uuid4().hex[:6]}", key=laptop.channel_key)
+    await phone.register(j, "bob")
+    env = laptop.envelope(room, "e1", json=False)
     await m.ok("publish", channel=room, client_msg_id="e1", body=env)
     push = await j.push()
-    assert push["from"] == {"user": "alice", "device": "laptop"}
-    for field in ("nonce", "ct", "sig"):
+    assert push["from"] == {"user": "alice", "device": laptop.keys.device}
+    for field in ("nonce", "ct", "sig", "frank"):
         assert base64.b64decode(push["body"][field], validate=True) == env[field]
+    assert len(base64.b64decode(push["body"]["ftag"])) == 32  # the server's franking tag
     history = await m.ok("history", channel=room)
-    assert history["messages"][0]["body"] == env  # raw bytes in msgpack
+    stored = history["messages"][0]["body"]
+    assert {k: stored[k] for k in env} == env  # raw bytes in msgpack
     # JSON senders use padded base64
-    env_b64 = envelope(b64=True)
+    env_b64 = phone.envelope(room, "e2")
     await j.ok("publish", channel=room, client_msg_id="e2", body=env_b64)
     history = await m.ok("history", channel=room)
     assert history["messages"][1]["body"]["ct"] == base64.b64decode(env_b64["ct"])

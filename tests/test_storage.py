@@ -281,3 +281,35 @@ async def test_concurrent_appends_are_grouped_and_stay_exact(factory: Any) -> No
     assert all(by_id[r.message.client_msg_id] == r.message.seq for r in results)
     assert store.messages.batches < 30  # grouped, not one round trip each
     assert [m.seq for m in await store.messages.after("room:hot", 0, 100)] == list(range(1, 31))
+
+
+async def test_key_directory(factory: Any) -> None:
+    from storage import Device
+
+    keys = (await factory()).keys
+    phone = Device("phone-1", "alice", b"i" * 32, b"s" * 32, 1)
+    assert await keys.register(phone) == phone
+    assert await keys.register(Device("phone-1", "mallory", b"x" * 32, b"y" * 32, 2)) == phone
+    await keys.register(Device("laptop-1", "alice", b"j" * 32, b"t" * 32, 3))
+    await keys.register(Device("bob-1", "bob", b"k" * 32, b"u" * 32, 4))
+    assert [d.device for d in await keys.devices_of(["alice"])] == ["laptop-1", "phone-1"]
+    assert await keys.device("nope") is None
+    assert await keys.share("room:a", "k1", {"phone-1": b"A", "bob-1": b"B"}, "phone-1", 10) == []
+    assert await keys.share("room:a", "k1", {"phone-1": b"A"}, "phone-1", 11) == []  # same: fine
+    assert await keys.share("room:a", "k1", {"phone-1": b"Z"}, "bob-1", 12) == ["phone-1"]
+    await keys.share("room:a", "k2", {"phone-1": b"A2"}, "phone-1", 20)
+    assert await keys.fetch("room:a", "phone-1", None) == ("k2", b"A2")  # the newest
+    assert await keys.fetch("room:a", "phone-1", "k1") == ("k1", b"A")
+    assert await keys.fetch("room:a", "bob-1", "k2") is None
+
+
+async def test_reports(factory: Any) -> None:
+    from storage import Report
+
+    reports = (await factory()).reports
+    await reports.add(Report("r1", "room:a", 3, "bob", "alice", "abuse", 5, "bad words", True))
+    await reports.add(Report("r2", "room:a", 4, "bob", "alice", "spam", 6, None, False))
+    listed = await reports.list("open", 10)
+    assert [r.id for r in listed] == ["r1", "r2"]
+    assert listed[0].verified is True and listed[0].text == "bad words"
+    assert listed[1].text is None and listed[1].verified is False

@@ -172,3 +172,36 @@ def read_close_code(
             if isinstance(event, WsFrame) and event.opcode is Opcode.CLOSE:
                 return Close.parse(event.data).code
     return None
+
+
+def b64(value: Any) -> Any:
+    """Bytes as padded base64, recursively: what a JSON client sends."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: b64(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [b64(v) for v in value]
+    return value
+
+
+class AppDevice:
+    """A device with real keys, as an app would have, for tests that publish envelopes."""
+
+    def __init__(self, device: str, key: bytes | None = None) -> None:
+        from crypto.e2ee import DeviceKeys, new_channel_key
+
+        self.keys = DeviceKeys.generate(device)
+        self.channel_key = key or new_channel_key()
+
+    async def register(self, raw: Raw, user: str) -> None:
+        args = self.keys.registration(user)
+        await raw.ok("keys.register", **(args if raw.msgpack else b64(args)))
+
+    def envelope(
+        self, channel: str, client_msg_id: str, text: str = "secret", *, json: bool = True
+    ) -> dict[str, Any]:
+        from crypto.e2ee import encrypt
+
+        body = encrypt(self.keys, channel, client_msg_id, "k1", self.channel_key, text)
+        return b64(body) if json else body
