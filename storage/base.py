@@ -20,6 +20,7 @@ RECORD_KINDS = (
     "devices",
     "channel_keys",
     "reports",
+    "docs",
 )
 
 
@@ -158,6 +159,48 @@ class ReportStore(Protocol):
     async def list(self, state: str, limit: int) -> list[Report]: ...
 
 
+Ix = int | str | None
+
+
+class DocStore(Protocol):
+    """Small documents for features with modest volume (alerts, their trails and deliveries,
+    contacts, push tokens, the embedded job queue): a string key per collection (scannable by
+    prefix), one optional range-queryable index value `ix`, and a version for compare-and-set."""
+
+    async def insert(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None
+    ) -> dict[str, Any] | None:
+        """Insert unless the key exists; returns the existing document then (no write)."""
+        ...
+
+    async def get(self, coll: str, key: str) -> dict[str, Any] | None:
+        """The document with its version under "_v", or None."""
+        ...
+
+    async def put(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None, *, version: int | None = None
+    ) -> bool:
+        """Write the document; with `version`, only if the stored version is still that
+        (compare-and-set; False when another writer got there first)."""
+        ...
+
+    async def prefix(self, coll: str, key_prefix: str, limit: int) -> list[dict[str, Any]]:
+        """Documents whose key starts with the prefix, in key order."""
+        ...
+
+    async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """(key, document) with index value < ix, lowest first."""
+        ...
+
+    async def find_ix(self, coll: str, ix: int | str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, document) with exactly this index value."""
+        ...
+
+    async def delete(self, coll: str, key: str) -> bool: ...
+
+    async def delete_below(self, coll: str, ix: int | str) -> int: ...
+
+
 class Store(Protocol):
     @property
     def messages(self) -> MessageStore: ...
@@ -173,6 +216,9 @@ class Store(Protocol):
 
     @property
     def reports(self) -> ReportStore: ...
+
+    @property
+    def docs(self) -> DocStore: ...
 
     async def open(self) -> None:
         """Connect, create collections/tables and indexes idempotently."""

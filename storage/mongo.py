@@ -30,7 +30,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, Upd
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from .base import RECORD_KINDS, Appended, Device, Message, Report, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Device, Ix, Message, Report, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -332,7 +332,15 @@ async def _v2(db: Any) -> None:
 
 # Schema migrations: entry i brings a database from version i to version i + 1. Each must be
 # idempotent (index creation is), since a node can die between a step and the version bump.
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2]
+async def _v3(db: Any) -> None:
+    """Small documents (alerts and their trails, deliveries, contacts, push tokens)."""
+    await db["docs"].create_index(
+        [("coll", ASCENDING), ("key", ASCENDING)], unique=True, name="coll_key"
+    )
+    await db["docs"].create_index([("coll", ASCENDING), ("ix", ASCENDING)], name="coll_ix")
+
+
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.
@@ -353,6 +361,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("id", "channel", "seq", "reporter", "sender", "reason", "ts", "text", "verified", "state"),
         ("id",),
     ),
+    "docs": (("coll", "key", "ix", "v", "doc"), ("coll", "key")),
 }
 
 
@@ -452,6 +461,75 @@ class MongoReports:
         ]
 
 
+class MongoDocs:
+    def __init__(self, db: Any) -> None:
+        self._col = db["docs"]
+
+    @staticmethod
+    def _out(d: dict[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(d["doc"])
+        doc["_v"] = d["v"]
+        return doc
+
+    async def insert(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None
+    ) -> dict[str, Any] | None:
+        try:
+            await _guard(
+                self._col.insert_one({"coll": coll, "key": key, "ix": ix, "v": 1, "doc": doc})
+            )
+        except DuplicateKeyError:
+            return await self.get(coll, key)
+        return None
+
+    async def get(self, coll: str, key: str) -> dict[str, Any] | None:
+        d = await _guard(self._col.find_one({"coll": coll, "key": key}))
+        return self._out(d) if d else None
+
+    async def put(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None, *, version: int | None = None
+    ) -> bool:
+        body = {k: v for k, v in doc.items() if k != "_v"}
+        if version is None:
+            await _guard(
+                self._col.update_one(
+                    {"coll": coll, "key": key},
+                    {"$set": {"ix": ix, "doc": body}, "$inc": {"v": 1}},
+                    upsert=True,
+                )
+            )
+            return True
+        result = await _guard(
+            self._col.update_one(
+                {"coll": coll, "key": key, "v": version},
+                {"$set": {"ix": ix, "doc": body}, "$inc": {"v": 1}},
+            )
+        )
+        return bool(result.modified_count)
+
+    async def prefix(self, coll: str, key_prefix: str, limit: int) -> list[dict[str, Any]]:
+        cursor = self._col.find({"coll": coll, "key": {"$regex": f"^{re.escape(key_prefix)}"}})
+        docs = await _guard(cursor.sort("key", ASCENDING).limit(limit).to_list())
+        return [self._out(d) for d in docs]
+
+    async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        cursor = self._col.find({"coll": coll, "ix": {"$lt": ix}})
+        docs = await _guard(cursor.sort("ix", ASCENDING).limit(limit).to_list())
+        return [(d["key"], self._out(d)) for d in docs]
+
+    async def find_ix(self, coll: str, ix: int | str) -> list[tuple[str, dict[str, Any]]]:
+        docs = await _guard(self._col.find({"coll": coll, "ix": ix}).to_list())
+        return [(d["key"], self._out(d)) for d in docs]
+
+    async def delete(self, coll: str, key: str) -> bool:
+        result = await _guard(self._col.delete_one({"coll": coll, "key": key}))
+        return bool(result.deleted_count)
+
+    async def delete_below(self, coll: str, ix: int | str) -> int:
+        result = await _guard(self._col.delete_many({"coll": coll, "ix": {"$lt": ix}}))
+        return int(result.deleted_count)
+
+
 class MongoStore:
     """History, sequences, idempotency, memberships and read markers shared by all nodes."""
 
@@ -480,6 +558,7 @@ class MongoStore:
         self.read_markers = MongoReadMarkers(self._db)
         self.keys = MongoKeys(self._db)
         self.reports = MongoReports(self._db)
+        self.docs = MongoDocs(self._db)
 
     async def open(self) -> None:
         meta = self._db["meta"]

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from .base import RECORD_KINDS, Appended, Device, Message, Report, StoreUnavailable
+from .base import RECORD_KINDS, Appended, Device, Ix, Message, Report, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -65,6 +65,13 @@ MIGRATIONS: list[str] = [
         text TEXT, verified INTEGER NOT NULL, state TEXT NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS reports_state ON reports (state, ts);
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS docs (
+        coll TEXT NOT NULL, key TEXT NOT NULL, ix, v INTEGER NOT NULL, doc BLOB NOT NULL,
+        PRIMARY KEY (coll, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS docs_ix ON docs (coll, ix);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -470,6 +477,112 @@ class SqliteReports:
         return await self._r.run(q)
 
 
+class SqliteDocs:
+    def __init__(self, writer: _Db, reader: _Db) -> None:
+        self._w = writer
+        self._r = reader
+
+    async def insert(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None
+    ) -> dict[str, Any] | None:
+        blob = msgpack.packb(doc, use_bin_type=True)
+
+        def q(db: sqlite3.Connection) -> dict[str, Any] | None:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO docs (coll, key, ix, v, doc) VALUES (?,?,?,1,?)",
+                (coll, key, ix, blob),
+            )
+            if cur.rowcount == 1:
+                return None
+            row = db.execute(
+                "SELECT v, doc FROM docs WHERE coll=? AND key=?", (coll, key)
+            ).fetchone()
+            return _doc(row)
+
+        return await self._w.run(q)
+
+    async def get(self, coll: str, key: str) -> dict[str, Any] | None:
+        def q(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute(
+                "SELECT v, doc FROM docs WHERE coll=? AND key=?", (coll, key)
+            ).fetchone()
+            return _doc(row) if row else None
+
+        return await self._r.run(q)
+
+    async def put(
+        self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None, *, version: int | None = None
+    ) -> bool:
+        body = {k: v for k, v in doc.items() if k != "_v"}
+        blob = msgpack.packb(body, use_bin_type=True)
+
+        def q(db: sqlite3.Connection) -> bool:
+            if version is None:
+                db.execute(
+                    "INSERT INTO docs (coll, key, ix, v, doc) VALUES (?,?,?,1,?) "
+                    "ON CONFLICT (coll, key) DO UPDATE SET ix=excluded.ix, v=v+1, "
+                    "doc=excluded.doc",
+                    (coll, key, ix, blob),
+                )
+                return True
+            cur = db.execute(
+                "UPDATE docs SET ix=?, v=v+1, doc=? WHERE coll=? AND key=? AND v=?",
+                (ix, blob, coll, key, version),
+            )
+            return cur.rowcount == 1
+
+        return await self._w.run(q)
+
+    async def prefix(self, coll: str, key_prefix: str, limit: int) -> list[dict[str, Any]]:
+        def q(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT v, doc FROM docs WHERE coll=? AND key>=? AND key<? ORDER BY key LIMIT ?",
+                (coll, key_prefix, key_prefix + "\U0010ffff", limit),
+            ).fetchall()
+            return [_doc(r) for r in rows]
+
+        return await self._r.run(q)
+
+    async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+            rows = db.execute(
+                "SELECT key, v, doc FROM docs WHERE coll=? AND ix<? ORDER BY ix LIMIT ?",
+                (coll, ix, limit),
+            ).fetchall()
+            return [(r[0], _doc(r[1:])) for r in rows]
+
+        return await self._r.run(q)
+
+    async def find_ix(self, coll: str, ix: int | str) -> list[tuple[str, dict[str, Any]]]:
+        def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+            rows = db.execute(
+                "SELECT key, v, doc FROM docs WHERE coll=? AND ix=?", (coll, ix)
+            ).fetchall()
+            return [(r[0], _doc(r[1:])) for r in rows]
+
+        return await self._r.run(q)
+
+    async def delete(self, coll: str, key: str) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM docs WHERE coll=? AND key=?", (coll, key))
+            return cur.rowcount == 1
+
+        return await self._w.run(q)
+
+    async def delete_below(self, coll: str, ix: int | str) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            return db.execute("DELETE FROM docs WHERE coll=? AND ix<?", (coll, ix)).rowcount
+
+        return await self._w.run(q)
+
+
+def _doc(row: tuple[Any, ...]) -> dict[str, Any]:
+    version, blob = row
+    doc: dict[str, Any] = msgpack.unpackb(blob, raw=False)
+    doc["_v"] = version
+    return doc
+
+
 # Export/import: the plain documents of each kind, as columns -> values.
 _DUMP = {
     "messages": (f"SELECT {_COLUMNS} FROM messages ORDER BY channel, seq", _COLUMNS),
@@ -485,6 +598,7 @@ _DUMP = {
         "channel, device, key_id, sealed, from_device, ts",
     ),
     "reports": (f"SELECT {_REPORT_COLUMNS} FROM reports", _REPORT_COLUMNS),
+    "docs": ("SELECT coll, key, ix, v, doc FROM docs", "coll, key, ix, v, doc"),
 }
 
 
@@ -501,6 +615,7 @@ class SqliteStore:
         self.read_markers = SqliteReadMarkers(self._writer, self._reader)
         self.keys = SqliteKeys(self._writer, self._reader)
         self.reports = SqliteReports(self._writer, self._reader)
+        self.docs = SqliteDocs(self._writer, self._reader)
 
     async def open(self) -> None:
         try:
@@ -551,8 +666,9 @@ class SqliteStore:
             )
             for row in rows:
                 record = dict(zip(names, row, strict=True))
-                if kind == "messages":
-                    record["body"] = msgpack.unpackb(record["body"], raw=False)
+                if kind in ("messages", "docs"):
+                    field = "body" if kind == "messages" else "doc"
+                    record[field] = msgpack.unpackb(record[field], raw=False)
                 yield record
             if len(rows) < page:
                 return
@@ -566,8 +682,9 @@ class SqliteStore:
         rows = []
         for r in records:
             values = dict(r)
-            if kind == "messages":
-                values["body"] = msgpack.packb(values["body"], use_bin_type=True)
+            if kind in ("messages", "docs"):
+                field = "body" if kind == "messages" else "doc"
+                values[field] = msgpack.packb(values[field], use_bin_type=True)
             rows.append(tuple(values.get(n) for n in names))
         table = kind
         placeholders = ",".join("?" * len(names))

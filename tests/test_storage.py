@@ -313,3 +313,24 @@ async def test_reports(factory: Any) -> None:
     assert [r.id for r in listed] == ["r1", "r2"]
     assert listed[0].verified is True and listed[0].text == "bad words"
     assert listed[1].text is None and listed[1].verified is False
+
+
+async def test_docs(factory: Any) -> None:
+    docs = (await factory()).docs
+    assert await docs.insert("alerts", "a1", {"state": "active", "loc": b"\x01"}, ix=100) is None
+    existing = await docs.insert("alerts", "a1", {"state": "other"}, ix=5)
+    assert existing is not None and existing["state"] == "active" and existing["_v"] == 1
+    got = await docs.get("alerts", "a1")
+    assert got == {"state": "active", "loc": b"\x01", "_v": 1}
+    assert await docs.put("alerts", "a1", {**got, "state": "acked"}, ix=50, version=1)
+    assert not await docs.put("alerts", "a1", {**got, "state": "lost"}, ix=50, version=1)
+    assert (await docs.get("alerts", "a1"))["state"] == "acked"
+    for i in range(3):
+        await docs.put("trail", f"a1|{i:04d}", {"i": i}, ix=i)
+    await docs.put("trail", "a2|0000", {"i": 9}, ix=9)
+    assert [d["i"] for d in await docs.prefix("trail", "a1|", 10)] == [0, 1, 2]
+    assert [k for k, _ in await docs.below("trail", 2, 10)] == ["a1|0000", "a1|0001"]
+    assert [k for k, _ in await docs.find_ix("alerts", 50)] == ["a1"]
+    assert await docs.delete_below("trail", 2) == 2
+    assert await docs.delete("trail", "a2|0000") is True
+    assert [d["i"] for d in await docs.prefix("trail", "", 10)] == [2]
