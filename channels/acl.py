@@ -5,7 +5,7 @@
 | `room:`       | members                        | members           | members       |
 | `public:`     | any authenticated user         | any               | any           |
 | `user:<id>`   | user `<id>` only               | nobody (server)   | read: `<id>`  |
-| `alert:<id>`  | moderators (more in alerts/)   | nobody (server)   | no            |
+| `alert:<id>`  | owner, recipients, moderators  | nobody (server)   | no            |
 
 Room membership is read from the store and cached per node; every node drops its cached
 entry when the membership changes (a control message on the broker), so removal takes
@@ -15,6 +15,7 @@ effect everywhere within one pub/sub hop.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from enum import Enum
 
 from realtime.auth import Identity
@@ -60,8 +61,13 @@ class MembershipCache:
 
 
 class AccessControl:
-    def __init__(self, memberships: MembershipCache) -> None:
+    def __init__(
+        self,
+        memberships: MembershipCache,
+        alert_access: Callable[[str, str, bool], Awaitable[bool]] | None = None,
+    ) -> None:
         self.memberships = memberships
+        self.alert_access = alert_access  # (user, alert id, moderator) -> may see it
 
     async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
         """Return if allowed; raise `forbidden` otherwise."""
@@ -83,7 +89,12 @@ class AccessControl:
                 raise ProtocolError("forbidden", "only the server publishes to user: channels")
             raise ProtocolError("forbidden", f"{channel.name} belongs to another user")
         if ns == "alert":
-            if who.is_moderator and action in (Action.SUBSCRIBE, Action.HISTORY):
-                return
+            if action in (Action.SUBSCRIBE, Action.HISTORY):
+                if who.is_moderator:
+                    return
+                if self.alert_access is not None and await self.alert_access(
+                    who.user, channel.rest, False
+                ):
+                    return
             raise ProtocolError("forbidden", f"not a recipient of {channel.name}")
         raise ProtocolError("forbidden", f"no access to {channel.name}")

@@ -143,6 +143,10 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             log.error("hub task %s failed", task.get_name(), exc_info=task.exception())
 
+    @staticmethod
+    def frame(push: dict[str, Any]) -> Frame:
+        return Frame(push)
+
     @property
     def channel_count(self) -> int:
         return len(self._channels)
@@ -231,6 +235,10 @@ class Hub:
                 state.early.append(m)
             else:
                 self._accept(state, m)
+        elif event.get("t") == "raw":  # a push built elsewhere (alerts), as is
+            frame = Frame(event["p"])
+            for sub in list(state.subscribers):
+                sub.deliver_event(channel, frame)
         elif event.get("t") == "rekey":
             frame = Frame({"push": "rekey", "channel": channel})
             for sub in list(state.subscribers):

@@ -49,7 +49,7 @@ class ChannelService:
         self._timeout = timeout_s
         self._recovery_limit = recovery_limit
 
-    async def _bounded(self, what: str, call: Awaitable[T]) -> T:
+    async def bounded(self, what: str, call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._timeout):
                 return await call
@@ -76,7 +76,7 @@ class ChannelService:
         ts = int(time.time() * 1000)
         if self._tag is not None:
             self._tag(body, channel, user, ts)
-        appended = await self._bounded(
+        appended = await self.bounded(
             "publish",
             self.store.messages.append(channel, user, device, client_msg_id, body, ts),
         )
@@ -94,12 +94,12 @@ class ChannelService:
     async def replay(self, channel: str, since_seq: int | None) -> Replay:
         """What a subscriber missed: every message after `since_seq`, at most the newest
         `recovery_limit` of them (then `recovered` is False and the client pages history)."""
-        last = await self._bounded("subscribe", self.store.messages.last_seq(channel))
+        last = await self.bounded("subscribe", self.store.messages.last_seq(channel))
         if since_seq is None or since_seq >= last:
             return Replay(last, [], True)
         missed = last - since_seq
         start = since_seq if missed <= self._recovery_limit else last - self._recovery_limit
-        messages = await self._bounded(
+        messages = await self.bounded(
             "subscribe", self.store.messages.after(channel, start, last - start)
         )
         return Replay(last, messages, missed <= self._recovery_limit)
@@ -107,28 +107,28 @@ class ChannelService:
     async def history(
         self, channel: str, before_seq: int | None, limit: int
     ) -> tuple[list[Message], bool]:
-        page = await self._bounded(
+        page = await self.bounded(
             "history", self.store.messages.before(channel, before_seq, limit + 1)
         )
         return page[-limit:], len(page) > limit
 
     async def read_marker(self, channel: str, user: str) -> int:
-        return await self._bounded("history", self.store.read_markers.get(channel, user))
+        return await self.bounded("history", self.store.read_markers.get(channel, user))
 
     async def mark_read(self, channel: str, user: str, seq: int) -> int:
-        return await self._bounded("read", self.store.read_markers.set(channel, user, seq))
+        return await self.bounded("read", self.store.read_markers.set(channel, user, seq))
 
     async def add_member(self, channel: str, user: str) -> bool:
         ts = int(time.time() * 1000)
-        return await self._bounded("add member", self.store.memberships.add(channel, user, ts))
+        return await self.bounded("add member", self.store.memberships.add(channel, user, ts))
 
     async def remove_member(self, channel: str, user: str) -> bool:
-        return await self._bounded("remove member", self.store.memberships.remove(channel, user))
+        return await self.bounded("remove member", self.store.memberships.remove(channel, user))
 
     async def members(self, channel: str, limit: int, after: str | None) -> list[str]:
-        return await self._bounded(
+        return await self.bounded(
             "list members", self.store.memberships.members(channel, limit, after)
         )
 
     async def typing(self, channel: str, user: str) -> None:
-        await self._bounded("typing", self.hub.publish_event(channel, "typing", u=user))
+        await self.bounded("typing", self.hub.publish_event(channel, "typing", u=user))

@@ -57,6 +57,19 @@ class Settings:
     franking_key: bytes = b""
     presence_heartbeat_s: float = 5.0
     presence_node_timeout_s: float = 15.0
+    fcm_credentials: str | None = None
+    fcm_endpoint: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_from: str | None = None
+    twilio_base_url: str | None = None
+    public_url: str | None = None
+    alert_escalate_s: float = 120.0
+    responder_radius_m: float = 2000.0
+    responder_ttl_s: float = 900.0
+    alert_trail_days: float = 30.0
+    alert_trigger_limit: int = 5
+    alert_retry_base_s: float = 1.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -208,6 +221,19 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
             "RT_PRESENCE_NODE_TIMEOUT_S must be at least twice RT_PRESENCE_HEARTBEAT_S"
         )
 
+    fcm_credentials = env.get("RT_FCM_CREDENTIALS") or None
+    if fcm_credentials and not Path(fcm_credentials).is_file():
+        raise ConfigError(f"RT_FCM_CREDENTIALS: no service-account file at {fcm_credentials}")
+    twilio_sid = env.get("RT_TWILIO_ACCOUNT_SID") or None
+    twilio_token = _read_secret(env, "RT_TWILIO_AUTH_TOKEN")
+    twilio_from = env.get("RT_TWILIO_FROM") or None
+    if twilio_sid and not (twilio_token and twilio_from):
+        raise ConfigError("RT_TWILIO_ACCOUNT_SID needs RT_TWILIO_AUTH_TOKEN and RT_TWILIO_FROM")
+    for name in ("RT_FCM_ENDPOINT", "RT_TWILIO_BASE_URL", "RT_PUBLIC_URL"):
+        value = env.get(name)
+        if value and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http(s) URL")
+
     return Settings(
         jwt_key=key,
         jwt_algorithms=algorithms,
@@ -224,6 +250,19 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         retention_days=_retention(env.get("RT_RETENTION", "")),
         retention_interval_s=_number(env, "RT_RETENTION_INTERVAL_S", 3600.0),
         franking_key=franking_key,
+        fcm_credentials=fcm_credentials,
+        fcm_endpoint=env.get("RT_FCM_ENDPOINT") or None,
+        twilio_account_sid=twilio_sid,
+        twilio_auth_token=twilio_token,
+        twilio_from=twilio_from,
+        twilio_base_url=env.get("RT_TWILIO_BASE_URL") or None,
+        public_url=env.get("RT_PUBLIC_URL") or None,
+        alert_escalate_s=_number(env, "RT_ALERT_ESCALATE_S", 120.0),
+        responder_radius_m=_number(env, "RT_RESPONDER_RADIUS_M", 2000.0),
+        responder_ttl_s=_number(env, "RT_RESPONDER_TTL_S", 900.0),
+        alert_trail_days=_number(env, "RT_ALERT_TRAIL_DAYS", 30.0),
+        alert_trigger_limit=int(_number(env, "RT_ALERT_TRIGGER_LIMIT", 5, integer=True)),
+        alert_retry_base_s=_number(env, "RT_ALERT_RETRY_BASE_S", 1.0),
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,

@@ -116,6 +116,12 @@ class Connection:
             "keys.fetch": self._op_keys_fetch,
             "members": self._op_members,
             "report": self._op_report,
+            "alert.trigger": self._op_alert_trigger,
+            "alert.location": self._op_alert_location,
+            "alert.ack": self._op_alert_ack,
+            "alert.resolve": self._op_alert_resolve,
+            "alert.status": self._op_alert_status,
+            "location.share": self._op_location_share,
         }
 
     @property
@@ -623,3 +629,32 @@ class Connection:
         )
         await self._bounded(self.node.store.reports.add(report))
         return {"report_id": report.id, "verified": report.verified}
+
+    # --- safety alerts (PROTOCOL.md section 7) -----------------------------------------
+
+    async def _op_alert_trigger(self, frame: dict[str, Any]) -> Reply:
+        return await self._bounded(self.node.alerts.trigger(self.user, frame))
+
+    async def _op_alert_location(self, frame: dict[str, Any]) -> Reply:
+        return await self._bounded(self.node.alerts.location(self.user, frame))
+
+    async def _op_alert_ack(self, frame: dict[str, Any]) -> Reply:
+        return await self._bounded(self.node.alerts.ack(self.user, frame))
+
+    async def _op_alert_resolve(self, frame: dict[str, Any]) -> Reply:
+        assert self.identity is not None
+        return await self._bounded(
+            self.node.alerts.resolve(self.user, self.identity.is_moderator, frame)
+        )
+
+    async def _op_alert_status(self, frame: dict[str, Any]) -> Reply:
+        assert self.identity is not None
+        return await self._bounded(
+            self.node.alerts.status(self.user, self.identity.is_moderator, frame)
+        )
+
+    async def _op_location_share(self, frame: dict[str, Any]) -> Reply:
+        assert self.identity is not None
+        if "responder" not in self.identity.roles:
+            raise ProtocolError("forbidden", "only responders share their location")
+        return await self._bounded(self.node.alerts.share_location(self.user, frame))

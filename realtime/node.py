@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
+from alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
+from alerts.service import AlertService, AlertSettings, Responders
 from channels.acl import AccessControl, MembershipCache
 from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from channels.hub import Hub
@@ -76,7 +79,8 @@ class Node:
         self.broker = broker
         self.hub = Hub(broker, self.store.messages, self._on_control)
         self.memberships = MembershipCache(self.store.memberships)
-        self.acl = AccessControl(self.memberships)
+        self.alerts = self._alert_service(settings)
+        self.acl = AccessControl(self.memberships, self.alerts.can_see)
         self.keys = KeyDirectory(self.store.keys, settings.franking_key)
         self.channels = ChannelService(
             self.store,
@@ -127,6 +131,7 @@ class Node:
             await self.store.close()
             raise StartupError(f"broker unavailable: {exc}") from None
         await self.presence.start()
+        await self.alerts.start()
         if self.settings.retention_days:
             self._retention = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
@@ -170,6 +175,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.alerts.stop()
         await self.presence.stop()
         await self.presence.store.close()
         await self.hub.close()
@@ -244,8 +250,73 @@ class Node:
                 exc,
             )
 
+    def _alert_service(self, settings: Settings) -> AlertService:
+        outbox = settings.data_dir / "outbox.jsonl"
+        push: PushProvider
+        sms: SmsProvider
+        if settings.fcm_credentials:
+            push = FcmPush(settings.fcm_credentials, settings.fcm_endpoint)
+        else:
+            push = OutboxPush(outbox)
+        if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+            sms = TwilioSms(
+                settings.twilio_account_sid,
+                settings.twilio_auth_token,
+                settings.twilio_from,
+                settings.twilio_base_url,
+            )
+        else:
+            sms = OutboxSms(outbox)
+        queue: JobQueue = (
+            RedisJobQueue(settings.redis_url)
+            if settings.redis_url
+            else StoreJobQueue(self.store.docs)
+        )
+        return AlertService(
+            self.store.docs,
+            queue,
+            push,
+            sms,
+            Responders(settings.redis_url, settings.responder_ttl_s),
+            self._alert_publish,
+            self._online,
+            AlertSettings(
+                escalate_s=settings.alert_escalate_s,
+                responder_radius_m=settings.responder_radius_m,
+                responder_ttl_s=settings.responder_ttl_s,
+                trail_days=settings.alert_trail_days,
+                trigger_limit=settings.alert_trigger_limit,
+                retry_base_s=settings.alert_retry_base_s,
+                public_url=settings.public_url,
+            ),
+            settings.node_id,
+        )
+
+    async def _alert_publish(self, target: str, push: dict[str, Any]) -> None:
+        """An alert push to a channel's subscribers on every node, or to every connected
+        moderator ("@moderators")."""
+        if target == "@moderators":
+            event = {"t": "moderators", "p": push}
+            self._on_control(event)
+            await self.hub.publish_control({**event, "from": self.settings.node_id})
+        else:
+            await self.hub.publish_event(target, "raw", p=push)
+
+    async def _online(self, user: str) -> bool:
+        try:
+            return (await self.presence.members(f"user:{user}", 0, 1)).total > 0
+        except Exception:
+            return False
+
     def _on_control(self, event: dict[str, Any]) -> None:
-        if event.get("t") == "resync":
+        if event.get("t") == "moderators":
+            if event.get("from") == self.settings.node_id:
+                return  # delivered locally already
+            frame = self.hub.frame(event["p"])
+            for conn in list(self.connections):
+                if conn.identity is not None and conn.identity.is_moderator:
+                    conn.enqueue(frame.encoded(conn.codec))
+        elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()
         elif event.get("t") == "member":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from importlib import resources
 from typing import Any
 
@@ -187,6 +188,103 @@ async def get_messages(request: Request, node: Node) -> Response:
     )
 
 
+_PHONE = re.compile(r"\+[1-9][0-9]{6,14}")  # E.164
+
+
+@api
+async def put_contacts(request: Request, node: Node) -> Response:
+    """Replace a user's emergency contacts: [{tier, user} | {tier, phone}]."""
+    owner = _user(request)
+    data = await _json_body(request)
+    contacts = data.get("contacts")
+    if not isinstance(contacts, list) or len(contacts) > 50:
+        raise ProtocolError("bad_request", "'contacts' must be a list of at most 50")
+    clean = []
+    for c in contacts:
+        if not isinstance(c, dict):
+            raise ProtocolError("bad_request", "each contact must be an object")
+        tier = c.get("tier", 1)
+        if isinstance(tier, bool) or not isinstance(tier, int) or not 1 <= tier <= 5:
+            raise ProtocolError("bad_request", "contact tier must be 1-5")
+        if isinstance(c.get("user"), str) and valid_user_id(c["user"]):
+            clean.append({"tier": tier, "user": c["user"]})
+        elif isinstance(c.get("phone"), str) and _PHONE.fullmatch(c["phone"]):
+            clean.append({"tier": tier, "phone": c["phone"]})
+        else:
+            raise ProtocolError("bad_request", "a contact needs a user id or an E.164 phone")
+    await node.channels.bounded("contacts", node.alerts.set_contacts(owner, clean))
+    return ApiResponse({"user": owner, "contacts": clean})
+
+
+@api
+async def get_contacts(request: Request, node: Node) -> Response:
+    owner = _user(request)
+    contacts = await node.channels.bounded("contacts", node.alerts.contacts(owner))
+    return ApiResponse({"user": owner, "contacts": contacts})
+
+
+@api
+async def put_push_token(request: Request, node: Node) -> Response:
+    user = _user(request)
+    token = request.path_params["token"]
+    if not 1 <= len(token) <= 4096:
+        raise ProtocolError("bad_request", "invalid push token")
+    data = await _json_body(request)
+    platform = data.get("platform", "android")
+    if platform not in ("android", "ios", "web"):
+        raise ProtocolError("bad_request", "'platform' must be android, ios or web")
+    await node.channels.bounded(
+        "push token",
+        node.store.docs.put(
+            "push_tokens", f"{user}|{token}", {"token": token, "platform": platform}
+        ),
+    )
+    return ApiResponse({"user": user, "platform": platform}, status_code=201)
+
+
+@api
+async def delete_push_token(request: Request, node: Node) -> Response:
+    user = _user(request)
+    removed = await node.channels.bounded(
+        "push token",
+        node.store.docs.delete("push_tokens", f"{user}|{request.path_params['token']}"),
+    )
+    return Response(status_code=204 if removed else 404)
+
+
+@api
+async def get_alert(request: Request, node: Node) -> Response:
+    alert = await node.channels.bounded(
+        "alert", node.alerts.alert(request.path_params["alert_id"])
+    )
+    status = await node.channels.bounded(
+        "alert", node.alerts.status(alert["owner"], True, {"alert_id": alert["id"]})
+    )
+    alert.pop("_v", None)
+    return ApiResponse({**alert, "recipients": status["recipients"]})
+
+
+async def twilio_status(request: Request) -> Response:
+    """Twilio's status callback: the signature is checked with Twilio's own validator
+    against RT_PUBLIC_URL + path, then the status is folded into the alert's deliveries."""
+    from twilio.request_validator import RequestValidator
+
+    node = _node(request)
+    token, public = node.settings.twilio_auth_token, node.settings.public_url
+    if not token or not public:
+        return _error(ProtocolError("not_found", "Twilio is not configured"))
+    form = await request.form()
+    params = {k: str(v) for k, v in form.items()}
+    url = public.rstrip("/") + request.url.path
+    signature = request.headers.get("x-twilio-signature", "")
+    if not RequestValidator(token).validate(url, params, signature):
+        return _error(ProtocolError("forbidden", "bad Twilio signature"))
+    sid, status = params.get("MessageSid"), params.get("MessageStatus")
+    if sid and status:
+        await node.channels.bounded("twilio", node.alerts.provider_status(sid, status))
+    return Response(status_code=204)
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "node": _node(request).settings.node_id})
 
@@ -238,6 +336,12 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),
             Route("/v1/channels/{channel}/messages", post_message, methods=["POST"]),
             Route("/v1/channels/{channel}/messages", get_messages, methods=["GET"]),
+            Route("/v1/users/{user}/contacts", put_contacts, methods=["PUT"]),
+            Route("/v1/users/{user}/contacts", get_contacts, methods=["GET"]),
+            Route("/v1/users/{user}/push-tokens/{token}", put_push_token, methods=["PUT"]),
+            Route("/v1/users/{user}/push-tokens/{token}", delete_push_token, methods=["DELETE"]),
+            Route("/v1/alerts/{alert_id}", get_alert, methods=["GET"]),
+            Route("/v1/twilio/status", twilio_status, methods=["POST"]),
         ]
     )
     app.state.node = node

@@ -1,0 +1,219 @@
+"""Push (FCM through firebase-admin) and SMS (Twilio through its SDK), or an outbox file when a
+node has no credentials, so the embedded default works with no accounts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("realtime.alerts")
+
+
+class ProviderError(Exception):
+    """A send that failed; `permanent` means retrying cannot help."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class PushResult:
+    token: str
+    ok: bool
+    unregistered: bool = False  # prune this token
+    error: str | None = None
+
+
+class PushProvider(Protocol):
+    name: str
+
+    async def send(
+        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+    ) -> list[PushResult]: ...
+
+    async def close(self) -> None: ...
+
+
+class SmsProvider(Protocol):
+    name: str
+
+    async def send(self, to: str, body: str, status_callback: str | None) -> str:
+        """The provider's message id."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def apply_fcm_endpoint(endpoint: str) -> None:
+    """firebase-admin has no public setting for the FCM address; this is the one place where
+    ours (RT_FCM_ENDPOINT) is applied, before the app is initialised. The attribute is checked
+    so that an SDK upgrade that drops it fails loudly instead of sending elsewhere."""
+    from firebase_admin import messaging
+
+    service = messaging._MessagingService
+    if not isinstance(getattr(service, "FCM_URL", None), str):
+        raise RuntimeError(
+            "firebase_admin.messaging._MessagingService.FCM_URL is gone: "
+            "RT_FCM_ENDPOINT cannot be applied with this firebase-admin version"
+        )
+    service.FCM_URL = endpoint.rstrip("/") + "/v1/projects/{0}/messages:send"
+
+
+class FcmPush:
+    name = "fcm"
+
+    def __init__(self, credentials_path: str, endpoint: str | None) -> None:
+        import firebase_admin
+        from firebase_admin import credentials
+
+        if endpoint:
+            apply_fcm_endpoint(endpoint)
+        cred = credentials.Certificate(credentials_path)
+        self._app = firebase_admin.initialize_app(
+            cred, name=f"rt-{id(self)}", options={"httpTimeout": 10}
+        )
+
+    async def send(
+        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+    ) -> list[PushResult]:
+        from firebase_admin import exceptions, messaging
+
+        ttl = datetime.timedelta(seconds=ttl_s)
+        messages = [
+            messaging.Message(
+                token=token,
+                data=data,
+                android=messaging.AndroidConfig(
+                    priority="high", ttl=ttl, collapse_key=collapse_key
+                ),
+                apns=messaging.APNSConfig(
+                    headers={
+                        "apns-priority": "10",
+                        "apns-collapse-id": collapse_key[:64],
+                        "apns-expiration": str(int(datetime.datetime.now().timestamp()) + ttl_s),
+                    }
+                ),
+            )
+            for token in tokens
+        ]
+        try:
+            batch = await messaging.send_each_async(messages, app=self._app)
+        except exceptions.FirebaseError as exc:
+            raise ProviderError(f"fcm: {exc.code}") from None
+        results = []
+        for token, response in zip(tokens, batch.responses, strict=True):
+            if response.success:
+                results.append(PushResult(token, True))
+                continue
+            error = response.exception  # an invalid or expired token: prune it
+            unregistered = isinstance(
+                error, messaging.UnregisteredError | exceptions.InvalidArgumentError
+            )
+            results.append(
+                PushResult(
+                    token,
+                    False,
+                    unregistered=unregistered,
+                    error=getattr(error, "code", type(error).__name__),
+                )
+            )
+        return results
+
+    async def close(self) -> None:
+        import firebase_admin
+
+        firebase_admin.delete_app(self._app)
+
+
+class TwilioSms:
+    name = "twilio"
+
+    def __init__(
+        self, account_sid: str, auth_token: str, sender: str, base_url: str | None
+    ) -> None:
+        from twilio.http.async_http_client import AsyncTwilioHttpClient
+        from twilio.rest import Client
+
+        self._http = AsyncTwilioHttpClient(timeout=10)
+        self._client = Client(account_sid, auth_token, http_client=self._http)
+        if base_url:
+            self._client.api.base_url = base_url.rstrip("/")
+        self._sender = sender
+
+    async def send(self, to: str, body: str, status_callback: str | None) -> str:
+        from twilio.base.exceptions import TwilioRestException
+
+        try:
+            message = await self._client.messages.create_async(
+                to=to,
+                from_=self._sender,
+                body=body,
+                **({"status_callback": status_callback} if status_callback else {}),
+            )
+        except TwilioRestException as exc:
+            # 4xx other than 429 will not get better by retrying (bad number, blocked, ...)
+            permanent = 400 <= exc.status < 500 and exc.status != 429
+            raise ProviderError(
+                f"twilio: HTTP {exc.status} code {exc.code}", permanent=permanent
+            ) from None
+        except (TimeoutError, OSError) as exc:
+            raise ProviderError(f"twilio: {type(exc).__name__}") from None
+        except Exception as exc:  # aiohttp errors and the like
+            raise ProviderError(f"twilio: {type(exc).__name__}: {exc}") from None
+        return str(message.sid)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+class _Outbox:
+    """No credentials: deliveries are appended to RT_DATA_DIR/outbox.jsonl (development)."""
+
+    def __init__(self, path: Path, route: str) -> None:
+        self.name = f"outbox ({path})"
+        self._path = path
+        self._route = route
+        self._lock = asyncio.Lock()
+        self.count = 0
+
+    async def _write(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        line = json.dumps({"route": self._route, **record}) + "\n"
+        async with self._lock:
+            await asyncio.to_thread(self._append, line)
+
+    def _append(self, line: str) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._path.open("a", encoding="utf-8") as f:
+            f.write(line)
+
+    async def close(self) -> None:
+        return None
+
+
+class OutboxPush(_Outbox):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "push")
+
+    async def send(
+        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+    ) -> list[PushResult]:
+        await self._write(
+            {"tokens": tokens, "data": data, "collapse_key": collapse_key, "ttl_s": ttl_s}
+        )
+        return [PushResult(t, True) for t in tokens]
+
+
+class OutboxSms(_Outbox):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "sms")
+
+    async def send(self, to: str, body: str, status_callback: str | None) -> str:
+        await self._write({"to": to, "body": body})
+        return f"outbox-{self.count}"
