@@ -148,8 +148,7 @@ class AlertService:
         self._tasks.append(asyncio.create_task(self._janitor(), name="alert-trail-retention"))
         for provider, what in ((self.push, "push notifications"), (self.sms, "SMS")):
             if provider.name.startswith("outbox"):
-                log.warning("alerts: no credentials: %s are written to the %s", what,
-                            provider.name)
+                log.warning("alerts: no credentials: %s are written to the %s", what, provider.name)
 
     async def stop(self) -> None:
         for task in self._tasks:

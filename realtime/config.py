@@ -70,6 +70,7 @@ class Settings:
     alert_trail_days: float = 30.0
     alert_trigger_limit: int = 5
     alert_retry_base_s: float = 1.0
+    alert_lease_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -263,6 +264,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_trail_days=_number(env, "RT_ALERT_TRAIL_DAYS", 30.0),
         alert_trigger_limit=int(_number(env, "RT_ALERT_TRIGGER_LIMIT", 5, integer=True)),
         alert_retry_base_s=_number(env, "RT_ALERT_RETRY_BASE_S", 1.0),
+        alert_lease_s=_number(env, "RT_ALERT_LEASE_S", 30.0),
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,

@@ -287,6 +287,7 @@ class Node:
                 trail_days=settings.alert_trail_days,
                 trigger_limit=settings.alert_trigger_limit,
                 retry_base_s=settings.alert_retry_base_s,
+                lease_s=settings.alert_lease_s,
                 public_url=settings.public_url,
             ),
             settings.node_id,

@@ -254,9 +254,7 @@ async def delete_push_token(request: Request, node: Node) -> Response:
 
 @api
 async def get_alert(request: Request, node: Node) -> Response:
-    alert = await node.channels.bounded(
-        "alert", node.alerts.alert(request.path_params["alert_id"])
-    )
+    alert = await node.channels.bounded("alert", node.alerts.alert(request.path_params["alert_id"]))
     status = await node.channels.bounded(
         "alert", node.alerts.status(alert["owner"], True, {"alert_id": alert["id"]})
     )
