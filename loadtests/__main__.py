@@ -1,4 +1,4 @@
-"""python -m loadtests fanout | store | presence  (--help on each)"""
+"""python -m loadtests fanout | store | presence | alerts  (--help on each)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import fanout, presence, store
+from . import alerts, fanout, presence, store
 
 
 def main() -> int:
@@ -29,7 +29,17 @@ def main() -> int:
     pr.add_argument("--seconds", type=float, default=5.0)
     pr.add_argument("--members", type=int, default=10000, help="members already present")
     pr.add_argument("--redis-url", default=None, help="default: start a local redis-server")
+    al = sub.add_parser("alerts", help="alert.trigger -> first provider request latency")
+    al.add_argument("--alerts", type=int, default=200)
+    al.add_argument("--rate", type=float, default=20.0, help="triggers per second")
+    al.add_argument("--topology", choices=["redis", "embedded"], default="redis")
     args = parser.parse_args()
+    if args.scenario == "alerts":
+        if not (0 < args.alerts <= 5000 and 0 < args.rate <= 1000):
+            parser.error("alerts 1..5000, rate 1..1000")
+        lat = alerts.run(args.alerts, args.rate, args.topology)
+        print("\n".join(f"| {k} | {v} |" for k, v in asdict(lat).items()))
+        return 0 if lat.missing == 0 else 1
     if args.scenario == "presence":
         if not (0 < args.rate <= 20000 and 0 < args.seconds <= 120 and 0 <= args.members <= 10**6):
             parser.error("rate 1..20000, seconds 1..120, members 0..1000000")

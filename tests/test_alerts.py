@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import API_KEY, Node, base_env, token
-from fakes import TWILIO_TOKEN, FakeProviders
 from wire import Raw
+
+from loadtests.fakeproviders import TWILIO_TOKEN, FakeProviders
 
 HERE = {"lat": 52.5200, "lon": 13.4050, "accuracy_m": 12.0}
 NEARBY = {"lat": 52.5210, "lon": 13.4060}  # ~130 m away

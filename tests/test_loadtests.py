@@ -29,3 +29,10 @@ def test_presence_smoke(redis_server: object) -> None:
 
     result = presence.run(rate=100, seconds=0.3, members=50, redis_url=redis_server.url)  # type: ignore[attr-defined]
     assert result.operations == 60 and result.members_before == 50
+
+
+def test_alerts_smoke() -> None:
+    from loadtests import alerts
+
+    result = alerts.run(alerts=5, rate=20, topology="embedded")
+    assert result.missing == 0 and result.latency_ms_max > 0

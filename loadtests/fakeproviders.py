@@ -1,4 +1,5 @@
-"""Local fake Google token, FCM and Twilio HTTP servers that record requests.
+"""Local fake Google token, FCM and Twilio HTTP servers that record requests (with their
+arrival time), for the alert tests and the alert latency benchmark.
 
 The server processes reach them through the real SDKs: firebase-admin (its service-account
 `token_uri` points here, and RT_FCM_ENDPOINT), twilio (RT_TWILIO_BASE_URL). Behaviour is
@@ -30,6 +31,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
