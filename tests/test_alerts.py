@@ -362,3 +362,14 @@ async def test_cluster_alert_survives_a_worker_killed_mid_delivery(
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_fake_twilio_also_serves_the_sync_client(fakes: FakeProviders) -> None:
+    from twilio.rest import Client
+
+    from loadtests.fakeproviders import TWILIO_FROM, TWILIO_SID
+
+    client = Client(TWILIO_SID, TWILIO_TOKEN)
+    client.api.base_url = fakes.url
+    message = client.messages.create(to="+15557654321", from_=TWILIO_FROM, body="hi")
+    assert message.sid.startswith("SM") and fakes.sms_to("+15557654321")[0]["Body"] == "hi"

@@ -507,6 +507,7 @@ def test_health_ready_metrics_openapi(single_node: Node) -> None:
     spec = httpx.get(single_node.http + "/openapi.json").json()
     assert spec["openapi"].startswith("3.")
     assert "/v1/channels/{channel}/members/{user}" in spec["paths"]
+    assert "/v1/twilio/status" in spec["paths"] and "/v1/alerts/{alert_id}" in spec["paths"]
 
 
 async def test_sigterm_closes_sockets_1001_and_exits(node_factory) -> None:  # type: ignore[no-untyped-def]
