@@ -269,6 +269,7 @@ class AlertService:
             "next_escalation": now + int(self.settings.escalate_s * 1000),
         }
         await self.docs.insert("alerts", alert_id, alert, ix=alert["next_escalation"])
+        await self.docs.put("active_alerts", alert_id, {"id": alert_id}, ix=now)
         await self.docs.put("alert_trail", f"{alert_id}|{now:015d}|0", location, ix=now)
         await self._notify(alert, tier1, responders, purpose="alert")
         await self._publish("@moderators", _push_shape(alert))
@@ -379,6 +380,7 @@ class AlertService:
             )
 
         alert = await self._update(alert["id"], change)
+        await self.docs.delete("active_alerts", alert["id"])
         # Everyone alerted hears it, on every route they were alerted through.
         for d in await self.docs.prefix("deliveries", f"{alert['id']}|", 10_000):
             key = f"{alert['id']}|{d['route']}|{d['to']}|resolve"
@@ -413,6 +415,28 @@ class AlertService:
                 for d in deliveries
             ],
         }
+
+    async def active(self) -> list[dict[str, Any]]:
+        """Active alerts with their latest location and delivery status (moderators)."""
+        out = []
+        for _, entry in await self.docs.below("active_alerts", 2**62, 500):
+            doc = await self.docs.get("alerts", entry["id"])
+            if doc is None or doc["state"] != "active":
+                continue
+            status = await self.status(doc["owner"], True, {"alert_id": doc["id"]})
+            out.append(
+                {
+                    "alert_id": doc["id"],
+                    "owner": doc["owner"],
+                    "kind": doc["kind"],
+                    "note": doc.get("note"),
+                    "location": doc["location"],
+                    "created": doc["created"],
+                    "acked_by": doc["acked_by"],
+                    "recipients": status["recipients"],
+                }
+            )
+        return out
 
     async def share_location(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         location = parse_location(frame.get("location"))

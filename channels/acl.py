@@ -65,12 +65,22 @@ class AccessControl:
         self,
         memberships: MembershipCache,
         alert_access: Callable[[str, str, bool], Awaitable[bool]] | None = None,
+        ban_reason: Callable[[str, str | None], Awaitable[str | None]] | None = None,
     ) -> None:
         self.memberships = memberships
         self.alert_access = alert_access  # (user, alert id, moderator) -> may see it
+        self.ban_reason = ban_reason  # (user, channel) -> why they are banned, or None
 
     async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
         """Return if allowed; raise `forbidden` otherwise."""
+        if self.ban_reason is not None and action in (
+            Action.SUBSCRIBE,
+            Action.PUBLISH,
+            Action.TYPING,
+        ):
+            reason = await self.ban_reason(who.user, channel.name)
+            if reason is not None:
+                raise ProtocolError("forbidden", f"banned from {channel.name}: {reason}")
         ns = channel.namespace
         if ns == "public":
             return

@@ -28,6 +28,7 @@ log = logging.getLogger("realtime.hub")
 
 CHANNEL_TOPIC = "rt:ch:"
 CONTROL_TOPIC = "rt:ctl"
+MOD_TOPIC = "rt:mod"  # every message once more, for moderators watching patterns
 GAP_WAIT_S = 0.05
 REPAIR_PAGE = 500
 
@@ -119,6 +120,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._topic_lock = asyncio.Lock()  # orders broker (un)subscribe calls
         self._tasks: set[asyncio.Task[None]] = set()
+        self.on_mod: Callable[[str, Frame], None] = lambda channel, frame: None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -198,7 +200,9 @@ class Hub:
     # --- publishing -------------------------------------------------------------------
 
     async def publish(self, m: Message) -> None:
-        await self._broker.publish(CHANNEL_TOPIC + m.channel, pack_message(m))
+        data = pack_message(m)
+        await self._broker.publish(CHANNEL_TOPIC + m.channel, data)
+        await self._broker.publish(MOD_TOPIC, data)
 
     def deliver_local(self, m: Message) -> None:
         """Hand a stored message to local subscribers directly (broker unreachable)."""
@@ -208,6 +212,21 @@ class Hub:
 
     async def publish_event(self, channel: str, kind: str, **fields: Any) -> None:
         await self._broker.publish(CHANNEL_TOPIC + channel, pack_event(kind, channel, **fields))
+
+    async def publish_mod(self, push: dict[str, Any]) -> None:
+        """A push for moderators watching the push's channel, on every node."""
+        data: bytes = msgpack.packb(
+            {"t": "raw", "c": push["channel"], "p": push}, use_bin_type=True
+        )
+        await self._broker.publish(MOD_TOPIC, data)
+
+    async def watch(self, on: bool) -> None:
+        """Receive the moderation stream (while this node has watchers) or stop."""
+        async with self._topic_lock:
+            if on:
+                await self._broker.subscribe(MOD_TOPIC)
+            else:
+                await self._broker.unsubscribe(MOD_TOPIC)
 
     async def publish_control(self, event: dict[str, Any]) -> None:
         await self._broker.publish(CONTROL_TOPIC, msgpack.packb(event, use_bin_type=True))
@@ -223,6 +242,21 @@ class Hub:
         if topic == CONTROL_TOPIC:
             self._on_control(event)
             return
+        if topic == MOD_TOPIC:
+            if event.get("t") == "m":
+                m = Message(
+                    event["c"],
+                    event["s"],
+                    event["ts"],
+                    event["u"],
+                    event["d"],
+                    event["i"],
+                    event["b"],
+                )
+                self.on_mod(m.channel, message_frame(m))
+            elif event.get("t") == "raw":
+                self.on_mod(event["c"], Frame(event["p"]))
+            return
         channel = event.get("c")
         state = self._channels.get(channel) if isinstance(channel, str) else None
         if state is None:
@@ -235,6 +269,10 @@ class Hub:
                 state.early.append(m)
             else:
                 self._accept(state, m)
+        elif event.get("t") == "deleted":
+            frame = Frame({"push": "deleted", "channel": channel, "seq": event["s"]})
+            for sub in list(state.subscribers):
+                sub.deliver_event(channel, frame)
         elif event.get("t") == "raw":  # a push built elsewhere (alerts), as is
             frame = Frame(event["p"])
             for sub in list(state.subscribers):

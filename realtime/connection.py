@@ -32,6 +32,7 @@ from .auth import Identity
 from .protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
+    CLOSE_BANNED,
     CLOSE_POLICY,
     CLOSE_UNDECODABLE,
     Codec,
@@ -116,6 +117,15 @@ class Connection:
             "keys.fetch": self._op_keys_fetch,
             "members": self._op_members,
             "report": self._op_report,
+            "mod.watch": self._op_mod_watch,
+            "mod.unwatch": self._op_mod_unwatch,
+            "mod.delete": self._op_mod_delete,
+            "mod.ban": self._op_mod_ban,
+            "mod.unban": self._op_mod_unban,
+            "mod.reports": self._op_mod_reports,
+            "mod.resolve_report": self._op_mod_resolve_report,
+            "mod.audit": self._op_mod_audit,
+            "mod.alerts": self._op_mod_alerts,
             "alert.trigger": self._op_alert_trigger,
             "alert.location": self._op_alert_location,
             "alert.ack": self._op_alert_ack,
@@ -189,12 +199,13 @@ class Connection:
         if channel in self.subs:
             self.enqueue(frame.encoded(self.codec))
 
-    def kick(self, channel: str, reason: str) -> None:
-        """Drop a subscription the user is no longer entitled to."""
+    def kick(self, channel: str, reason: str, *, push: str = "unsubscribed") -> None:
+        """Drop a subscription the user is no longer entitled to (removed: `unsubscribed`;
+        banned: `kicked`)."""
         if self.subs.pop(channel, None) is not None:
             self.node.hub.remove(channel, self)
             self.node.spawn(self.node.presence.remove(channel, self.user), "presence-remove")
-            self.send({"push": "unsubscribed", "channel": channel, "reason": reason})
+            self.send({"push": push, "channel": channel, "reason": reason})
 
     # --- the connection's life --------------------------------------------------------
 
@@ -217,6 +228,7 @@ class Connection:
             if self._expiry is not None:
                 self._expiry.cancel()
             self.node.unregister(self)
+            self.node.moderation.forget(self)
             self.close(1000)
             try:
                 async with asyncio.timeout(self.node.settings.limits.ping_timeout_s + 5):
@@ -289,10 +301,19 @@ class Connection:
             if cid is None:
                 raise ProtocolError("bad_request", "'id' must be a non-negative integer")
             identity = self.node.verifier.verify(frame.get("token"))
-            self.node.check_not_banned(identity.user)
         except ProtocolError as err:
             self._reply_error(cid, err)
             self.close(CLOSE_AUTH_FAILED, err.message[:120])
+            return False
+        try:
+            banned = await self._bounded(self.node.moderation.banned(identity.user, None))
+        except ProtocolError as err:
+            self._reply_error(cid, err)
+            self.close(CLOSE_AUTH_FAILED, "unavailable")
+            return False
+        if banned is not None:
+            self._reply_error(cid, ProtocolError("forbidden", f"banned: {banned}"))
+            self.close(CLOSE_BANNED, "banned")
             return False
         self._set_identity(identity)
         self.node.register(self)
@@ -658,3 +679,80 @@ class Connection:
         if "responder" not in self.identity.roles:
             raise ProtocolError("forbidden", "only responders share their location")
         return await self._bounded(self.node.alerts.share_location(self.user, frame))
+
+    # --- moderation (PROTOCOL.md section 8) --------------------------------------------
+
+    def _moderator(self) -> str:
+        if self.identity is None or not self.identity.is_moderator:
+            raise ProtocolError("forbidden", "moderators only")
+        return self.identity.user
+
+    async def _op_mod_watch(self, frame: dict[str, Any]) -> Reply:
+        self._moderator()
+        patterns = await self._bounded(self.node.moderation.watch(self, frame.get("pattern")))
+        return {"patterns": patterns}
+
+    async def _op_mod_unwatch(self, frame: dict[str, Any]) -> Reply:
+        self._moderator()
+        patterns = await self._bounded(self.node.moderation.unwatch(self, frame.get("pattern")))
+        return {"patterns": patterns}
+
+    async def _op_mod_delete(self, frame: dict[str, Any]) -> Reply:
+        actor = self._moderator()
+        return await self._bounded(self.node.moderation.delete(actor, frame))
+
+    async def _op_mod_ban(self, frame: dict[str, Any]) -> Reply:
+        actor = self._moderator()
+        return await self._bounded(self.node.moderation.ban(actor, frame))
+
+    async def _op_mod_unban(self, frame: dict[str, Any]) -> Reply:
+        actor = self._moderator()
+        return await self._bounded(self.node.moderation.unban(actor, frame))
+
+    async def _op_mod_reports(self, frame: dict[str, Any]) -> Reply:
+        self._moderator()
+        state = frame.get("state", "open")
+        if state not in ("open", "actioned", "dismissed"):
+            raise ProtocolError("bad_request", "'state' must be open, actioned or dismissed")
+        limit = arg_int(frame, "limit", minimum=1, maximum=500) or 100
+        reports = await self._bounded(self.node.store.reports.list(state, limit))
+        return {
+            "reports": [
+                {
+                    "id": r.id,
+                    "channel": r.channel,
+                    "seq": r.seq,
+                    "reporter": r.reporter,
+                    "sender": r.sender,
+                    "reason": r.reason,
+                    "ts": r.ts,
+                    "text": r.text,
+                    "verified": r.verified,
+                    "state": r.state,
+                }
+                for r in reports
+            ]
+        }
+
+    async def _op_mod_resolve_report(self, frame: dict[str, Any]) -> Reply:
+        actor = self._moderator()
+        report_id = require_str(frame, "report_id", max_len=64)
+        state = frame.get("state")
+        if state not in ("actioned", "dismissed"):
+            raise ProtocolError("bad_request", "'state' must be actioned or dismissed")
+        if not await self._bounded(self.node.store.reports.resolve(report_id, state)):
+            raise ProtocolError("not_found", "no open report with that id")
+        await self._bounded(
+            self.node.moderation.audit(actor, "resolve_report", report_id=report_id, state=state)
+        )
+        return {"report_id": report_id, "state": state}
+
+    async def _op_mod_audit(self, frame: dict[str, Any]) -> Reply:
+        self._moderator()
+        since = arg_int(frame, "since") or 0
+        limit = arg_int(frame, "limit", minimum=1, maximum=1000) or 100
+        return {"entries": await self._bounded(self.node.moderation.audit_log(since, limit))}
+
+    async def _op_mod_alerts(self, frame: dict[str, Any]) -> Reply:
+        self._moderator()
+        return {"alerts": await self._bounded(self.node.alerts.active())}

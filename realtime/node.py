@@ -26,6 +26,7 @@ from storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
 from .config import Settings
+from .moderation import Moderation
 from .protocol import CLOSE_GOING_AWAY
 
 if TYPE_CHECKING:
@@ -80,7 +81,9 @@ class Node:
         self.hub = Hub(broker, self.store.messages, self._on_control)
         self.memberships = MembershipCache(self.store.memberships)
         self.alerts = self._alert_service(settings)
-        self.acl = AccessControl(self.memberships, self.alerts.can_see)
+        self.moderation = Moderation(self, self.store.docs)
+        self.hub.on_mod = self.moderation.on_stream
+        self.acl = AccessControl(self.memberships, self.alerts.can_see, self.moderation.banned)
         self.keys = KeyDirectory(self.store.keys, settings.franking_key)
         self.channels = ChannelService(
             self.store,
@@ -230,8 +233,16 @@ class Node:
                 if not conns:
                     del self._by_user[conn.identity.user]
 
-    def check_not_banned(self, user: str) -> None:
-        """Bans arrive with moderation (issue 6); every node checks here on auth."""
+    def connections_of(self, user: str) -> list[Connection]:
+        return list(self._by_user.get(user, ()))
+
+    async def broadcast(self, event: dict[str, Any]) -> None:
+        """A control event for every node, this one included (at once)."""
+        self._on_control(event)
+        try:
+            await self.hub.publish_control({**event, "from": self.settings.node_id})
+        except BrokerUnavailable as exc:
+            log.warning("control event %s not broadcast: %s", event.get("t"), exc)
 
     # --- cluster control events -------------------------------------------------------
 
@@ -310,7 +321,10 @@ class Node:
             return False
 
     def _on_control(self, event: dict[str, Any]) -> None:
-        if event.get("t") == "moderators":
+        if event.get("t") in ("ban", "unban"):
+            if event.get("from") != self.settings.node_id:
+                self.moderation.on_ban(event)
+        elif event.get("t") == "moderators":
             if event.get("from") == self.settings.node_id:
                 return  # delivered locally already
             frame = self.hub.frame(event["p"])

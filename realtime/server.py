@@ -262,6 +262,15 @@ async def get_alert(request: Request, node: Node) -> Response:
     return ApiResponse({**alert, "recipients": status["recipients"]})
 
 
+@api
+async def get_audit(request: Request, node: Node) -> Response:
+    """The moderators' audit log, oldest first, from `since` (ms)."""
+    since = _query_int(request, "since") or 0
+    limit = _query_int(request, "limit", minimum=1, maximum=1000) or 100
+    entries = await node.channels.bounded("audit", node.moderation.audit_log(since, limit))
+    return ApiResponse({"entries": entries})
+
+
 async def twilio_status(request: Request) -> Response:
     """Twilio's status callback: the signature is checked with Twilio's own validator
     against RT_PUBLIC_URL + path, then the status is folded into the alert's deliveries."""
@@ -340,6 +349,7 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/users/{user}/push-tokens/{token}", delete_push_token, methods=["DELETE"]),
             Route("/v1/alerts/{alert_id}", get_alert, methods=["GET"]),
             Route("/v1/twilio/status", twilio_status, methods=["POST"]),
+            Route("/v1/audit", get_audit, methods=["GET"]),
         ]
     )
     app.state.node = node

@@ -74,6 +74,10 @@ class MessageStore(Protocol):
         """The newest `limit` messages with `seq < before_seq` (all if None), ascending."""
         ...
 
+    async def redact(self, channel: str, seq: int, tombstone: dict[str, Any]) -> bool:
+        """Replace a message's body with a tombstone (moderation); False if no such message."""
+        ...
+
     async def purge(self, namespace: str, before_ts: int) -> int:
         """Delete the namespace's messages older than `before_ts` (retention). The channel's
         highest seq is remembered first, so seqs are never reused; returns how many went."""
@@ -157,6 +161,10 @@ class ReportStore(Protocol):
     async def add(self, report: Report) -> None: ...
 
     async def list(self, state: str, limit: int) -> list[Report]: ...
+
+    async def resolve(self, report_id: str, state: str) -> bool:
+        """Move an open report to `state` (e.g. "actioned", "dismissed")."""
+        ...
 
 
 Ix = int | str | None

@@ -225,6 +225,12 @@ class MongoMessages:
         docs = await _guard(cursor.to_list())
         return [_message(d) for d in reversed(docs)]
 
+    async def redact(self, channel: str, seq: int, tombstone: dict[str, Any]) -> bool:
+        result = await _guard(
+            self._col.update_one({"channel": channel, "seq": seq}, {"$set": {"body": tombstone}})
+        )
+        return bool(result.matched_count)
+
     async def purge(self, namespace: str, before_ts: int) -> int:
         match = {"channel": {"$regex": f"^{re.escape(namespace)}:"}, "ts": {"$lt": before_ts}}
         heads = await _guard(
@@ -441,6 +447,12 @@ class MongoReports:
     async def add(self, report: Report) -> None:
         fields = _KINDS["reports"][0]
         await _guard(self._col.insert_one({f: getattr(report, f) for f in fields}))
+
+    async def resolve(self, report_id: str, state: str) -> bool:
+        result = await _guard(
+            self._col.update_one({"id": report_id, "state": "open"}, {"$set": {"state": state}})
+        )
+        return bool(result.modified_count)
 
     async def list(self, state: str, limit: int) -> list[Report]:
         cursor = self._col.find({"state": state}, {"_id": 0}).sort("ts", ASCENDING).limit(limit)

@@ -253,6 +253,17 @@ class SqliteMessages:
 
         return await self._r.run(q)
 
+    async def redact(self, channel: str, seq: int, tombstone: dict[str, Any]) -> bool:
+        blob = msgpack.packb(tombstone, use_bin_type=True)
+
+        def q(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE messages SET body=? WHERE channel=? AND seq=?", (blob, channel, seq)
+            )
+            return cur.rowcount == 1
+
+        return await self._w.run(q)
+
     async def purge(self, namespace: str, before_ts: int) -> int:
         low, high = _namespace_range(namespace)
 
@@ -462,6 +473,15 @@ class SqliteReports:
             )
 
         await self._w.run(q)
+
+    async def resolve(self, report_id: str, state: str) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE reports SET state=? WHERE id=? AND state='open'", (state, report_id)
+            )
+            return cur.rowcount == 1
+
+        return await self._w.run(q)
 
     async def list(self, state: str, limit: int) -> list[Report]:
         def q(db: sqlite3.Connection) -> list[Report]:

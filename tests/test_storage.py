@@ -334,3 +334,18 @@ async def test_docs(factory: Any) -> None:
     assert await docs.delete_below("trail", 2) == 2
     assert await docs.delete("trail", "a2|0000") is True
     assert [d["i"] for d in await docs.prefix("trail", "", 10)] == [2]
+
+
+async def test_redact_and_resolve(factory: Any) -> None:
+    from storage import Report
+
+    store = await factory()
+    await store.messages.append("room:m", "alice", None, "c1", ENVELOPE, 1)
+    tomb = {"v": 1, "alg": "deleted", "reason": "abuse"}
+    assert await store.messages.redact("room:m", 1, tomb) is True
+    assert await store.messages.redact("room:m", 9, tomb) is False
+    assert (await store.messages.after("room:m", 0, 5))[0].body == tomb
+    await store.reports.add(Report("r9", "room:m", 1, "bob", "alice", "x", 1, None, False))
+    assert await store.reports.resolve("r9", "actioned") is True
+    assert await store.reports.resolve("r9", "dismissed") is False  # no longer open
+    assert [r.id for r in await store.reports.list("actioned", 5)] == ["r9"]

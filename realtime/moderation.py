@@ -1,0 +1,190 @@
+"""Moderation (PROTOCOL.md section 8): watching channel streams, deleting, banning, reports and
+the audit log. Every op here requires the `moderator` role and every action is audited.
+
+- Watching: every published message is also sent once to one moderation stream (broker topic
+  `rt:mod`); a node subscribes to that single topic only while it has local watchers and
+  matches their glob patterns locally, so `room:*` never means one Redis subscription per room.
+  Watchers are not subscribers: they do not appear in presence.
+- Deleting: the message becomes a tombstone in history; `deleted` is pushed to the channel's
+  subscribers and to watchers on every node.
+- Banning: per channel (the user's subscriptions end with `kicked`, subscribe/publish are
+  refused) or global (connections closed 4009, `auth` refused), optionally for a duration;
+  enforced on every node through a control event, and on every reconnect from the store.
+- Audit: an append-only log (`audit` documents, keyed by time), read through `mod.audit` and
+  `GET /v1/audit`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from channels.names import parse_channel
+from storage import DocStore
+
+from .protocol import CLOSE_BANNED, ProtocolError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .node import Node
+
+MOD_TOPIC = "rt:mod"
+MAX_PATTERNS = 20
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class Moderation:
+    def __init__(self, node: Node, docs: DocStore) -> None:
+        self._node = node
+        self._docs = docs
+        self._watchers: dict[Connection, list[str]] = {}
+        self._bans: OrderedDict[tuple[str, str], tuple[int | None, float]] = OrderedDict()
+
+    # --- audit ------------------------------------------------------------------------
+
+    async def audit(self, actor: str, action: str, **details: Any) -> None:
+        ts = _now()
+        await self._docs.insert(
+            "audit",
+            f"{ts:015d}|{uuid.uuid4().hex[:8]}",
+            {"ts": ts, "actor": actor, "action": action, **details},
+            ix=ts,
+        )
+
+    async def audit_log(self, since_ms: int, limit: int) -> list[dict[str, Any]]:
+        entries = [
+            d for _, d in await self._docs.below("audit", 2**62, 100_000) if d["ts"] >= since_ms
+        ]
+        return [{k: v for k, v in e.items() if k != "_v"} for e in entries[-limit:]]
+
+    # --- watching ---------------------------------------------------------------------
+
+    async def watch(self, conn: Connection, pattern: object) -> list[str]:
+        if not isinstance(pattern, str) or not 1 <= len(pattern) <= 255:
+            raise ProtocolError("bad_request", "'pattern' must be a glob such as room:*")
+        patterns = self._watchers.get(conn, [])
+        if pattern not in patterns:
+            if len(patterns) >= MAX_PATTERNS:
+                raise ProtocolError("too_large", f"at most {MAX_PATTERNS} patterns")
+            first = not self._watchers
+            self._watchers[conn] = [*patterns, pattern]
+            if first:
+                await self._node.hub.watch(True)
+        return self._watchers[conn]
+
+    async def unwatch(self, conn: Connection, pattern: object | None) -> list[str]:
+        patterns = [p for p in self._watchers.get(conn, []) if pattern not in (None, p)]
+        if patterns:
+            self._watchers[conn] = patterns
+        elif self._watchers.pop(conn, None) is not None and not self._watchers:
+            await self._node.hub.watch(False)
+        return patterns
+
+    def on_stream(self, channel: str, frame: Any) -> None:
+        """A message or deletion from the moderation stream: to matching local watchers."""
+        for conn, patterns in list(self._watchers.items()):
+            if any(fnmatch.fnmatchcase(channel, p) for p in patterns):
+                conn.enqueue(frame.encoded(conn.codec))
+
+    # --- delete -----------------------------------------------------------------------
+
+    async def delete(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
+        ch = parse_channel(frame.get("channel"))
+        seq = frame.get("seq")
+        reason = frame.get("reason")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise ProtocolError("bad_request", "'seq' must be a positive integer")
+        if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
+            raise ProtocolError("bad_request", "'reason' must be 1-500 characters")
+        tombstone = {"v": 1, "alg": "deleted", "reason": reason, "by": actor, "ts": _now()}
+        if not await self._node.store.messages.redact(ch.name, seq, tombstone):
+            raise ProtocolError("not_found", f"no message {seq} in {ch.name}")
+        await self.audit(actor, "delete", channel=ch.name, seq=seq, reason=reason)
+        await self._node.hub.publish_event(ch.name, "deleted", s=seq)
+        await self._node.hub.publish_mod({"push": "deleted", "channel": ch.name, "seq": seq})
+        return {"channel": ch.name, "seq": seq}
+
+    # --- bans -------------------------------------------------------------------------
+
+    async def ban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
+        from .auth import valid_user_id
+
+        user = frame.get("user")
+        if not valid_user_id(user):
+            raise ProtocolError("bad_request", "'user' must be a user id")
+        assert isinstance(user, str)
+        channel = frame.get("channel")
+        if channel is not None:
+            channel = parse_channel(channel).name
+        duration = frame.get("duration_s")
+        if duration is not None and (
+            isinstance(duration, bool)
+            or not isinstance(duration, int)
+            or not 1 <= duration <= 10 * 365 * 86400
+        ):
+            raise ProtocolError("bad_request", "'duration_s' must be 1 s to 10 years")
+        reason = frame.get("reason")
+        if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
+            raise ProtocolError("bad_request", "'reason' must be 1-500 characters")
+        until = _now() + duration * 1000 if duration else None
+        await self._docs.put(
+            "bans",
+            f"{user}|{channel or '*'}",
+            {"user": user, "channel": channel, "until": until, "reason": reason, "by": actor},
+            ix=until,
+        )
+        await self.audit(actor, "ban", user=user, channel=channel, until=until, reason=reason)
+        await self._node.broadcast({"t": "ban", "u": user, "c": channel, "reason": reason})
+        return {"user": user, "channel": channel, "until": until}
+
+    async def unban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
+        user, channel = frame.get("user"), frame.get("channel")
+        if not isinstance(user, str):
+            raise ProtocolError("bad_request", "'user' is required")
+        if channel is not None:
+            channel = parse_channel(channel).name
+        removed = await self._docs.delete("bans", f"{user}|{channel or '*'}")
+        await self.audit(actor, "unban", user=user, channel=channel)
+        await self._node.broadcast({"t": "unban", "u": user, "c": channel})
+        return {"user": user, "channel": channel, "removed": removed}
+
+    async def banned(self, user: str, channel: str | None) -> str | None:
+        """The reason `user` is banned from `channel` (or everywhere, channel None)."""
+        for key in ((user, "*"), (user, channel)) if channel else ((user, "*"),):
+            cached = self._bans.get(key)
+            if cached is None or cached[1] < time.monotonic():
+                doc = await self._docs.get("bans", f"{key[0]}|{key[1]}")
+                until = doc["until"] if doc else None
+                entry = (None if doc is None else (until or 2**62), time.monotonic() + 30)
+                cached = entry
+                self._bans[key] = entry
+                if len(self._bans) > 100_000:
+                    self._bans.popitem(last=False)
+            if cached[0] is not None and cached[0] > _now():
+                doc = await self._docs.get("bans", f"{key[0]}|{key[1]}")
+                return str(doc["reason"]) if doc else "banned"
+        return None
+
+    def on_ban(self, event: dict[str, Any]) -> None:
+        """A ban or unban made on any node: forget cached answers, enforce on local sockets."""
+        user, channel = event.get("u"), event.get("c")
+        if not isinstance(user, str):
+            return
+        self._bans.pop((user, channel or "*"), None)
+        if event.get("t") != "ban":
+            return
+        for conn in self._node.connections_of(user):
+            if channel is None:
+                conn.close(CLOSE_BANNED, "banned")
+            elif channel in conn.subs:
+                conn.kick(channel, "banned", push="kicked")
+
+    def forget(self, conn: Connection) -> None:
+        if conn in self._watchers:
+            self._node.spawn(self.unwatch(conn, None), "mod-unwatch")
