@@ -320,6 +320,32 @@ async def openapi(request: Request) -> Response:
     return Response(_OPENAPI, media_type="application/json")
 
 
+_CONSOLE: bytes | None = None
+_CONSOLE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+async def console(request: Request) -> Response:
+    """The moderators' web console: one self-contained page; it signs in over /ws with a
+    moderator token, so it holds no privileges of its own."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = resources.files("realtime").joinpath("console/index.html").read_bytes()
+    return Response(
+        _CONSOLE,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": _CONSOLE_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
 async def ws_endpoint(websocket: WebSocket) -> None:
     node = _node(websocket)
     if node.draining:
@@ -338,6 +364,7 @@ def create_app(node: Node) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
+            Route("/console", console),
             Route("/v1/channels/{channel}/members", list_members, methods=["GET"]),
             Route("/v1/channels/{channel}/members/{user}", put_member, methods=["PUT"]),
             Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),

@@ -9,15 +9,18 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Node, RedisServer, token, unique_db
-
 from wire import Raw, plain
 
 MOD_OPS: list[tuple[str, dict[str, Any]]] = [
-    ("mod.watch", {"pattern": "room:*"}), ("mod.unwatch", {"pattern": "room:*"}),
+    ("mod.watch", {"pattern": "room:*"}),
+    ("mod.unwatch", {"pattern": "room:*"}),
     ("mod.delete", {"channel": "public:x", "seq": 1, "reason": "r"}),
-    ("mod.ban", {"user": "bob", "reason": "r"}), ("mod.unban", {"user": "bob"}),
-    ("mod.reports", {}), ("mod.resolve_report", {"report_id": "x", "state": "dismissed"}),
-    ("mod.audit", {}), ("mod.alerts", {}),
+    ("mod.ban", {"user": "bob", "reason": "r"}),
+    ("mod.unban", {"user": "bob"}),
+    ("mod.reports", {}),
+    ("mod.resolve_report", {"report_id": "x", "state": "dismissed"}),
+    ("mod.audit", {}),
+    ("mod.alerts", {}),
 ]
 
 
@@ -31,8 +34,12 @@ async def test_every_moderator_op_is_forbidden_to_others(single_node: Node) -> N
 
 @pytest.fixture
 def two(node_factory: Any, redis_server: RedisServer, mongo_uri: str) -> tuple[Node, Node]:
-    env = {"RT_REDIS_URL": redis_server.url, "RT_MONGODB_URI": mongo_uri,
-           "RT_MONGODB_DB": unique_db(), "RT_STORE_TIMEOUT_S": "10"}
+    env = {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_STORE_TIMEOUT_S": "10",
+    }
     return node_factory("a", RT_NODE_ID="a", **env), node_factory("b", RT_NODE_ID="b", **env)
 
 
@@ -53,8 +60,9 @@ async def test_watch_delete_and_ban_across_nodes(two: tuple[Node, Node]) -> None
 
     phone = AppDevice(f"alice-{uuid.uuid4().hex[:6]}")
     await phone.register(alice, "alice")
-    seq = (await alice.ok("publish", channel=room, client_msg_id="m1",
-                          body=phone.envelope(room, "m1")))["seq"]
+    seq = (
+        await alice.ok("publish", channel=room, client_msg_id="m1", body=phone.envelope(room, "m1"))
+    )["seq"]
     watched = await mod.push(5)
     assert (watched["push"], watched["channel"], watched["seq"]) == ("message", room, seq)
     await alice.ok("publish", channel="public:elsewhere", client_msg_id="p1", body=plain("x"))
@@ -75,8 +83,10 @@ async def test_watch_delete_and_ban_across_nodes(two: tuple[Node, Node]) -> None
     await mod.ok("mod.ban", user="bob", channel=room, reason="spam", duration_s=600)
     assert await bob.push(5) == {"push": "kicked", "channel": room, "reason": "banned"}
     assert await bob.error("subscribe", channel=room) == "forbidden"
-    assert await bob.error("publish", channel=room, client_msg_id="z",
-                           body=phone.envelope(room, "z")) == "forbidden"
+    assert (
+        await bob.error("publish", channel=room, client_msg_id="z", body=phone.envelope(room, "z"))
+        == "forbidden"
+    )
     await bob.ok("subscribe", channel="public:elsewhere")  # only that channel
     await mod.ok("mod.unban", user="bob", channel=room)
     await asyncio.sleep(0.2)
@@ -91,8 +101,11 @@ async def test_watch_delete_and_ban_across_nodes(two: tuple[Node, Node]) -> None
     assert await again.close_code(10) == 4009
 
     # everything above is in the audit log
-    audit = (await asyncio.to_thread(
-        httpx.get, f"{a.http}/v1/audit", headers={"Authorization": f"Bearer {_key()}"})).json()
+    audit = (
+        await asyncio.to_thread(
+            httpx.get, f"{a.http}/v1/audit", headers={"Authorization": f"Bearer {_key()}"}
+        )
+    ).json()
     actions = [(e["actor"], e["action"]) for e in audit["entries"]]
     assert actions == [("mia", "delete"), ("mia", "ban"), ("mia", "unban"), ("mia", "ban")]
     assert (await mod.ok("mod.audit"))["entries"][-1]["user"] == "bob"
@@ -120,8 +133,10 @@ async def test_reports_queue(single_node: Node) -> None:
     mine = [r for r in reports if r["id"] == reply["report_id"]]
     assert mine and mine[0]["channel"] == "public:r" and mine[0]["reporter"] == "rex"
     await mod.ok("mod.resolve_report", report_id=reply["report_id"], state="dismissed")
-    assert await mod.error("mod.resolve_report", report_id=reply["report_id"],
-                           state="actioned") == "not_found"
+    assert (
+        await mod.error("mod.resolve_report", report_id=reply["report_id"], state="actioned")
+        == "not_found"
+    )
     dismissed = (await mod.ok("mod.reports", state="dismissed"))["reports"]
     assert reply["report_id"] in [r["id"] for r in dismissed]
     for r in (rex, mod):
