@@ -1,4 +1,4 @@
-"""python -m loadtests fanout | store | presence | alerts  (--help on each)"""
+"""python -m loadtests compare | fanout | idle | store | presence | alerts  (--help on each)"""
 
 from __future__ import annotations
 
@@ -7,56 +7,108 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import alerts, fanout, presence, store
+from . import alerts, compare, presence, store
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests")
     sub = parser.add_subparsers(dest="scenario", required=True)
-    f = sub.add_parser("fanout", help="1 publisher -> 1 channel -> N subscribers, one node")
-    f.add_argument("--subscribers", type=int, default=1000)
-    f.add_argument("--messages", type=int, default=200)
-    f.add_argument("--rate", type=float, default=50.0, help="publishes per second")
-    f.add_argument("--clients", type=int, default=2, help="client processes")
-    f.add_argument("--timeout", type=float, default=120.0, help="hard stop, seconds")
-    f.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    out = Path("loadtests/results")
+
+    cmp_ = sub.add_parser("compare", help="fan-out: ours vs python-socketio+Redis vs raw ceiling")
+    cmp_.add_argument("--subscribers", default="1000,5000", help="comma-separated")
+    cmp_.add_argument("--messages", type=int, default=100)
+    cmp_.add_argument("--rate", type=float, default=100.0, help="publishes per second")
+    cmp_.add_argument("--targets", default="realtime,socketio,raw")
+    cmp_.add_argument(
+        "--topology",
+        choices=["redis", "embedded"],
+        default="redis",
+        help="ours: on Redis (+MongoDB) like the peer, or a single node",
+    )
+    cmp_.add_argument("--clients", type=int, default=2, help="client processes")
+    cmp_.add_argument("--timeout", type=float, default=180.0)
+
+    fan = sub.add_parser("fanout", help="fan-out on our server only")
+    fan.add_argument("--subscribers", default="1000")
+    fan.add_argument("--messages", type=int, default=200)
+    fan.add_argument("--rate", type=float, default=50.0)
+    fan.add_argument("--topology", choices=["redis", "embedded"], default="embedded")
+    fan.add_argument("--clients", type=int, default=2)
+    fan.add_argument("--timeout", type=float, default=120.0)
+
+    idl = sub.add_parser("idle", help="server memory per idle connection")
+    idl.add_argument("--connections", type=int, default=5000)
+    idl.add_argument("--targets", default="realtime")
+
     st = sub.add_parser("store", help="cost of one durable append, grouped and not")
     st.add_argument("--backend", choices=["sqlite", "mongodb"], default="sqlite")
     st.add_argument("--publishers", default="1,8,64", help="comma-separated concurrencies")
     st.add_argument("--messages", type=int, default=2000, help="appends per run")
+
     pr = sub.add_parser("presence", help="cost of join/leave on a large channel (Redis)")
     pr.add_argument("--rate", type=float, default=1000.0, help="joins per second")
     pr.add_argument("--seconds", type=float, default=5.0)
     pr.add_argument("--members", type=int, default=10000, help="members already present")
     pr.add_argument("--redis-url", default=None, help="default: start a local redis-server")
+
     al = sub.add_parser("alerts", help="alert.trigger -> first provider request latency")
     al.add_argument("--alerts", type=int, default=200)
     al.add_argument("--rate", type=float, default=20.0, help="triggers per second")
     al.add_argument("--topology", choices=["redis", "embedded"], default="redis")
     args = parser.parse_args()
-    if args.scenario == "alerts":
-        if not (0 < args.alerts <= 5000 and 0 < args.rate <= 1000):
-            parser.error("alerts 1..5000, rate 1..1000")
-        lat = alerts.run(args.alerts, args.rate, args.topology)
-        print("\n".join(f"| {k} | {v} |" for k, v in asdict(lat).items()))
-        return 0 if lat.missing == 0 else 1
+
+    if args.scenario in ("compare", "fanout"):
+        counts = _ints(args.subscribers)
+        if not (
+            all(0 < c <= 20000 for c in counts) and 0 < args.messages <= 100000 and args.rate > 0
+        ):
+            parser.error("subscribers 1..20000, messages 1..100000, rate > 0")
+        kinds = args.targets.split(",") if args.scenario == "compare" else ["realtime"]
+        rows = [
+            asdict(
+                compare.fanout(
+                    kind,
+                    n,
+                    args.messages,
+                    args.rate,
+                    clients=args.clients,
+                    timeout_s=args.timeout,
+                    topology=args.topology,
+                )
+            )
+            for n in counts
+            for kind in kinds
+        ]
+        print(compare.write(rows, out, args.scenario))
+        return 0
+    if args.scenario == "idle":
+        if not 0 < args.connections <= 20000:
+            parser.error("connections 1..20000")
+        rows = [compare.idle(kind, args.connections) for kind in args.targets.split(",")]
+        print(compare.write(rows, out, "idle"))
+        return 0
+    if args.scenario == "store":
+        counts = _ints(args.publishers)
+        if not (all(0 < c <= 1000 for c in counts) and 0 < args.messages <= 100000):
+            parser.error("publishers 1..1000, messages 1..100000")
+        print(store.report(store.run(args.backend, counts, args.messages)))
+        return 0
     if args.scenario == "presence":
         if not (0 < args.rate <= 20000 and 0 < args.seconds <= 120 and 0 <= args.members <= 10**6):
             parser.error("rate 1..20000, seconds 1..120, members 0..1000000")
         measured = presence.run(args.rate, args.seconds, args.members, args.redis_url)
         print("\n".join(f"| {k} | {v} |" for k, v in asdict(measured).items()))
         return 0
-    if args.scenario == "store":
-        counts = [int(x) for x in args.publishers.split(",")]
-        if not (all(0 < c <= 1000 for c in counts) and 0 < args.messages <= 100000):
-            parser.error("publishers 1..1000, messages 1..100000")
-        print(store.report(store.run(args.backend, counts, args.messages)))
-        return 0
-    if not (0 < args.subscribers <= 20000 and 0 < args.messages <= 100000 and args.rate > 0):
-        parser.error("subscribers 1..20000, messages 1..100000, rate > 0")
-    result = fanout.run(args.subscribers, args.messages, args.rate, args.clients, args.timeout)
-    print(fanout.report(result, args.out))
-    return 0 if result.delivered == result.expected else 1
+    if not (0 < args.alerts <= 5000 and 0 < args.rate <= 1000):
+        parser.error("alerts 1..5000, rate 1..1000")
+    lat = alerts.run(args.alerts, args.rate, args.topology)
+    print("\n".join(f"| {k} | {v} |" for k, v in asdict(lat).items()))
+    return 0 if lat.missing == 0 else 1
 
 
 if __name__ == "__main__":

@@ -3,17 +3,28 @@ numbers are measured by `python -m loadtests`, never asserted."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from loadtests import fanout
+
+def test_fanout_comparison_smoke(tmp_path: Path) -> None:
+    """Every target of the comparison, tiny: the harness and the peers cannot rot."""
+    from loadtests import compare
+
+    rows = [
+        asdict(compare.fanout(kind, 20, 5, 50, clients=1, timeout_s=60, topology="embedded"))
+        for kind in ("realtime", "socketio", "raw")
+    ]
+    assert [r["delivered"] for r in rows] == [100, 100, 100]
+    table = compare.write(rows, tmp_path, "smoke")
+    assert "python-socketio" in table and list(tmp_path.glob("smoke-*.png"))
 
 
-def test_fanout_smoke(tmp_path: Path) -> None:
-    result = fanout.run(subscribers=20, messages=5, rate=50, clients=1, timeout_s=60)
-    assert result.delivered == result.expected == 100
-    assert result.latency_ms_p50 > 0
-    table = fanout.report(result, tmp_path)
-    assert "delivered_per_s" in table and list(tmp_path.glob("fanout-*.json"))
+def test_idle_smoke() -> None:
+    from loadtests import compare
+
+    row = compare.idle("realtime", 20)
+    assert row["connections"] == 20 and row["server_kb_per_connection"] > 0
 
 
 def test_store_smoke() -> None:

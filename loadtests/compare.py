@@ -1,0 +1,549 @@
+"""Side-by-side benchmarks on one machine: our server, the python-socketio + Redis peer, and
+the raw `websockets` broadcast ceiling, driven by the same client code.
+
+    python -m loadtests compare --subscribers 1000,5000 --messages 100 --rate 100
+    python -m loadtests idle --connections 5000
+
+Scenarios:
+- fan-out: 1 publisher -> 1 channel -> N subscribers, publishing at `rate`/s; every message
+  carries its send time, subscribers (in several client processes; their CPU is reported)
+  count deliveries and measure publish -> deliver latency.
+- idle: N authenticated, subscribed connections doing nothing: server memory per connection.
+
+Every run is bounded (messages, `--timeout`) and uses loopback only. Results: a JSON file, a
+Markdown table and PNG plots in `--out` (default loadtests/results/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+CHANNEL = "public:bench"
+TS = re.compile(r"ts=([0-9.]+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- targets: how to start each server and speak to it --------------------------------
+
+
+class Target:
+    name = ""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def token(self, user: str) -> str:
+        return jwt.encode({"sub": user, "exp": time.time() + 3600}, self.secret, algorithm="HS256")
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def url(self, port: int) -> str:
+        raise NotImplementedError
+
+    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+        raise NotImplementedError
+
+    async def publisher(self, ws: ClientConnection) -> None:
+        return None
+
+    def publish_frame(self, n: int, ts: float) -> str:
+        raise NotImplementedError
+
+    def reply_to(self, data: str | bytes) -> str | None:
+        """A frame the client must answer (keepalive), or None."""
+        return None
+
+
+class Ours(Target):
+    name = "realtime"
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "realtime",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+        ]
+
+    def url(self, port: int) -> str:
+        return f"ws://127.0.0.1:{port}/ws"
+
+    async def _auth(self, ws: ClientConnection, user: str) -> None:
+        await ws.send(json.dumps({"id": 1, "op": "auth", "token": self.token(user)}))
+        await ws.recv()
+
+    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+        await self._auth(ws, f"s{i}")
+        await ws.send(json.dumps({"id": 2, "op": "subscribe", "channel": CHANNEL}))
+        await ws.recv()
+
+    async def publisher(self, ws: ClientConnection) -> None:
+        await self._auth(ws, "publisher")
+
+    def publish_frame(self, n: int, ts: float) -> str:
+        return json.dumps(
+            {
+                "id": n + 10,
+                "op": "publish",
+                "channel": CHANNEL,
+                "client_msg_id": f"b{n}",
+                "body": {"v": 1, "alg": "none", "text": f"ts={ts!r}"},
+            }
+        )
+
+
+class SocketIO(Target):
+    name = "python-socketio+redis"
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "loadtests.peers.socketio_server:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--ws",
+            "websockets-sansio",
+        ]
+
+    def url(self, port: int) -> str:
+        return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+
+    async def _open(self, ws: ClientConnection) -> None:
+        await ws.recv()  # engine.io open packet "0{...}"
+        await ws.send("40")  # socket.io connect to "/"
+        await ws.recv()  # "40{sid}"
+
+    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+        await self._open(ws)
+        await ws.send('420["join","bench"]')
+        while not str(await ws.recv()).startswith("430"):
+            pass
+
+    async def publisher(self, ws: ClientConnection) -> None:
+        await self._open(ws)
+
+    def publish_frame(self, n: int, ts: float) -> str:
+        return "42" + json.dumps(["publish", {"room": "bench", "text": f"ts={ts!r}"}])
+
+    def reply_to(self, data: str | bytes) -> str | None:
+        return "3" if data == "2" else None  # engine.io v4: the server pings, we pong
+
+
+class Raw(Target):
+    name = "raw websockets (ceiling)"
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "loadtests.peers.raw_server", str(port)]
+
+    def url(self, port: int) -> str:
+        return f"ws://127.0.0.1:{port}"
+
+    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+        await ws.send("sub")
+
+    async def publisher(self, ws: ClientConnection) -> None:
+        return None
+
+    def publish_frame(self, n: int, ts: float) -> str:
+        return f"ts={ts!r}"
+
+
+TARGETS: dict[str, type[Target]] = {"realtime": Ours, "socketio": SocketIO, "raw": Raw}
+
+
+# --- client processes ---------------------------------------------------------------
+
+
+def _protocols(kind: str) -> list[Subprotocol] | None:
+    return [Subprotocol("rt.v1.json")] if kind == "realtime" else None
+
+
+async def _subscribers(
+    kind: str,
+    secret: str,
+    url: str,
+    first: int,
+    count: int,
+    expected: int,
+    deadline: float,
+    ready: Any,
+    out: Any,
+) -> None:
+    target = TARGETS[kind](secret)
+    socks = []
+    for i in range(first, first + count):
+        ws = await connect(
+            url,
+            max_size=None,
+            max_queue=None,
+            subprotocols=_protocols(kind),
+        )
+        await target.subscribe(ws, i)
+        socks.append(ws)
+    ready.put(count)
+    latencies: list[float] = []
+    received = 0
+
+    async def read(ws: ClientConnection) -> None:
+        nonlocal received
+        got = 0
+        while got < expected and time.time() < deadline:
+            try:
+                data = await asyncio.wait_for(ws.recv(), deadline - time.time())
+            except Exception:
+                return
+            now = time.time()
+            answer = target.reply_to(data)
+            if answer is not None:
+                await ws.send(answer)
+                continue
+            match = TS.search(data if isinstance(data, str) else data.decode())
+            if match:
+                got += 1
+                received += 1
+                if got % 4 == 1:  # sample latency (parsing every frame would cost the client)
+                    latencies.append(now - float(match.group(1)))
+
+    await asyncio.gather(*(read(ws) for ws in socks))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put(
+        {"received": received, "latencies": latencies, "cpu_s": usage.ru_utime + usage.ru_stime}
+    )
+    for ws in socks:
+        await ws.close()
+
+
+def _client_process(*args: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(_subscribers(*args))
+    except ImportError:
+        asyncio.run(_subscribers(*args))
+
+
+# --- a run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    target: str
+    subscribers: int
+    messages: int
+    rate_per_s: float
+    delivered: int
+    expected: int
+    delivered_per_s: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    latency_ms_max: float
+    server_cpu_s: float
+    server_rss_mb: float
+    server_kb_per_connection: float
+    client_cpu_s: float
+    duration_s: float
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000, 2)
+
+
+class Servers:
+    """Starts a target's server (and what it needs: Redis, MongoDB) and stops everything."""
+
+    def __init__(self, kind: str, topology: str) -> None:
+        self.kind = kind
+        self.topology = topology
+        self.secret = secrets.token_hex(32)
+        self.work = Path(tempfile.mkdtemp(prefix="rt-compare-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = free_port()
+        self.pid = 0
+
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Servers:
+        env = {
+            **os.environ,
+            "RT_JWT_SECRET": self.secret,
+            "RT_DATA_DIR": str(self.work),
+            "RT_RATE_PER_S": "100000",
+            "RT_RATE_BURST": "100000",
+            "RT_SEND_QUEUE_FRAMES": "100000",
+        }
+        if self.kind == "socketio" or self.topology == "redis":
+            redis_port = free_port()
+            self._spawn(
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.work),
+                ]
+            )
+            wait_port(redis_port)
+            env["RT_PEER_REDIS_URL"] = env["RT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            if self.kind != "realtime":
+                env.pop("RT_REDIS_URL")
+            elif os.environ.get("MONGODB_URI"):
+                env["RT_MONGODB_URI"] = os.environ["MONGODB_URI"]
+            else:
+                mongo_port = free_port()
+                exe = shutil.which("secantusd-py") or str(
+                    Path(sys.executable).parent / "secantusd-py"
+                )
+                self._spawn(
+                    [
+                        exe,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(mongo_port),
+                        "--storage-path",
+                        str(self.work / "mongo"),
+                        "--standalone",
+                    ]
+                )
+                wait_port(mongo_port)
+                env["RT_MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
+        target = TARGETS[self.kind](self.secret)
+        self.pid = self._spawn(target.command(self.port), env).pid
+        wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def fanout(
+    kind: str,
+    subscribers: int,
+    messages: int,
+    rate: float,
+    *,
+    clients: int = 2,
+    timeout_s: float = 120,
+    topology: str = "redis",
+) -> Result:
+    with Servers(kind, topology) as servers:
+        target = TARGETS[kind](servers.secret)
+        url = target.url(servers.port)
+        _, rss0 = proc_stats(servers.pid)
+        ctx = mp.get_context("spawn")
+        ready, out = ctx.Queue(), ctx.Queue()
+        deadline = time.time() + timeout_s
+        per = [
+            subscribers // clients + (1 if i < subscribers % clients else 0) for i in range(clients)
+        ]
+        procs = [
+            ctx.Process(
+                target=_client_process,
+                args=(kind, servers.secret, url, sum(per[:i]), n, messages, deadline, ready, out),
+            )
+            for i, n in enumerate(per)
+        ]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=timeout_s)
+        cpu1, rss1 = proc_stats(servers.pid)
+        t0 = time.perf_counter()
+        asyncio.run(_publish(target, url, messages, rate))
+        results = [out.get(timeout=max(1.0, deadline - time.time() + 10)) for _ in procs]
+        duration = time.perf_counter() - t0
+        for p in procs:
+            p.join(10)
+        cpu2, rss2 = proc_stats(servers.pid)
+    latencies = [x for r in results for x in r["latencies"]]
+    delivered = sum(r["received"] for r in results)
+    return Result(
+        "fanout",
+        target.name,
+        subscribers,
+        messages,
+        rate,
+        delivered,
+        subscribers * messages,
+        round(delivered / duration, 1),
+        _pct(latencies, 50),
+        _pct(latencies, 95),
+        _pct(latencies, 99),
+        round(max(latencies) * 1000, 2) if latencies else float("nan"),
+        round(cpu2 - cpu1, 2),
+        round(rss2 / 2**20, 1),
+        round((rss1 - rss0) / 1024 / subscribers, 1),
+        round(sum(r["cpu_s"] for r in results), 2),
+        round(duration, 2),
+    )
+
+
+async def _publish(target: Target, url: str, messages: int, rate: float) -> None:
+    async with connect(
+        url,
+        max_size=None,
+        max_queue=None,
+        subprotocols=_protocols("realtime" if isinstance(target, Ours) else ""),
+    ) as ws:
+        await target.publisher(ws)
+
+        async def drain() -> None:  # replies and pings to the publisher
+            async for data in ws:
+                answer = target.reply_to(data)
+                if answer is not None:
+                    await ws.send(answer)
+
+        reader = asyncio.create_task(drain())
+        start = time.perf_counter()
+        for n in range(messages):
+            delay = start + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(target.publish_frame(n, time.time()))
+        await asyncio.sleep(0.5)
+        reader.cancel()
+
+
+def idle(kind: str, connections: int, *, topology: str = "embedded") -> dict[str, Any]:
+    """Memory per idle, authenticated, subscribed connection on the server."""
+    with Servers(kind, topology) as servers:
+        target = TARGETS[kind](servers.secret)
+        _, before = proc_stats(servers.pid)
+
+        async def hold() -> int:
+            socks = []
+            for i in range(connections):
+                # Idle clients read nothing (join pushes pile up): unbounded client queue,
+                # so their close handshake is not stuck behind it.
+                ws = await connect(
+                    target.url(servers.port),
+                    subprotocols=_protocols(kind),
+                    max_queue=None,
+                    close_timeout=1,
+                )
+                await target.subscribe(ws, i)
+                socks.append(ws)
+            await asyncio.sleep(2)
+            _, after = proc_stats(servers.pid)
+            for ws in socks:
+                await ws.close()
+            return after
+
+        after = asyncio.run(hold())
+    return {
+        "scenario": "idle",
+        "target": TARGETS[kind].name,
+        "connections": connections,
+        "server_rss_mb": round(after / 2**20, 1),
+        "server_kb_per_connection": round((after - before) / 1024 / connections, 1),
+    }
+
+
+def write(results: list[dict[str, Any]], out: Path, name: str) -> str:
+    """JSON, Markdown and PNG plots; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{name}-{stamp}.json").write_text(json.dumps(results, indent=2))
+    keys = list(results[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in results]
+    table = "\n".join(lines) + "\n"
+    (out / f"{name}-{stamp}.md").write_text(table)
+    if results[0].get("scenario") == "fanout":
+        _plot(results, out / f"{name}-{stamp}.png")
+    return table
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for target in dict.fromkeys(r["target"] for r in results):
+        rows = [r for r in results if r["target"] == target]
+        xs = [r["subscribers"] for r in rows]
+        left.plot(xs, [r["delivered_per_s"] for r in rows], marker="o", label=target)
+        right.plot(xs, [r["latency_ms_p99"] for r in rows], marker="o", label=target)
+    left.set(title="delivered messages/s (higher is better)", xlabel="subscribers")
+    right.set(
+        title="publish -> deliver p99 ms (lower is better)", xlabel="subscribers", yscale="log"
+    )
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

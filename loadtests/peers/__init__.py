@@ -1,0 +1,1 @@
+"""Servers to compare against, run by the benchmark on the same machine, same scenario."""
