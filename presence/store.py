@@ -26,13 +26,14 @@ class Page:
 
 
 class PresenceStore(Protocol):
-    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[bool]:
-        """Record that `node` holds these (channel, user) entries; for each, True if that
-        made the user present in the channel (their first connection anywhere)."""
+    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[int]:
+        """Record that `node` holds these (channel, user) entries. For each: 0 if the user was
+        already present, else the channel's member count now (the user joined)."""
         ...
 
-    async def leave(self, node: str, entries: list[Entry]) -> list[bool]:
-        """Withdraw entries of `node`; True where that was the user's last node."""
+    async def leave(self, node: str, entries: list[Entry]) -> list[int]:
+        """Withdraw entries of `node`. For each: 0 if the user is still present elsewhere,
+        else the number of members left + 1 (the user left)."""
         ...
 
     async def restore(self, node: str, entries: list[Entry], now_ms: int) -> None:
@@ -77,19 +78,21 @@ class MemoryPresence:
         self._members: dict[str, dict[str, int]] = {}
         self._invisible: set[str] = set()
 
-    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[bool]:
+    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[int]:
         out = []
         for channel, user in entries:
             members = self._members.setdefault(channel, {})
-            out.append(user not in members)
+            joined = user not in members
             members.setdefault(user, now_ms)
+            out.append(len(members) if joined else 0)
         return out
 
-    async def leave(self, node: str, entries: list[Entry]) -> list[bool]:
+    async def leave(self, node: str, entries: list[Entry]) -> list[int]:
         out = []
         for channel, user in entries:
             members = self._members.get(channel, {})
-            out.append(members.pop(user, None) is not None)
+            left = members.pop(user, None) is not None
+            out.append(len(members) + 1 if left else 0)
             if not members:
                 self._members.pop(channel, None)
         return out
@@ -143,7 +146,7 @@ _JOIN = """
 if redis.call('SADD', KEYS[3], ARGV[1] .. '|' .. ARGV[2]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  return 1
+  return redis.call('HLEN', KEYS[1])
 end
 return 0
 """
@@ -152,7 +155,7 @@ if redis.call('SREM', KEYS[3], ARGV[1] .. '|' .. ARGV[2]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[1], ARGV[1])
-  return 1
+  return redis.call('HLEN', KEYS[1]) + 1
 end
 return 0
 """
@@ -184,7 +187,7 @@ class RedisPresence:
 
     async def _run(
         self, script: Any, node: str, entries: list[Entry], now_ms: int, *, joining: bool
-    ) -> list[bool]:
+    ) -> list[int]:
         """The node's index is written before a join and cleared after a leave, so a crash
         in between leaves at worst an index entry whose leave is a no-op, never a member
         that nobody can clear."""
@@ -200,12 +203,12 @@ class RedisPresence:
                     pipe.srem(index, f"{channel}|{user}")
             results = await pipe.execute()
         offset = 1 if joining else 0
-        return [bool(results[2 * i + offset]) for i in range(len(entries))]
+        return [int(results[2 * i + offset]) for i in range(len(entries))]
 
-    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[bool]:
+    async def join(self, node: str, entries: list[Entry], now_ms: int) -> list[int]:
         return await self._run(self._join, node, entries, now_ms, joining=True)
 
-    async def leave(self, node: str, entries: list[Entry]) -> list[bool]:
+    async def leave(self, node: str, entries: list[Entry]) -> list[int]:
         return await self._run(self._leave, node, entries, 0, joining=False)
 
     async def restore(self, node: str, entries: list[Entry], now_ms: int) -> None:

@@ -31,12 +31,12 @@ class _Batch:
     def __init__(self, store: PresenceStore, node: str) -> None:
         self._store = store
         self._node = node
-        self._queue: list[tuple[bool, Entry, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[bool, Entry, asyncio.Future[int]]] = []
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
 
-    async def __call__(self, joining: bool, entry: Entry) -> bool:
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def __call__(self, joining: bool, entry: Entry) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((joining, entry, fut))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush(), name="presence-batch")
@@ -81,12 +81,14 @@ class PresenceTracker:
         *,
         heartbeat_s: float = 5.0,
         node_timeout_s: float = 15.0,
+        push_limit: int = 200,
     ) -> None:
         self.store = store
         self.node = node
         self._publish = publish
         self._heartbeat_s = heartbeat_s
         self._node_timeout_s = node_timeout_s
+        self._push_limit = push_limit
         self._local: dict[str, dict[str, int]] = {}  # channel -> user -> local connections
         self._batch = _Batch(store, node)
         self._instance: str | None = None
@@ -112,11 +114,17 @@ class PresenceTracker:
             for (channel, user), left in zip(
                 entries, await self.store.leave(self.node, entries), strict=True
             ):
-                if left:
+                if self._pushes(left):
                     await self._publish(channel, "leave", user)
             await self.store.forget_node(self.node)
         except Exception as exc:
             log.warning("presence not withdrawn on stop (%s); survivors will reap it", exc)
+
+    def _pushes(self, count: int) -> bool:
+        """Push join/leave only when it changed something, and only on channels of at most
+        `push_limit` members: on bigger ones every member hearing every join is quadratic
+        traffic (1,000 people entering a room = 500,000 pushes); ask `presence` instead."""
+        return 0 < count <= self._push_limit
 
     def _entries(self) -> list[Entry]:
         return [(ch, user) for ch, users in self._local.items() for user in users]
@@ -129,7 +137,7 @@ class PresenceTracker:
         if users[user] > 1:
             return
         try:
-            if await self._batch(True, (channel, user)):
+            if self._pushes(await self._batch(True, (channel, user))):
                 await self._publish(channel, "join", user)
         except Exception as exc:
             log.warning("presence join %s %s failed (%s); reconciling later", channel, user, exc)
@@ -146,7 +154,7 @@ class PresenceTracker:
         if not users:
             del self._local[channel]
         try:
-            if await self._batch(False, (channel, user)):
+            if self._pushes(await self._batch(False, (channel, user))):
                 await self._publish(channel, "leave", user)
         except Exception as exc:
             log.warning("presence leave %s %s failed (%s); reconciling later", channel, user, exc)
@@ -190,12 +198,12 @@ class PresenceTracker:
         for (channel, user), left in zip(
             stale, await self.store.leave(self.node, stale), strict=True
         ):
-            if left:
+            if self._pushes(left):
                 await self._publish(channel, "leave", user)
         for (channel, user), joined in zip(
             missing, await self.store.join(self.node, missing, _now()), strict=True
         ):
-            if joined:
+            if self._pushes(joined):
                 await self._publish(channel, "join", user)
         self._dirty = False
 
@@ -206,7 +214,7 @@ class PresenceTracker:
             entries = await self.store.entries_of(dead)
             left = await self.store.leave(dead, entries)
             for (channel, user), gone in zip(entries, left, strict=True):
-                if gone:
+                if self._pushes(gone):
                     await self._publish(channel, "leave", user)
             await self.store.forget_node(dead)
             log.warning(

@@ -74,7 +74,7 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         ws_max_size=limits.max_frame_bytes,
         ws_ping_interval=limits.ping_interval_s,
         ws_ping_timeout=limits.ping_timeout_s,
-        ws_per_message_deflate=True,
+        ws_per_message_deflate=settings.ws_deflate,
         lifespan="off",
         log_level=log_level,
         access_log=False,

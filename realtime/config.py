@@ -71,6 +71,8 @@ class Settings:
     alert_trigger_limit: int = 5
     alert_retry_base_s: float = 1.0
     alert_lease_s: float = 30.0
+    ws_deflate: bool = False
+    presence_push_limit: int = 200
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -265,6 +267,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_trigger_limit=int(_number(env, "RT_ALERT_TRIGGER_LIMIT", 5, integer=True)),
         alert_retry_base_s=_number(env, "RT_ALERT_RETRY_BASE_S", 1.0),
         alert_lease_s=_number(env, "RT_ALERT_LEASE_S", 30.0),
+        ws_deflate=(env.get("RT_WS_DEFLATE") or "false").lower() in ("1", "true"),
+        presence_push_limit=int(_number(env, "RT_PRESENCE_PUSH_LIMIT", 200, integer=True)),
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,

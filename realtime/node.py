@@ -107,6 +107,7 @@ class Node:
             self._publish_presence,
             heartbeat_s=settings.presence_heartbeat_s,
             node_timeout_s=settings.presence_node_timeout_s,
+            push_limit=settings.presence_push_limit,
         )
         self._typing_at: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -188,3 +188,22 @@ async def test_presence_is_rebuilt_after_a_redis_restart(
     assert await presence_pushes(on_a, 1, 10) == [("join", "carl")]
     for r in (on_a, on_b, carl):
         await r.close()
+
+
+async def test_join_leave_pushes_stop_on_large_channels(node_factory: Any) -> None:
+    node: Node = node_factory("capped", RT_PRESENCE_PUSH_LIMIT="2")
+    ch = chan()
+    first = await Raw.open(node.url, token("u1"))
+    await first.ok("subscribe", channel=ch)
+    second = await Raw.open(node.url, token("u2"))
+    await second.ok("subscribe", channel=ch)
+    assert await presence_pushes(first, 1, 5) == [("join", "u2")]  # 2 members: pushed
+    third = await Raw.open(node.url, token("u3"))
+    await third.ok("subscribe", channel=ch)
+    await first.no_push(0.5, presence=True)  # 3 members: over the limit, no push
+    assert sorted(await members(first, ch)) == ["u1", "u2", "u3"]  # presence still tells
+    await third.close()
+    await first.no_push(0.5, presence=True)  # leaving a 3-member channel: no push
+    await second.close()
+    assert await presence_pushes(first, 1, 5) == [("leave", "u2")]
+    await first.close()
