@@ -235,6 +235,7 @@ async def _subscribers(
     ready.put(count)
     latencies: list[float] = []
     received = 0
+    closes: dict[str, int] = {}
 
     async def read(ws: ClientConnection) -> None:
         nonlocal received
@@ -242,7 +243,11 @@ async def _subscribers(
         while got < expected and time.time() < deadline:
             try:
                 data = await asyncio.wait_for(ws.recv(), deadline - time.time())
+            except TimeoutError:
+                return
             except Exception:
+                code = str(ws.close_code)
+                closes[code] = closes.get(code, 0) + 1
                 return
             now = time.time()
             answer = target.reply_to(data)
@@ -259,7 +264,12 @@ async def _subscribers(
     await asyncio.gather(*(read(ws) for ws in socks))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.put(
-        {"received": received, "latencies": latencies, "cpu_s": usage.ru_utime + usage.ru_stime}
+        {
+            "received": received,
+            "latencies": latencies,
+            "closes": closes,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+        }
     )
     for ws in socks:
         await ws.close()
@@ -296,6 +306,7 @@ class Result:
     server_kb_per_connection: float
     client_cpu_s: float
     duration_s: float
+    disconnects: str  # close codes seen by subscribers, e.g. "4008x12"
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -318,7 +329,9 @@ class Servers:
         self.pid = 0
 
     def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = open(self.work / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
         self.procs.append(proc)
         return proc
 
@@ -446,6 +459,7 @@ def fanout(
         round((rss1 - rss0) / 1024 / subscribers, 1),
         round(sum(r["cpu_s"] for r in results), 2),
         round(duration, 2),
+        ",".join(f"{code}x{n}" for r in results for code, n in r["closes"].items()) or "none",
     )
 
 
