@@ -14,10 +14,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +24,9 @@ import httpx
 import jwt
 from websockets.asyncio.client import connect
 
+from .compare import Servers
 from .fakeproviders import FakeProviders
+from .support import pct
 
 
 @dataclass
@@ -44,149 +42,51 @@ class AlertLatency:
     missing: int
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing on port {port}")
-
-
-def _pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000, 1)
-
-
 def run(alerts: int, rate: float, topology: str) -> AlertLatency:
-    work = Path(tempfile.mkdtemp(prefix="rt-alert-bench-"))
     fakes = FakeProviders()
-    procs: list[subprocess.Popen[bytes]] = []
-    secret = secrets.token_hex(32)
+    work = Path(tempfile.mkdtemp(prefix="rt-alert-bench-"))
     api_key = secrets.token_hex(16)
-    env = {
-        **os.environ,
-        "RT_JWT_SECRET": secret,
-        "RT_API_KEY": api_key,
-        "RT_DATA_DIR": str(work / "data"),
-        "RT_ALERT_TRIGGER_LIMIT": "1000",
-        **fakes.env(work),
-    }
-    mongo_kind = "-"
+    extra = {"RT_API_KEY": api_key, "RT_ALERT_TRIGGER_LIMIT": "1000", **fakes.env(work)}
     try:
-        if topology == "redis":
-            redis_port = _port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        shutil.which("redis-server") or "redis-server",
-                        "--port",
-                        str(redis_port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(work),
-                    ],
-                    stdout=subprocess.DEVNULL,
+        with Servers("realtime", topology, extra) as servers:
+            base = f"http://127.0.0.1:{servers.port}"
+            for i in range(alerts):  # each owner has one SMS contact
+                httpx.put(
+                    f"{base}/v1/users/owner{i}/contacts",
+                    json={"contacts": [{"phone": f"+1555{i:07d}"}]},
+                    headers={"Authorization": f"Bearer {api_key}"},
+                    timeout=30,
                 )
+            sent = asyncio.run(
+                _trigger(f"ws://127.0.0.1:{servers.port}/ws", servers.secret, alerts, rate)
             )
-            _wait(redis_port)
-            env["RT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            uri = os.environ.get("MONGODB_URI")
-            if uri:
-                mongo_kind = "MONGODB_URI"
-            else:
-                mongo_port = _port()
-                exe = shutil.which("secantusd-py") or str(
-                    Path(sys.executable).parent / "secantusd-py"
-                )
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            exe,
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(mongo_port),
-                            "--storage-path",
-                            str(work / "mongo"),
-                            "--standalone",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-                _wait(mongo_port)
-                uri = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
-                mongo_kind = "SecantusDB (local, slow)"
-            env["RT_MONGODB_URI"] = uri
-        port = _port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "realtime",
-                    "serve",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "error",
-                ],
-                env=env,
-            )
-        )
-        _wait(port)
-        base = f"http://127.0.0.1:{port}"
-        phones = {}
-        for i in range(alerts):
-            owner, phone = f"owner{i}", f"+1555{i:07d}"
-            phones[phone] = owner
-            httpx.put(
-                f"{base}/v1/users/{owner}/contacts",
-                json={"contacts": [{"phone": phone}]},
-                headers={"Authorization": f"Bearer {api_key}"},
-                timeout=30,
-            )
-        sent = asyncio.run(_trigger(f"ws://127.0.0.1:{port}/ws", secret, alerts, rate))
-        deadline = time.time() + 30
-        while time.time() < deadline and len({r.body["To"] for r in fakes.sms}) < alerts:
-            time.sleep(0.1)
-        first: dict[str, float] = {}
-        for r in fakes.sms:
-            first.setdefault(r.body["To"], r.at)
-        latencies = [
-            first[f"+1555{i:07d}"] - sent[i] for i in range(alerts) if f"+1555{i:07d}" in first
-        ]
+            deadline = time.time() + 30
+            while time.time() < deadline and len({r.body["To"] for r in fakes.sms}) < alerts:
+                time.sleep(0.1)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
         fakes.close()
+    first: dict[str, float] = {}
+    for r in fakes.sms:
+        first.setdefault(r.body["To"], r.at)
+    latencies = [
+        first[f"+1555{i:07d}"] - sent[i] for i in range(alerts) if f"+1555{i:07d}" in first
+    ]
+    mongo = (
+        "-"
+        if topology == "embedded"
+        else "MONGODB_URI"
+        if os.environ.get("MONGODB_URI")
+        else "SecantusDB (local, slow)"
+    )
     return AlertLatency(
         topology,
-        mongo_kind,
+        mongo,
         alerts,
         rate,
-        _pct(latencies, 50),
-        _pct(latencies, 95),
-        _pct(latencies, 99),
-        round(max(latencies) * 1000, 1),
+        pct(latencies, 50),
+        pct(latencies, 95),
+        pct(latencies, 99),
+        round(max(latencies) * 1000, 1) if latencies else float("nan"),
         alerts - len(latencies),
     )
 

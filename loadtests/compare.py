@@ -24,7 +24,6 @@ import re
 import resource
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,33 +36,10 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from .support import free_port, pct, proc_stats, wait_port
+
 CHANNEL = "public:bench"
 TS = re.compile(r"ts=([0-9.]+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # --- targets: how to start each server and speak to it --------------------------------
@@ -309,18 +285,12 @@ class Result:
     disconnects: str  # close codes seen by subscribers, e.g. "4008x12"
 
 
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000, 2)
-
-
 class Servers:
     """Starts a target's server (and what it needs: Redis, MongoDB) and stops everything."""
 
-    def __init__(self, kind: str, topology: str) -> None:
+    def __init__(self, kind: str, topology: str, extra_env: dict[str, str] | None = None) -> None:
         self.kind = kind
+        self.extra_env = extra_env or {}
         self.topology = topology
         self.secret = secrets.token_hex(32)
         self.work = Path(tempfile.mkdtemp(prefix="rt-compare-"))
@@ -343,6 +313,7 @@ class Servers:
             "RT_RATE_PER_S": "100000",
             "RT_RATE_BURST": "100000",
             "RT_SEND_QUEUE_FRAMES": "100000",
+            **self.extra_env,
         }
         if self.kind == "socketio" or self.topology == "redis":
             redis_port = free_port()
@@ -450,9 +421,9 @@ def fanout(
         delivered,
         subscribers * messages,
         round(delivered / duration, 1),
-        _pct(latencies, 50),
-        _pct(latencies, 95),
-        _pct(latencies, 99),
+        pct(latencies, 50),
+        pct(latencies, 95),
+        pct(latencies, 99),
         round(max(latencies) * 1000, 2) if latencies else float("nan"),
         round(cpu2 - cpu1, 2),
         round(rss2 / 2**20, 1),

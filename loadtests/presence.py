@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ import redis.asyncio as aioredis
 
 from presence.store import RedisPresence
 from presence.tracker import PresenceTracker
+
+from .support import free_port, pct, wait_port
 
 
 @dataclass
@@ -37,17 +38,6 @@ class PresenceResult:
     redis_round_trips: int
     round_trips_per_op: float
     redis_cpu_us_per_op: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000, 3)
 
 
 async def _cpu(url: str) -> float:
@@ -108,8 +98,8 @@ async def _run(url: str, rate: float, seconds: float, members: int) -> PresenceR
         rate,
         ops,
         round(ops / elapsed, 1),
-        _pct(latencies, 50),
-        _pct(latencies, 99),
+        pct(latencies, 50),
+        pct(latencies, 99),
         trips,
         round(trips / ops, 3),
         round(cpu / ops * 1e6, 1),
@@ -122,7 +112,7 @@ def run(rate: float, seconds: float, members: int, redis_url: str | None) -> Pre
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="rt-presence-bench-")
     proc = subprocess.Popen(
         [
@@ -141,12 +131,7 @@ def run(rate: float, seconds: float, members: int, redis_url: str | None) -> Pre
         stdout=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_port(port)
         return asyncio.run(_run(f"redis://127.0.0.1:{port}/0", rate, seconds, members))
     finally:
         proc.terminate()
