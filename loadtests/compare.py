@@ -36,7 +36,7 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from .support import free_port, pct, proc_stats, wait_port
+from .support import free_port, pct, proc_stats, redis_command, wait_port
 
 CHANNEL = "public:bench"
 TS = re.compile(r"ts=([0-9.]+)")
@@ -317,21 +317,7 @@ class Servers:
         }
         if self.kind == "socketio" or self.topology == "redis":
             redis_port = free_port()
-            self._spawn(
-                [
-                    shutil.which("redis-server") or "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.work),
-                ]
-            )
+            self._spawn(redis_command(redis_port, str(self.work)))
             wait_port(redis_port)
             env["RT_PEER_REDIS_URL"] = env["RT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             if self.kind != "realtime":

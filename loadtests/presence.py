@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from presence.store import RedisPresence
 from presence.tracker import PresenceTracker
 
-from .support import free_port, pct, wait_port
+from .support import free_port, pct, redis_command, wait_port
 
 
 @dataclass
@@ -115,19 +115,7 @@ def run(rate: float, seconds: float, members: int, redis_url: str | None) -> Pre
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="rt-presence-bench-")
     proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
+        redis_command(port, workdir),
         stdout=subprocess.DEVNULL,
     )
     try:

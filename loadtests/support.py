@@ -39,3 +39,25 @@ def proc_stats(pid: int) -> tuple[float, int]:
         fields = f.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def redis_command(port: int, directory: str) -> list[str]:
+    """A throw-away redis-server on a loopback port: no persistence."""
+    import shutil
+
+    exe = shutil.which("redis-server") or "redis-server"
+    return [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        directory,
+        "--protected-mode",
+        "no",
+    ]

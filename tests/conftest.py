@@ -23,6 +23,8 @@ import httpx
 import jwt
 import pytest
 
+from loadtests.support import redis_command
+
 SECRET = "test-secret-" + "x" * 40
 API_KEY = "test-api-key-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,21 +74,7 @@ class RedisServer:
         if exe is None:
             pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
         self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--protected-mode",
-                "no",
-            ],
+            redis_command(self.port, str(self.dir)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
