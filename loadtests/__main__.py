@@ -31,6 +31,13 @@ def main() -> int:
         help="ours: on Redis (+MongoDB) like the peer, or a single node",
     )
     cmp_.add_argument("--clients", type=int, default=2, help="client processes")
+    cmp_.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="server nodes on one Redis, subscribers split across them "
+        "(realtime and socketio only)",
+    )
     cmp_.add_argument("--timeout", type=float, default=180.0)
 
     fan = sub.add_parser("fanout", help="fan-out on our server only")
@@ -69,6 +76,10 @@ def main() -> int:
         ):
             parser.error("subscribers 1..20000, messages 1..100000, rate > 0")
         kinds = args.targets.split(",") if args.scenario == "compare" else ["realtime"]
+        nodes = getattr(args, "nodes", 1)
+        if nodes > 1:
+            kinds = [k for k in kinds if k != "raw"]  # the ceiling is one process
+            args.clients = max(args.clients, nodes)
         rows = [
             asdict(
                 compare.fanout(
@@ -79,6 +90,7 @@ def main() -> int:
                     clients=args.clients,
                     timeout_s=args.timeout,
                     topology=args.topology,
+                    nodes=nodes,
                 )
             )
             for n in counts

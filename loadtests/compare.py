@@ -283,20 +283,26 @@ class Result:
     client_cpu_s: float
     duration_s: float
     disconnects: str  # close codes seen by subscribers, e.g. "4008x12"
+    nodes: int = 1
 
 
 class Servers:
     """Starts a target's server (and what it needs: Redis, MongoDB) and stops everything."""
 
-    def __init__(self, kind: str, topology: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, kind: str, topology: str, extra_env: dict[str, str] | None = None, nodes: int = 1
+    ) -> None:
+        if nodes > 1 and (kind == "raw" or (kind == "realtime" and topology != "redis")):
+            raise ValueError("several nodes need a shared broker: realtime on Redis, or socketio")
         self.kind = kind
         self.extra_env = extra_env or {}
         self.topology = topology
         self.secret = secrets.token_hex(32)
         self.work = Path(tempfile.mkdtemp(prefix="rt-compare-"))
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.port = free_port()
-        self.pid = 0
+        self.ports = [free_port() for _ in range(nodes)]
+        self.port = self.ports[0]
+        self.pids: list[int] = []
 
     def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb")
@@ -344,9 +350,23 @@ class Servers:
                 wait_port(mongo_port)
                 env["RT_MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
         target = TARGETS[self.kind](self.secret)
-        self.pid = self._spawn(target.command(self.port), env).pid
-        wait_port(self.port)
+        for n, port in enumerate(self.ports):
+            self.pids.append(self._spawn(target.command(port), {**env, "RT_NODE_ID": f"n{n}"}).pid)
+        for port in self.ports:
+            wait_port(port)
         return self
+
+    @property
+    def pid(self) -> int:
+        return self.pids[0]
+
+    def stats(self) -> tuple[float, int]:
+        """CPU seconds and RSS bytes of all server nodes together."""
+        cpu, rss = 0.0, 0
+        for pid in self.pids:
+            c, r = proc_stats(pid)
+            cpu, rss = cpu + c, rss + r
+        return cpu, rss
 
     def __exit__(self, *exc: object) -> None:
         for p in reversed(self.procs):
@@ -366,11 +386,15 @@ def fanout(
     clients: int = 2,
     timeout_s: float = 120,
     topology: str = "redis",
+    nodes: int = 1,
 ) -> Result:
-    with Servers(kind, topology) as servers:
+    """Subscribers are spread over the nodes (client process i on node i % nodes); the
+    publisher is on the first node."""
+    with Servers(kind, topology, nodes=nodes) as servers:
         target = TARGETS[kind](servers.secret)
         url = target.url(servers.port)
-        _, rss0 = proc_stats(servers.pid)
+        urls = [target.url(port) for port in servers.ports]
+        _, rss0 = servers.stats()
         ctx = mp.get_context("spawn")
         ready, out = ctx.Queue(), ctx.Queue()
         deadline = time.time() + timeout_s
@@ -380,7 +404,17 @@ def fanout(
         procs = [
             ctx.Process(
                 target=_client_process,
-                args=(kind, servers.secret, url, sum(per[:i]), n, messages, deadline, ready, out),
+                args=(
+                    kind,
+                    servers.secret,
+                    urls[i % nodes],
+                    sum(per[:i]),
+                    n,
+                    messages,
+                    deadline,
+                    ready,
+                    out,
+                ),
             )
             for i, n in enumerate(per)
         ]
@@ -388,14 +422,14 @@ def fanout(
             p.start()
         for _ in procs:
             ready.get(timeout=timeout_s)
-        cpu1, rss1 = proc_stats(servers.pid)
+        cpu1, rss1 = servers.stats()
         t0 = time.perf_counter()
         asyncio.run(_publish(target, url, messages, rate))
         results = [out.get(timeout=max(1.0, deadline - time.time() + 10)) for _ in procs]
         duration = time.perf_counter() - t0
         for p in procs:
             p.join(10)
-        cpu2, rss2 = proc_stats(servers.pid)
+        cpu2, rss2 = servers.stats()
     latencies = [x for r in results for x in r["latencies"]]
     delivered = sum(r["received"] for r in results)
     return Result(
@@ -417,6 +451,7 @@ def fanout(
         round(sum(r["cpu_s"] for r in results), 2),
         round(duration, 2),
         ",".join(f"{code}x{n}" for r in results for code, n in r["closes"].items()) or "none",
+        nodes,
     )
 
 

@@ -47,3 +47,12 @@ def test_alerts_smoke() -> None:
 
     result = alerts.run(alerts=5, rate=20, topology="embedded")
     assert result.missing == 0 and result.latency_ms_max > 0
+
+
+def test_two_node_fanout_smoke() -> None:
+    """Subscribers split over two nodes on one Redis, for ours and for the peer."""
+    from loadtests import compare
+
+    for kind in ("realtime", "socketio"):
+        row = compare.fanout(kind, 20, 5, 50, clients=2, timeout_s=90, nodes=2)
+        assert row.delivered == 100 and row.nodes == 2 and row.disconnects == "none"
