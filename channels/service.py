@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
+
 from realtime.protocol import ProtocolError
 from storage import Appended, Message, Store, StoreUnavailable
 
@@ -60,7 +62,7 @@ class ChannelService:
         except StoreUnavailable as exc:
             log.warning("%s failed: %s", what, exc)
             raise ProtocolError("unavailable", f"{what}: the store is unavailable") from None
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, RedisError, OSError) as exc:
             log.warning("%s failed: %s", what, exc)
             raise ProtocolError("unavailable", f"{what}: the broker is unavailable") from None
 

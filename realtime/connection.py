@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from channels.acl import Action
@@ -26,7 +25,7 @@ from channels.body import ALG_ENVELOPE, parse_body
 from channels.hub import Frame, message_frame, message_item
 from channels.names import ChannelName, parse_channel
 from channels.service import Replay
-from storage import Report, StoreUnavailable
+from storage import Report
 
 from .auth import Identity
 from .protocol import (
@@ -535,12 +534,8 @@ class Connection:
         return {"invisible": invisible}
 
     async def _bounded(self, call: Awaitable[T]) -> T:
-        """A store call, bounded by the store timeout; a failure is `unavailable`."""
-        try:
-            async with asyncio.timeout(self.node.settings.store_timeout_s):
-                return await call
-        except (TimeoutError, OSError, RedisError, StoreUnavailable) as exc:
-            raise ProtocolError("unavailable", f"a backend is unavailable: {exc}") from None
+        """A backend call, bounded by the store timeout; a failure is `unavailable`."""
+        return await self.node.channels.bounded("request", call)
 
     # --- keys and reports (PROTOCOL.md sections 5 and 8) -------------------------------
 

@@ -44,7 +44,8 @@ class Moderation:
         self._node = node
         self._docs = docs
         self._watchers: dict[Connection, list[str]] = {}
-        self._bans: OrderedDict[tuple[str, str], tuple[int | None, float]] = OrderedDict()
+        # (user, channel or "*") -> (banned until ms or None, reason, cached until monotonic)
+        self._bans: OrderedDict[tuple[str, str], tuple[int | None, str, float]] = OrderedDict()
 
     # --- audit ------------------------------------------------------------------------
 
@@ -158,17 +159,15 @@ class Moderation:
         """The reason `user` is banned from `channel` (or everywhere, channel None)."""
         for key in ((user, "*"), (user, channel)) if channel else ((user, "*"),):
             cached = self._bans.get(key)
-            if cached is None or cached[1] < time.monotonic():
+            if cached is None or cached[2] < time.monotonic():
                 doc = await self._docs.get("bans", f"{key[0]}|{key[1]}")
-                until = doc["until"] if doc else None
-                entry = (None if doc is None else (until or 2**62), time.monotonic() + 30)
-                cached = entry
-                self._bans[key] = entry
+                until = None if doc is None else (doc["until"] or 2**62)
+                reason = str(doc["reason"]) if doc else ""
+                cached = self._bans[key] = (until, reason, time.monotonic() + 30)
                 if len(self._bans) > 100_000:
                     self._bans.popitem(last=False)
             if cached[0] is not None and cached[0] > _now():
-                doc = await self._docs.get("bans", f"{key[0]}|{key[1]}")
-                return str(doc["reason"]) if doc else "banned"
+                return cached[1]
         return None
 
     def on_ban(self, event: dict[str, Any]) -> None:
