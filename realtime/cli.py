@@ -11,7 +11,6 @@ import asyncio
 import logging
 import socket
 import sys
-import warnings
 from pathlib import Path
 
 import uvicorn
@@ -23,6 +22,7 @@ from . import config
 from .auth import ROLES, issue_token, valid_user_id
 from .node import Node, StartupError
 from .server import create_app
+from .websocket import RealtimeWebSocketProtocol
 
 log = logging.getLogger("realtime")
 
@@ -71,10 +71,8 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         create_app(node),
         host=host,
         port=port,
-        # uvicorn's "websockets" protocol, not "websockets-sansio": under sustained
-        # backpressure (5,000 subscribers, `python -m loadtests compare`) the sans-io one
-        # stalled connections for good without closing them (uvicorn 0.54.0).
-        ws="websockets",
+        # uvicorn's sans-I/O protocol plus direct frame writes (realtime/websocket.py).
+        ws=RealtimeWebSocketProtocol,
         ws_max_size=limits.max_frame_bytes,
         ws_ping_interval=limits.ping_interval_s,
         ws_ping_timeout=limits.ping_timeout_s,
@@ -119,8 +117,6 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # uvicorn marks its "websockets" protocol deprecated; it is the one that holds up (above).
-    warnings.filterwarnings("ignore", message=".*websockets.*deprecated", category=Warning)
     parser = argparse.ArgumentParser(prog="realtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a server node")

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -41,7 +41,9 @@ from .protocol import (
     arg_str,
     command_id,
     require_str,
+    wire_frame,
 )
+from .websocket import direct_writer
 
 if TYPE_CHECKING:
     from .node import Node
@@ -78,6 +80,42 @@ class Subscription:
 
 
 class Connection:
+    # op -> handler method name (one table for all connections)
+    _OPS: ClassVar[dict[str, str]] = {
+        "auth": "_op_auth_again",
+        "refresh": "_op_refresh",
+        "ping": "_op_ping",
+        "subscribe": "_op_subscribe",
+        "unsubscribe": "_op_unsubscribe",
+        "publish": "_op_publish",
+        "history": "_op_history",
+        "typing": "_op_typing",
+        "read": "_op_read",
+        "presence": "_op_presence",
+        "presence.invisible": "_op_invisible",
+        "keys.register": "_op_keys_register",
+        "keys.lookup": "_op_keys_lookup",
+        "keys.share": "_op_keys_share",
+        "keys.fetch": "_op_keys_fetch",
+        "members": "_op_members",
+        "report": "_op_report",
+        "mod.watch": "_op_mod_watch",
+        "mod.unwatch": "_op_mod_unwatch",
+        "mod.delete": "_op_mod_delete",
+        "mod.ban": "_op_mod_ban",
+        "mod.unban": "_op_mod_unban",
+        "mod.reports": "_op_mod_reports",
+        "mod.resolve_report": "_op_mod_resolve_report",
+        "mod.audit": "_op_mod_audit",
+        "mod.alerts": "_op_mod_alerts",
+        "alert.trigger": "_op_alert_trigger",
+        "alert.location": "_op_alert_location",
+        "alert.ack": "_op_alert_ack",
+        "alert.resolve": "_op_alert_resolve",
+        "alert.status": "_op_alert_status",
+        "location.share": "_op_location_share",
+    }
+
     def __init__(self, ws: WebSocket, node: Node, codec: Codec) -> None:
         self.ws = ws
         self.node = node
@@ -88,50 +126,20 @@ class Connection:
         limits = node.settings.limits
         self._max_queue = limits.send_queue_frames
         self._out: deque[str | bytes] = deque()
-        self._wake = asyncio.Event()
+        self._direct = direct_writer(ws.scope)
+        self._flusher: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._receiving = False
+        self._cancelled_by_close = False
         self._close_code: int | None = None
         self._close_reason = ""
-        self._close_requested = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None
         # Set by subscribe: the replay to push right after its reply.
         self._after_reply: tuple[str, Subscription, Replay] | None = None
         self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._rejected = 0
         self._rejected_since = 0.0
         self._expiry: asyncio.TimerHandle | None = None
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Reply]]] = {
-            "auth": self._op_auth_again,
-            "refresh": self._op_refresh,
-            "ping": self._op_ping,
-            "subscribe": self._op_subscribe,
-            "unsubscribe": self._op_unsubscribe,
-            "publish": self._op_publish,
-            "history": self._op_history,
-            "typing": self._op_typing,
-            "read": self._op_read,
-            "presence": self._op_presence,
-            "presence.invisible": self._op_invisible,
-            "keys.register": self._op_keys_register,
-            "keys.lookup": self._op_keys_lookup,
-            "keys.share": self._op_keys_share,
-            "keys.fetch": self._op_keys_fetch,
-            "members": self._op_members,
-            "report": self._op_report,
-            "mod.watch": self._op_mod_watch,
-            "mod.unwatch": self._op_mod_unwatch,
-            "mod.delete": self._op_mod_delete,
-            "mod.ban": self._op_mod_ban,
-            "mod.unban": self._op_mod_unban,
-            "mod.reports": self._op_mod_reports,
-            "mod.resolve_report": self._op_mod_resolve_report,
-            "mod.audit": self._op_mod_audit,
-            "mod.alerts": self._op_mod_alerts,
-            "alert.trigger": self._op_alert_trigger,
-            "alert.location": self._op_alert_location,
-            "alert.ack": self._op_alert_ack,
-            "alert.resolve": self._op_alert_resolve,
-            "alert.status": self._op_alert_status,
-            "location.share": self._op_location_share,
-        }
 
     @property
     def user(self) -> str:
@@ -141,9 +149,35 @@ class Connection:
     # --- outgoing ---------------------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.enqueue(self.codec.encode(obj))
+        """A reply or a push for this connection only."""
+        data = self.codec.encode(obj)
+        if self._direct_ok():
+            self._write(wire_frame(data, self.codec.binary))
+        else:
+            self._queue(data)
 
-    def enqueue(self, data: str | bytes) -> None:
+    def push(self, frame: Frame) -> None:
+        """A push shared with other sockets: encoded and framed once for all of them."""
+        if self._direct_ok():
+            self._write(frame.wire(self.codec))
+        else:
+            self._queue(frame.encoded(self.codec))
+
+    def _direct_ok(self) -> bool:
+        """Whether a frame can go straight to the socket: nothing queued before it, not
+        closing, and the transport takes it without waiting."""
+        direct = self._direct
+        return (
+            direct is not None and not self._out and self._close_code is None and direct.can_write()
+        )
+
+    def _write(self, wire: bytes) -> None:
+        assert self._direct is not None
+        self._direct.write_frame(wire)
+        self.node.metrics.frames_out += 1
+
+    def _queue(self, data: str | bytes) -> None:
+        """Behind a slow socket: wait in the bounded queue for the flusher."""
         if self._close_code is not None:
             return
         if len(self._out) >= self._max_queue:
@@ -151,31 +185,58 @@ class Connection:
             self.close(CLOSE_POLICY, "slow consumer: too far behind")
             return
         self._out.append(data)
-        self._wake.set()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name=f"ws-flush:{self.session}")
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Close after the frames already queued (or at once when the queue is stuck)."""
-        if self._close_code is None:
-            self._close_code = code
-            self._close_reason = reason
-            self._wake.set()
-            self._close_requested.set()
-
-    async def _writer(self) -> None:
+    async def _flush(self) -> None:
+        """Send the queue in order through ASGI, which waits while the socket's buffer is
+        full. The frame being sent stays at the head of the queue, so no direct write can
+        overtake it. Runs only while there is a queue."""
         ws = self.ws
         binary = self.codec.binary
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        try:
             while self._out:
-                data = self._out.popleft()
+                data = self._out[0]
                 if binary:
                     await ws.send_bytes(data)  # type: ignore[arg-type]
                 else:
                     await ws.send_text(data)  # type: ignore[arg-type]
+                self._out.popleft()
                 self.node.metrics.frames_out += 1
-            if self._close_code is not None:
-                return
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            self._out.clear()  # the socket is gone; its handler cleans up
+        finally:
+            self._flusher = None
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close after the frames already queued (at once for a slow consumer)."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        self._close_reason = reason
+        if self._receiving and self._task is not None:
+            self._cancelled_by_close = True
+            self._task.cancel()  # stop waiting for a frame: _receive returns None
+        self._closer = asyncio.create_task(self._close_socket(), name=f"ws-close:{self.session}")
+
+    async def _close_socket(self) -> None:
+        """Flush what is queued (briefly; never for a slow consumer), then the close frame."""
+        flusher = self._flusher
+        if flusher is not None:
+            if self._close_code != CLOSE_POLICY:
+                try:
+                    async with asyncio.timeout(2):
+                        await asyncio.shield(flusher)
+                except TimeoutError:
+                    pass
+            flusher.cancel()
+        # The close frame waits behind what the socket already holds (bounded by the transport's
+        # high-water mark); a peer that reads nothing for a ping timeout is dropped by the server.
+        try:
+            async with asyncio.timeout(self.node.settings.limits.ping_timeout_s):
+                await self.ws.close(code=self._close_code or 1000, reason=self._close_reason)
+        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+            pass
 
     # --- hub callbacks (run on the event loop, never block) ----------------------------
 
@@ -192,11 +253,11 @@ class Connection:
         if seq <= sub.last_seq:
             return
         sub.last_seq = seq
-        self.enqueue(frame.encoded(self.codec))
+        self.push(frame)
 
     def deliver_event(self, channel: str, frame: Frame) -> None:
         if channel in self.subs:
-            self.enqueue(frame.encoded(self.codec))
+            self.push(frame)
 
     def kick(self, channel: str, reason: str, *, push: str = "unsubscribed") -> None:
         """Drop a subscription the user is no longer entitled to (removed: `unsubscribed`;
@@ -209,9 +270,7 @@ class Connection:
     # --- the connection's life --------------------------------------------------------
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._writer(), name=f"ws-writer:{self.session}")
-        closer = asyncio.create_task(self._wait_close(writer), name=f"ws-close:{self.session}")
-        self._closing = asyncio.ensure_future(self._close_requested.wait())
+        self._task = asyncio.current_task()
         try:
             if await self._authenticate():
                 await self._command_loop()
@@ -229,41 +288,31 @@ class Connection:
             self.node.unregister(self)
             self.node.moderation.forget(self)
             self.close(1000)
+            assert self._closer is not None
             try:
                 async with asyncio.timeout(self.node.settings.limits.ping_timeout_s + 5):
-                    await closer
+                    await self._closer
             except Exception:
-                closer.cancel()
-            writer.cancel()
-            self._closing.cancel()
-
-    async def _wait_close(self, writer: asyncio.Task[None]) -> None:
-        """When close() is called: flush what is queued (briefly; never for a slow consumer),
-        then send the close frame."""
-        await self._close_requested.wait()
-        if self._close_code != CLOSE_POLICY:
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.shield(writer)
-            except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError):
-                pass
-        writer.cancel()
-        # The close frame waits behind what the socket already holds (bounded by the transport's
-        # high-water mark); a peer that reads nothing for a ping timeout is dropped by the server.
-        try:
-            async with asyncio.timeout(self.node.settings.limits.ping_timeout_s):
-                await self.ws.close(code=self._close_code or 1000, reason=self._close_reason)
-        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
-            pass
+                self._closer.cancel()
 
     async def _receive(self) -> dict[str, Any] | None:
-        """The next decoded frame; None once the connection is closing."""
-        receive = asyncio.ensure_future(self.ws.receive())
-        await asyncio.wait({receive, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        if not receive.done():
-            receive.cancel()
+        """The next decoded frame; None once the connection is closing (`close` interrupts
+        the wait by cancelling this task, which this absorbs)."""
+        if self._close_code is not None:
             return None
-        message = receive.result()
+        self._receiving = True
+        try:
+            message = await self.ws.receive()
+        except asyncio.CancelledError:
+            if not self._cancelled_by_close:
+                raise
+            self._cancelled_by_close = False
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return None
+        finally:
+            self._receiving = False
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         data = message.get("text")
@@ -348,9 +397,10 @@ class Connection:
                     raise ProtocolError("bad_request", "'id' must be a non-negative integer")
                 self._rate_limit()
                 op = frame.get("op")
-                handler = self._ops.get(op) if isinstance(op, str) else None
-                if handler is None:
+                name = self._OPS.get(op) if isinstance(op, str) else None
+                if name is None:
                     raise ProtocolError("bad_request", f"unknown op {op!r}")
+                handler: Callable[[dict[str, Any]], Awaitable[Reply]] = getattr(self, name)
                 result = await handler(frame)
             except ProtocolError as err:
                 self._reply_error(cid, err)
@@ -427,13 +477,13 @@ class Connection:
         if self.subs.get(channel) is not sub:
             return
         for m in replay.messages:
-            self.enqueue(message_frame(m).encoded(self.codec))
+            self.push(message_frame(m))
         sub.last_seq = replay.last_seq
         pending, sub.pending = sub.pending or [], None
         for seq, live in pending:
             if seq > sub.last_seq:
                 sub.last_seq = seq
-                self.enqueue(live.encoded(self.codec))
+                self.push(live)
 
     async def _op_unsubscribe(self, frame: dict[str, Any]) -> Reply:
         ch = self._channel(frame)

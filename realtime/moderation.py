@@ -91,7 +91,7 @@ class Moderation:
         """A message or deletion from the moderation stream: to matching local watchers."""
         for conn, patterns in list(self._watchers.items()):
             if any(fnmatch.fnmatchcase(channel, p) for p in patterns):
-                conn.enqueue(frame.encoded(conn.codec))
+                conn.push(frame)
 
     # --- delete -----------------------------------------------------------------------
 

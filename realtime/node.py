@@ -331,7 +331,7 @@ class Node:
             frame = self.hub.frame(event["p"])
             for conn in list(self.connections):
                 if conn.identity is not None and conn.identity.is_moderator:
-                    conn.enqueue(frame.encoded(conn.codec))
+                    conn.push(frame)
         elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -75,6 +76,19 @@ def _json_default(value: object) -> str:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def wire_frame(data: str | bytes, binary: bool) -> bytes:
+    """`data` as a complete, unfragmented, unmasked server frame (RFC 6455 section 5.2):
+    the same bytes are valid on every connection that negotiated no extension."""
+    payload = data.encode() if isinstance(data, str) else data
+    head = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((head, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", head, 126, n) + payload
+    return struct.pack("!BBQ", head, 127, n) + payload
 
 
 class Codec:
