@@ -17,6 +17,7 @@ Markdown table and PNG plots in `--out` (default loadtests/results/).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -30,23 +31,34 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
-from websockets.asyncio.client import ClientConnection, connect
+import uvloop
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from .support import free_port, pct, proc_stats, redis_command, wait_port
 
 CHANNEL = "public:bench"
-TS = re.compile(r"ts=([0-9.]+)")
+TS = re.compile(rb"ts=([0-9.]+)")
 
 
 # --- targets: how to start each server and speak to it --------------------------------
 
 
+class Conn(Protocol):
+    """What a target's handshake needs from a client socket."""
+
+    async def send(self, data: str) -> None: ...
+
+    async def recv(self) -> str | bytes: ...
+
+
 class Target:
     name = ""
+    acks = True  # publishes are acknowledged: the publisher waits for every ack
 
     def __init__(self, secret: str) -> None:
         self.secret = secret
@@ -60,18 +72,22 @@ class Target:
     def url(self, port: int) -> str:
         raise NotImplementedError
 
-    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+    async def subscribe(self, ws: Conn, i: int) -> None:
         raise NotImplementedError
 
-    async def publisher(self, ws: ClientConnection) -> None:
+    async def publisher(self, ws: Conn) -> None:
         return None
 
     def publish_frame(self, n: int, ts: float) -> str:
         raise NotImplementedError
 
-    def reply_to(self, data: str | bytes) -> str | None:
+    def reply_to(self, data: bytes) -> bytes | None:
         """A frame the client must answer (keepalive), or None."""
         return None
+
+    def is_ack(self, data: bytes) -> bool:
+        """Whether a frame to the publisher acknowledges one publish."""
+        return False
 
 
 class Ours(Target):
@@ -92,16 +108,16 @@ class Ours(Target):
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}/ws"
 
-    async def _auth(self, ws: ClientConnection, user: str) -> None:
+    async def _auth(self, ws: Conn, user: str) -> None:
         await ws.send(json.dumps({"id": 1, "op": "auth", "token": self.token(user)}))
         await ws.recv()
 
-    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+    async def subscribe(self, ws: Conn, i: int) -> None:
         await self._auth(ws, f"s{i}")
         await ws.send(json.dumps({"id": 2, "op": "subscribe", "channel": CHANNEL}))
         await ws.recv()
 
-    async def publisher(self, ws: ClientConnection) -> None:
+    async def publisher(self, ws: Conn) -> None:
         await self._auth(ws, "publisher")
 
     def publish_frame(self, n: int, ts: float) -> str:
@@ -114,6 +130,9 @@ class Ours(Target):
                 "body": {"v": 1, "alg": "none", "text": f"ts={ts!r}"},
             }
         )
+
+    def is_ack(self, data: bytes) -> bool:
+        return data.startswith(b'{"id":')
 
 
 class SocketIO(Target):
@@ -130,35 +149,40 @@ class SocketIO(Target):
             "--log-level",
             "error",
             "--ws",
-            "websockets-sansio",
+            "websockets",
         ]
 
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
 
-    async def _open(self, ws: ClientConnection) -> None:
+    async def _open(self, ws: Conn) -> None:
         await ws.recv()  # engine.io open packet "0{...}"
         await ws.send("40")  # socket.io connect to "/"
         await ws.recv()  # "40{sid}"
 
-    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+    async def subscribe(self, ws: Conn, i: int) -> None:
         await self._open(ws)
         await ws.send('420["join","bench"]')
         while not str(await ws.recv()).startswith("430"):
             pass
 
-    async def publisher(self, ws: ClientConnection) -> None:
+    async def publisher(self, ws: Conn) -> None:
         await self._open(ws)
 
     def publish_frame(self, n: int, ts: float) -> str:
-        return "42" + json.dumps(["publish", {"room": "bench", "text": f"ts={ts!r}"}])
+        # with an ack id (42<id>[...]): the server answers 43<id>[true] once it has emitted
+        return f"42{n + 10}" + json.dumps(["publish", {"room": "bench", "text": f"ts={ts!r}"}])
 
-    def reply_to(self, data: str | bytes) -> str | None:
-        return "3" if data == "2" else None  # engine.io v4: the server pings, we pong
+    def reply_to(self, data: bytes) -> bytes | None:
+        return b"3" if data == b"2" else None  # engine.io v4: the server pings, we pong
+
+    def is_ack(self, data: bytes) -> bool:
+        return data.startswith(b"43")
 
 
 class Raw(Target):
     name = "raw websockets (ceiling)"
+    acks = False
 
     def command(self, port: int) -> list[str]:
         return [sys.executable, "-m", "loadtests.peers.raw_server", str(port)]
@@ -166,10 +190,10 @@ class Raw(Target):
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}"
 
-    async def subscribe(self, ws: ClientConnection, i: int) -> None:
+    async def subscribe(self, ws: Conn, i: int) -> None:
         await ws.send("sub")
 
-    async def publisher(self, ws: ClientConnection) -> None:
+    async def publisher(self, ws: Conn) -> None:
         return None
 
     def publish_frame(self, n: int, ts: float) -> str:
@@ -186,6 +210,83 @@ def _protocols(kind: str) -> list[Subprotocol] | None:
     return [Subprotocol("rt.v1.json")] if kind == "realtime" else None
 
 
+class _Socket(WSListener):
+    """One subscriber socket (picows: frames arrive in a callback, no task per socket).
+    During set-up frames go to `inbox` for the target's handshake; then they are counted."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: WSTransport | None = None
+        self.counting = False
+        self.got = 0
+        self.finished = False
+        self.closed = False
+
+    # the Conn protocol, for Target.subscribe
+    async def send(self, data: str) -> None:
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, data.encode())
+
+    async def recv(self) -> str:
+        return (await self.inbox.get()).decode()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.CLOSE:
+            self.closed = True
+            self.run.closes[str(frame.get_close_code().value)] += 1
+            transport.disconnect()
+            return
+        if kind != WSMsgType.TEXT and kind != WSMsgType.BINARY:
+            return
+        payload = frame.get_payload_as_bytes()
+        if not self.counting:
+            self.inbox.put_nowait(payload)
+            return
+        answer = self.run.target.reply_to(payload)
+        if answer is not None:
+            transport.send(WSMsgType.TEXT, answer)
+            return
+        if b"ts=" not in payload:
+            return  # another push (presence, typing): not a benchmark message
+        self.got += 1
+        self.run.received += 1
+        if self.got % 4 == 1:  # sample latency (parsing every frame would cost the client)
+            match = TS.search(payload)
+            if match:
+                self.run.latencies.append(time.time() - float(match.group(1)))
+        if self.got >= self.run.expected:
+            self._finish()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.finished and not self.closed:
+            self.run.closes["dropped"] += 1  # the connection ended without a close frame
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.run.finished += 1
+            if self.run.finished == len(self.run.sockets) and not self.run.done.done():
+                self.run.done.set_result(None)
+
+
+class _Run:
+    def __init__(self, target: Target, expected: int) -> None:
+        self.target = target
+        self.expected = expected
+        self.sockets: list[_Socket] = []
+        self.received = 0
+        self.finished = 0
+        self.latencies: list[float] = []
+        self.closes: collections.Counter[str] = collections.Counter()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 async def _subscribers(
     kind: str,
     secret: str,
@@ -197,67 +298,38 @@ async def _subscribers(
     ready: Any,
     out: Any,
 ) -> None:
-    target = TARGETS[kind](secret)
-    socks = []
+    run = _Run(TARGETS[kind](secret), expected)
+    protocols = _protocols(kind)
+    headers = {"Sec-WebSocket-Protocol": ", ".join(protocols)} if protocols else {}
     for i in range(first, first + count):
-        ws = await connect(
-            url,
-            max_size=None,
-            max_queue=None,
-            subprotocols=_protocols(kind),
-        )
-        await target.subscribe(ws, i)
-        socks.append(ws)
+        sock = _Socket(run)
+        await ws_connect(lambda s=sock: s, url, extra_headers=headers, max_frame_size=2**24)
+        await run.target.subscribe(sock, i)
+        sock.counting = True
+        run.sockets.append(sock)
     ready.put(count)
-    latencies: list[float] = []
-    received = 0
-    closes: dict[str, int] = {}
-
-    async def read(ws: ClientConnection) -> None:
-        nonlocal received
-        got = 0
-        while got < expected and time.time() < deadline:
-            try:
-                data = await asyncio.wait_for(ws.recv(), deadline - time.time())
-            except TimeoutError:
-                return
-            except Exception:
-                code = str(ws.close_code)
-                closes[code] = closes.get(code, 0) + 1
-                return
-            now = time.time()
-            answer = target.reply_to(data)
-            if answer is not None:
-                await ws.send(answer)
-                continue
-            match = TS.search(data if isinstance(data, str) else data.decode())
-            if match:
-                got += 1
-                received += 1
-                if got % 4 == 1:  # sample latency (parsing every frame would cost the client)
-                    latencies.append(now - float(match.group(1)))
-
-    await asyncio.gather(*(read(ws) for ws in socks))
+    try:
+        async with asyncio.timeout(max(0.1, deadline - time.time())):
+            await run.done
+    except TimeoutError:
+        pass
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.put(
         {
-            "received": received,
-            "latencies": latencies,
-            "closes": closes,
+            "received": run.received,
+            "latencies": run.latencies,
+            "closes": dict(run.closes),
+            "short": sum(1 for sock in run.sockets if sock.got < expected),
             "cpu_s": usage.ru_utime + usage.ru_stime,
         }
     )
-    for ws in socks:
-        await ws.close()
+    for sock in run.sockets:
+        if sock.transport is not None:
+            sock.transport.disconnect()
 
 
 def _client_process(*args: Any) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(_subscribers(*args))
-    except ImportError:
-        asyncio.run(_subscribers(*args))
+    uvloop.run(_subscribers(*args))
 
 
 # --- a run ----------------------------------------------------------------------------
@@ -283,6 +355,9 @@ class Result:
     client_cpu_s: float
     duration_s: float
     disconnects: str  # close codes seen by subscribers, e.g. "4008x12"
+    incomplete: int  # subscribers still missing messages at the end (0 = all delivered)
+    acked: int  # publishes the server acknowledged
+    publisher_closed: str  # close code if the server closed the publisher's connection
     nodes: int = 1
 
 
@@ -424,7 +499,7 @@ def fanout(
             ready.get(timeout=timeout_s)
         cpu1, rss1 = servers.stats()
         t0 = time.perf_counter()
-        asyncio.run(_publish(target, url, messages, rate))
+        acked, publisher_closed = asyncio.run(_publish(target, url, messages, rate, deadline))
         results = [out.get(timeout=max(1.0, deadline - time.time() + 10)) for _ in procs]
         duration = time.perf_counter() - t0
         for p in procs:
@@ -451,11 +526,19 @@ def fanout(
         round(sum(r["cpu_s"] for r in results), 2),
         round(duration, 2),
         ",".join(f"{code}x{n}" for r in results for code, n in r["closes"].items()) or "none",
+        sum(r["short"] for r in results),
+        acked,
+        publisher_closed or "no",
         nodes,
     )
 
 
-async def _publish(target: Target, url: str, messages: int, rate: float) -> None:
+async def _publish(
+    target: Target, url: str, messages: int, rate: float, deadline: float
+) -> tuple[int, str]:
+    """Publish at `rate`, then wait for every acknowledgement (a publish is only durable
+    once acknowledged: closing before that may lose it, by design). Returns the acks seen
+    and how the server ended the publisher's connection ("" if it did not)."""
     async with connect(
         url,
         max_size=None,
@@ -463,12 +546,20 @@ async def _publish(target: Target, url: str, messages: int, rate: float) -> None
         subprotocols=_protocols("realtime" if isinstance(target, Ours) else ""),
     ) as ws:
         await target.publisher(ws)
+        acked = 0
+        all_acked = asyncio.Event()
 
         async def drain() -> None:  # replies and pings to the publisher
+            nonlocal acked
             async for data in ws:
-                answer = target.reply_to(data)
+                raw = data.encode() if isinstance(data, str) else data
+                answer = target.reply_to(raw)
                 if answer is not None:
-                    await ws.send(answer)
+                    await ws.send(answer.decode())
+                elif target.is_ack(raw):
+                    acked += 1
+                    if acked >= messages:
+                        all_acked.set()
 
         reader = asyncio.create_task(drain())
         start = time.perf_counter()
@@ -477,8 +568,17 @@ async def _publish(target: Target, url: str, messages: int, rate: float) -> None
             if delay > 0:
                 await asyncio.sleep(delay)
             await ws.send(target.publish_frame(n, time.time()))
-        await asyncio.sleep(0.5)
+        if target.acks:
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.time())):
+                    await all_acked.wait()
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(0.5)
         reader.cancel()
+        closed = "" if ws.close_code is None else str(ws.close_code)
+    return (acked if target.acks else messages), closed
 
 
 def idle(kind: str, connections: int, *, topology: str = "embedded") -> dict[str, Any]:

@@ -12,7 +12,11 @@ from typing import Any
 import socketio
 
 manager = socketio.AsyncRedisManager(os.environ.get("RT_PEER_REDIS_URL", "redis://127.0.0.1"))
-sio = socketio.AsyncServer(async_mode="asgi", client_manager=manager, cors_allowed_origins=[])
+# A generous ping timeout: under overload engine.io otherwise drops its own publisher
+# (its event loop answers the ping too late) and loses the publishes not yet handled.
+sio = socketio.AsyncServer(
+    async_mode="asgi", client_manager=manager, cors_allowed_origins=[], ping_timeout=120
+)
 app = socketio.ASGIApp(sio)
 
 
