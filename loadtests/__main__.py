@@ -1,4 +1,4 @@
-"""python -m loadtests compare | fanout | idle | store | presence | alerts  (--help on each)"""
+"""python -m loadtests compare | fanout | chat | idle | store | presence | alerts (see --help)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import alerts, compare, presence, store
+from . import alerts, chat, compare, presence, store
 
 
 def _ints(text: str) -> list[int]:
@@ -47,6 +47,17 @@ def main() -> int:
     fan.add_argument("--topology", choices=["redis", "embedded"], default="embedded")
     fan.add_argument("--clients", type=int, default=2)
     fan.add_argument("--timeout", type=float, default=120.0)
+
+    ch = sub.add_parser("chat", help="rooms of a few members, everyone posting")
+    ch.add_argument("--clients", type=int, default=2000)
+    ch.add_argument("--room-size", type=int, default=10)
+    ch.add_argument(
+        "--intervals", default="5", help="seconds between one client's posts (load levels, a,b,..)"
+    )
+    ch.add_argument("--seconds", type=float, default=20.0, help="how long everyone posts")
+    ch.add_argument("--targets", default="realtime,socketio,raw")
+    ch.add_argument("--topology", choices=["redis", "embedded"], default="redis")
+    ch.add_argument("--timeout", type=float, default=180.0)
 
     idl = sub.add_parser("idle", help="server memory per idle connection")
     idl.add_argument("--connections", type=int, default=5000)
@@ -97,6 +108,33 @@ def main() -> int:
             for kind in kinds
         ]
         print(compare.write(rows, out, args.scenario))
+        return 0
+    if args.scenario == "chat":
+        intervals = [float(x) for x in args.intervals.split(",") if x.strip()]
+        if not (
+            0 < args.clients <= 20000
+            and 2 <= args.room_size <= args.clients
+            and args.clients % args.room_size == 0
+            and all(0.05 <= i <= 60 for i in intervals)
+            and 0 < args.seconds <= 300
+        ):
+            parser.error("clients 1..20000 in rooms of 2.. (a divisor), intervals 0.05..60 s")
+        rows = [
+            asdict(
+                chat.run(
+                    kind,
+                    args.clients,
+                    args.room_size,
+                    interval,
+                    args.seconds,
+                    topology=args.topology,
+                    timeout_s=args.timeout,
+                )
+            )
+            for interval in intervals
+            for kind in args.targets.split(",")
+        ]
+        print(compare.write(rows, out, "chat"))
         return 0
     if args.scenario == "idle":
         if not 0 < args.connections <= 20000:

@@ -24,9 +24,9 @@ import httpx
 import jwt
 from websockets.asyncio.client import connect
 
-from .compare import Servers
 from .fakeproviders import FakeProviders
 from .support import pct
+from .targets import Servers
 
 
 @dataclass

@@ -17,274 +17,21 @@ Markdown table and PNG plots in `--out` (default loadtests/results/).
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import multiprocessing as mp
-import os
-import re
-import resource
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import jwt
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from websockets.asyncio.client import connect
-from websockets.typing import Subprotocol
 
-from .support import free_port, pct, proc_stats, redis_command, wait_port
-
-CHANNEL = "public:bench"
-TS = re.compile(rb"ts=([0-9.]+)")
-
-
-# --- targets: how to start each server and speak to it --------------------------------
-
-
-class Conn(Protocol):
-    """What a target's handshake needs from a client socket."""
-
-    async def send(self, data: str) -> None: ...
-
-    async def recv(self) -> str | bytes: ...
-
-
-class Target:
-    name = ""
-    acks = True  # publishes are acknowledged: the publisher waits for every ack
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret
-
-    def token(self, user: str) -> str:
-        return jwt.encode({"sub": user, "exp": time.time() + 3600}, self.secret, algorithm="HS256")
-
-    def command(self, port: int) -> list[str]:
-        raise NotImplementedError
-
-    def url(self, port: int) -> str:
-        raise NotImplementedError
-
-    async def subscribe(self, ws: Conn, i: int) -> None:
-        raise NotImplementedError
-
-    async def publisher(self, ws: Conn) -> None:
-        return None
-
-    def publish_frame(self, n: int, ts: float) -> str:
-        raise NotImplementedError
-
-    def reply_to(self, data: bytes) -> bytes | None:
-        """A frame the client must answer (keepalive), or None."""
-        return None
-
-    def is_ack(self, data: bytes) -> bool:
-        """Whether a frame to the publisher acknowledges one publish."""
-        return False
-
-
-class Ours(Target):
-    name = "realtime"
-
-    def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "realtime",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-        ]
-
-    def url(self, port: int) -> str:
-        return f"ws://127.0.0.1:{port}/ws"
-
-    async def _auth(self, ws: Conn, user: str) -> None:
-        await ws.send(json.dumps({"id": 1, "op": "auth", "token": self.token(user)}))
-        await ws.recv()
-
-    async def subscribe(self, ws: Conn, i: int) -> None:
-        await self._auth(ws, f"s{i}")
-        await ws.send(json.dumps({"id": 2, "op": "subscribe", "channel": CHANNEL}))
-        await ws.recv()
-
-    async def publisher(self, ws: Conn) -> None:
-        await self._auth(ws, "publisher")
-
-    def publish_frame(self, n: int, ts: float) -> str:
-        return json.dumps(
-            {
-                "id": n + 10,
-                "op": "publish",
-                "channel": CHANNEL,
-                "client_msg_id": f"b{n}",
-                "body": {"v": 1, "alg": "none", "text": f"ts={ts!r}"},
-            }
-        )
-
-    def is_ack(self, data: bytes) -> bool:
-        return data.startswith(b'{"id":')
-
-
-class SocketIO(Target):
-    name = "python-socketio+redis"
-
-    def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "loadtests.peers.socketio_server:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-            "--ws",
-            "websockets",
-        ]
-
-    def url(self, port: int) -> str:
-        return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
-
-    async def _open(self, ws: Conn) -> None:
-        await ws.recv()  # engine.io open packet "0{...}"
-        await ws.send("40")  # socket.io connect to "/"
-        await ws.recv()  # "40{sid}"
-
-    async def subscribe(self, ws: Conn, i: int) -> None:
-        await self._open(ws)
-        await ws.send('420["join","bench"]')
-        while not str(await ws.recv()).startswith("430"):
-            pass
-
-    async def publisher(self, ws: Conn) -> None:
-        await self._open(ws)
-
-    def publish_frame(self, n: int, ts: float) -> str:
-        # with an ack id (42<id>[...]): the server answers 43<id>[true] once it has emitted
-        return f"42{n + 10}" + json.dumps(["publish", {"room": "bench", "text": f"ts={ts!r}"}])
-
-    def reply_to(self, data: bytes) -> bytes | None:
-        return b"3" if data == b"2" else None  # engine.io v4: the server pings, we pong
-
-    def is_ack(self, data: bytes) -> bool:
-        return data.startswith(b"43")
-
-
-class Raw(Target):
-    name = "raw websockets (ceiling)"
-    acks = False
-
-    def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "loadtests.peers.raw_server", str(port)]
-
-    def url(self, port: int) -> str:
-        return f"ws://127.0.0.1:{port}"
-
-    async def subscribe(self, ws: Conn, i: int) -> None:
-        await ws.send("sub")
-
-    async def publisher(self, ws: Conn) -> None:
-        return None
-
-    def publish_frame(self, n: int, ts: float) -> str:
-        return f"ts={ts!r}"
-
-
-TARGETS: dict[str, type[Target]] = {"realtime": Ours, "socketio": SocketIO, "raw": Raw}
-
+from .clients import Tally, cpu_seconds, open_socket
+from .support import pct, proc_stats
+from .targets import TARGETS, Ours, Servers, Target, subprotocols
 
 # --- client processes ---------------------------------------------------------------
-
-
-def _protocols(kind: str) -> list[Subprotocol] | None:
-    return [Subprotocol("rt.v1.json")] if kind == "realtime" else None
-
-
-class _Socket(WSListener):
-    """One subscriber socket (picows: frames arrive in a callback, no task per socket).
-    During set-up frames go to `inbox` for the target's handshake; then they are counted."""
-
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self.transport: WSTransport | None = None
-        self.counting = False
-        self.got = 0
-        self.finished = False
-        self.closed = False
-
-    # the Conn protocol, for Target.subscribe
-    async def send(self, data: str) -> None:
-        assert self.transport is not None
-        self.transport.send(WSMsgType.TEXT, data.encode())
-
-    async def recv(self) -> str:
-        return (await self.inbox.get()).decode()
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
-        if kind == WSMsgType.CLOSE:
-            self.closed = True
-            self.run.closes[str(frame.get_close_code().value)] += 1
-            transport.disconnect()
-            return
-        if kind != WSMsgType.TEXT and kind != WSMsgType.BINARY:
-            return
-        payload = frame.get_payload_as_bytes()
-        if not self.counting:
-            self.inbox.put_nowait(payload)
-            return
-        answer = self.run.target.reply_to(payload)
-        if answer is not None:
-            transport.send(WSMsgType.TEXT, answer)
-            return
-        if b"ts=" not in payload:
-            return  # another push (presence, typing): not a benchmark message
-        self.got += 1
-        self.run.received += 1
-        if self.got % 4 == 1:  # sample latency (parsing every frame would cost the client)
-            match = TS.search(payload)
-            if match:
-                self.run.latencies.append(time.time() - float(match.group(1)))
-        if self.got >= self.run.expected:
-            self._finish()
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if not self.finished and not self.closed:
-            self.run.closes["dropped"] += 1  # the connection ended without a close frame
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.run.finished += 1
-            if self.run.finished == len(self.run.sockets) and not self.run.done.done():
-                self.run.done.set_result(None)
-
-
-class _Run:
-    def __init__(self, target: Target, expected: int) -> None:
-        self.target = target
-        self.expected = expected
-        self.sockets: list[_Socket] = []
-        self.received = 0
-        self.finished = 0
-        self.latencies: list[float] = []
-        self.closes: collections.Counter[str] = collections.Counter()
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 async def _subscribers(
@@ -298,32 +45,27 @@ async def _subscribers(
     ready: Any,
     out: Any,
 ) -> None:
-    run = _Run(TARGETS[kind](secret), expected)
-    protocols = _protocols(kind)
-    headers = {"Sec-WebSocket-Protocol": ", ".join(protocols)} if protocols else {}
+    tally = Tally(TARGETS[kind](secret), expected * count, per_socket=expected)
     for i in range(first, first + count):
-        sock = _Socket(run)
-        await ws_connect(lambda s=sock: s, url, extra_headers=headers, max_frame_size=2**24)
-        await run.target.subscribe(sock, i)
+        sock = await open_socket(tally, url, kind)
+        await tally.target.subscribe(sock, i)
         sock.counting = True
-        run.sockets.append(sock)
     ready.put(count)
     try:
         async with asyncio.timeout(max(0.1, deadline - time.time())):
-            await run.done
+            await tally.done
     except TimeoutError:
         pass
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     out.put(
         {
-            "received": run.received,
-            "latencies": run.latencies,
-            "closes": dict(run.closes),
-            "short": sum(1 for sock in run.sockets if sock.got < expected),
-            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "received": tally.received,
+            "latencies": tally.latencies,
+            "closes": dict(tally.closes),
+            "short": tally.incomplete(),
+            "cpu_s": cpu_seconds(),
         }
     )
-    for sock in run.sockets:
+    for sock in tally.sockets:
         if sock.transport is not None:
             sock.transport.disconnect()
 
@@ -359,97 +101,6 @@ class Result:
     acked: int  # publishes the server acknowledged
     publisher_closed: str  # close code if the server closed the publisher's connection
     nodes: int = 1
-
-
-class Servers:
-    """Starts a target's server (and what it needs: Redis, MongoDB) and stops everything."""
-
-    def __init__(
-        self, kind: str, topology: str, extra_env: dict[str, str] | None = None, nodes: int = 1
-    ) -> None:
-        if nodes > 1 and (kind == "raw" or (kind == "realtime" and topology != "redis")):
-            raise ValueError("several nodes need a shared broker: realtime on Redis, or socketio")
-        self.kind = kind
-        self.extra_env = extra_env or {}
-        self.topology = topology
-        self.secret = secrets.token_hex(32)
-        self.work = Path(tempfile.mkdtemp(prefix="rt-compare-"))
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.ports = [free_port() for _ in range(nodes)]
-        self.port = self.ports[0]
-        self.pids: list[int] = []
-
-    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.work / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def __enter__(self) -> Servers:
-        env = {
-            **os.environ,
-            "RT_JWT_SECRET": self.secret,
-            "RT_DATA_DIR": str(self.work),
-            "RT_RATE_PER_S": "100000",
-            "RT_RATE_BURST": "100000",
-            "RT_SEND_QUEUE_FRAMES": "100000",
-            **self.extra_env,
-        }
-        if self.kind == "socketio" or self.topology == "redis":
-            redis_port = free_port()
-            self._spawn(redis_command(redis_port, str(self.work)))
-            wait_port(redis_port)
-            env["RT_PEER_REDIS_URL"] = env["RT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            if self.kind != "realtime":
-                env.pop("RT_REDIS_URL")
-            elif os.environ.get("MONGODB_URI"):
-                env["RT_MONGODB_URI"] = os.environ["MONGODB_URI"]
-            else:
-                mongo_port = free_port()
-                exe = shutil.which("secantusd-py") or str(
-                    Path(sys.executable).parent / "secantusd-py"
-                )
-                self._spawn(
-                    [
-                        exe,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(mongo_port),
-                        "--storage-path",
-                        str(self.work / "mongo"),
-                        "--standalone",
-                    ]
-                )
-                wait_port(mongo_port)
-                env["RT_MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
-        target = TARGETS[self.kind](self.secret)
-        for n, port in enumerate(self.ports):
-            self.pids.append(self._spawn(target.command(port), {**env, "RT_NODE_ID": f"n{n}"}).pid)
-        for port in self.ports:
-            wait_port(port)
-        return self
-
-    @property
-    def pid(self) -> int:
-        return self.pids[0]
-
-    def stats(self) -> tuple[float, int]:
-        """CPU seconds and RSS bytes of all server nodes together."""
-        cpu, rss = 0.0, 0
-        for pid in self.pids:
-            c, r = proc_stats(pid)
-            cpu, rss = cpu + c, rss + r
-        return cpu, rss
-
-    def __exit__(self, *exc: object) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def fanout(
@@ -543,7 +194,7 @@ async def _publish(
         url,
         max_size=None,
         max_queue=None,
-        subprotocols=_protocols("realtime" if isinstance(target, Ours) else ""),
+        subprotocols=subprotocols("realtime" if isinstance(target, Ours) else ""),
     ) as ws:
         await target.publisher(ws)
         acked = 0
@@ -582,35 +233,38 @@ async def _publish(
 
 
 def idle(kind: str, connections: int, *, topology: str = "embedded") -> dict[str, Any]:
-    """Memory per idle, authenticated, subscribed connection on the server."""
+    """Memory per idle, authenticated, subscribed connection on the server, and whether the
+    server still answers once it holds them all."""
     with Servers(kind, topology) as servers:
         target = TARGETS[kind](servers.secret)
+        url = target.url(servers.port)
         _, before = proc_stats(servers.pid)
 
-        async def hold() -> int:
-            socks = []
-            for i in range(connections):
-                # Idle clients read nothing (join pushes pile up): unbounded client queue,
-                # so their close handshake is not stuck behind it.
-                ws = await connect(
-                    target.url(servers.port),
-                    subprotocols=_protocols(kind),
-                    max_queue=None,
-                    close_timeout=1,
-                )
-                await target.subscribe(ws, i)
-                socks.append(ws)
+        async def hold() -> tuple[int, int]:
+            tally = Tally(target, 0)
+            gate = asyncio.Semaphore(32)  # set-ups in flight
+
+            async def one(i: int) -> None:
+                async with gate:
+                    sock = await open_socket(tally, url, kind)
+                    await target.subscribe(sock, i)
+                    sock.counting = True
+
+            await asyncio.gather(*(one(i) for i in range(connections)))
             await asyncio.sleep(2)
             _, after = proc_stats(servers.pid)
-            for ws in socks:
-                await ws.close()
-            return after
+            held = len(tally.sockets) - tally.gone
+            for sock in tally.sockets:
+                if sock.transport is not None:
+                    sock.transport.disconnect()
+            return after, held
 
-        after = asyncio.run(hold())
+        after, held = uvloop.run(hold())
     return {
         "scenario": "idle",
         "target": TARGETS[kind].name,
         "connections": connections,
+        "held": held,
         "server_rss_mb": round(after / 2**20, 1),
         "server_kb_per_connection": round((after - before) / 1024 / connections, 1),
     }
@@ -628,6 +282,8 @@ def write(results: list[dict[str, Any]], out: Path, name: str) -> str:
     (out / f"{name}-{stamp}.md").write_text(table)
     if results[0].get("scenario") == "fanout":
         _plot(results, out / f"{name}-{stamp}.png")
+    elif results[0].get("scenario") == "chat":
+        _plot_chat(results, out / f"{name}-{stamp}.png")
     return table
 
 
@@ -650,6 +306,32 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_chat(results: list[dict[str, Any]], path: Path) -> None:
+    """Latency percentiles against load (posts/s), one line per target and percentile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for target in dict.fromkeys(r["target"] for r in results):
+        rows = sorted((r for r in results if r["target"] == target), key=lambda r: r["posts_per_s"])
+        xs = [r["posts_per_s"] for r in rows]
+        for key, style in (("latency_ms_p50", "--"), ("latency_ms_p99", "-")):
+            ax.plot(xs, [r[key] for r in rows], style, marker="o", label=f"{target} {key[-3:]}")
+    ax.set(
+        title="chat: publish -> deliver latency vs load (lower is better)",
+        xlabel="posts/s (each to every member of a 10-person room)",
+        ylabel="ms",
+        yscale="log",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,5 +1,6 @@
-"""The ceiling: a minimal `websockets` broadcast server with no protocol at all. A client
-that sends "sub" receives every frame any client sends afterwards.
+"""The ceiling: a minimal `websockets` broadcast server with no protocol to speak of.
+"sub ROOM" joins a room; "pub ROOM PAYLOAD" sends PAYLOAD to everyone in the room (the
+sender too, if it joined).
 
     python -m loadtests.peers.raw_server PORT
 """
@@ -8,19 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import defaultdict
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-subscribers: set[ServerConnection] = set()
+rooms: defaultdict[str, set[ServerConnection]] = defaultdict(set)
 
 
 async def handler(ws: ServerConnection) -> None:
-    async for message in ws:
-        if message == "sub":
-            subscribers.add(ws)
-        else:
-            broadcast(subscribers, message)
-    subscribers.discard(ws)
+    joined: list[str] = []
+    try:
+        async for message in ws:
+            if not isinstance(message, str):
+                continue
+            verb, _, rest = message.partition(" ")
+            if verb == "sub":
+                rooms[rest].add(ws)
+                joined.append(rest)
+            elif verb == "pub":
+                room, _, payload = rest.partition(" ")
+                broadcast(rooms[room], payload)
+    finally:
+        for room in joined:
+            rooms[room].discard(ws)
 
 
 async def main(port: int) -> None:
