@@ -82,6 +82,8 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         access_log=False,
         timeout_graceful_shutdown=15,
         server_header=False,
+        # Client addresses are not used (nor logged): no proxy-headers middleware per socket.
+        proxy_headers=False,
     )
     server = _Server(cfg, node)
     try:

@@ -125,7 +125,7 @@ class Connection:
         self.subs: dict[str, Subscription] = {}
         limits = node.settings.limits
         self._max_queue = limits.send_queue_frames
-        self._out: deque[str | bytes] = deque()
+        self._out: deque[str | bytes] | None = None  # only behind a slow socket
         self._direct = direct_writer(ws.scope)
         self._flusher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -180,10 +180,12 @@ class Connection:
         """Behind a slow socket: wait in the bounded queue for the flusher."""
         if self._close_code is not None:
             return
-        if len(self._out) >= self._max_queue:
+        if self._out is not None and len(self._out) >= self._max_queue:
             self.node.metrics.slow_consumers += 1
             self.close(CLOSE_POLICY, "slow consumer: too far behind")
             return
+        if self._out is None:
+            self._out = deque()
         self._out.append(data)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name=f"ws-flush:{self.session}")
@@ -194,19 +196,22 @@ class Connection:
         overtake it. Runs only while there is a queue."""
         ws = self.ws
         binary = self.codec.binary
+        out = self._out
+        assert out is not None
         try:
-            while self._out:
-                data = self._out[0]
+            while out:
+                data = out[0]
                 if binary:
                     await ws.send_bytes(data)  # type: ignore[arg-type]
                 else:
                     await ws.send_text(data)  # type: ignore[arg-type]
-                self._out.popleft()
+                out.popleft()
                 self.node.metrics.frames_out += 1
         except (WebSocketDisconnect, OSError, RuntimeError):
-            self._out.clear()  # the socket is gone; its handler cleans up
+            out.clear()  # the socket is gone; its handler cleans up
         finally:
             self._flusher = None
+            self._out = None
 
     def close(self, code: int, reason: str = "") -> None:
         """Close after the frames already queued (at once for a slow consumer)."""

@@ -16,7 +16,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from channels.body import parse_body
@@ -346,8 +347,7 @@ async def console(request: Request) -> Response:
     )
 
 
-async def ws_endpoint(websocket: WebSocket) -> None:
-    node = _node(websocket)
+async def ws_endpoint(websocket: WebSocket, node: Node) -> None:
     if node.draining:
         await websocket.close(CLOSE_GOING_AWAY)
         return
@@ -356,10 +356,25 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     await Connection(websocket, node, codec or JSON).run()
 
 
-def create_app(node: Node) -> Starlette:
+class NodeApp:
+    """The node's ASGI app. `/ws` goes straight to its handler: a socket lives for hours and
+    should not keep a middleware stack of suspended frames alive (several KB each); every
+    other path goes through Starlette."""
+
+    def __init__(self, node: Node, http: Starlette) -> None:
+        self.node = node
+        self.http = http
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws":
+            await ws_endpoint(WebSocket(scope, receive, send), self.node)
+        else:
+            await self.http(scope, receive, send)
+
+
+def create_app(node: Node) -> NodeApp:
     app = Starlette(
         routes=[
-            WebSocketRoute("/ws", ws_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
@@ -380,4 +395,4 @@ def create_app(node: Node) -> Starlette:
         ]
     )
     app.state.node = node
-    return app
+    return NodeApp(node, app)
