@@ -16,6 +16,8 @@ def test_fanout_comparison_smoke(tmp_path: Path) -> None:
         for kind in ("realtime", "socketio", "raw")
     ]
     assert [r["delivered"] for r in rows] == [100, 100, 100]
+    assert [r["incomplete"] for r in rows] == [0, 0, 0]
+    assert [r["acked"] for r in rows] == [5, 5, 5]  # the raw ceiling has no acks: as sent
     table = compare.write(rows, tmp_path, "smoke")
     assert "python-socketio" in table and list(tmp_path.glob("smoke-*.png"))
 
@@ -24,7 +26,22 @@ def test_idle_smoke() -> None:
     from loadtests import compare
 
     row = compare.idle("realtime", 20)
-    assert row["connections"] == 20 and row["server_kb_per_connection"] > 0
+    assert row["held"] == 20 and row["server_kb_per_connection"] > 0
+
+
+def test_chat_smoke(tmp_path: Path) -> None:
+    """Rooms of a few members, everyone posting, for every target."""
+    from loadtests import chat, compare
+
+    rows = [
+        asdict(chat.run(kind, 20, 5, 0.5, 1.0, topology="embedded", timeout_s=60))
+        for kind in ("realtime", "socketio", "raw")
+    ]
+    assert [r["posted"] for r in rows] == [40, 40, 40]
+    assert [r["delivered"] for r in rows] == [r["expected"] for r in rows] == [200, 160, 200]
+    assert rows[0]["acked"] == 40 and rows[0]["disconnects"] == "none"
+    compare.write(rows, tmp_path, "chat")
+    assert list(tmp_path.glob("chat-*.png"))
 
 
 def test_store_smoke() -> None:

@@ -8,12 +8,15 @@ import json
 import signal
 import time
 import uuid
+from typing import Any
 
 import jwt
 import msgpack
 import pytest
 from conftest import SECRET, Node, token
 from websockets.asyncio.client import connect
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 from wire import AppDevice, Raw, envelope, plain, read_close_code, stalled_subscriber
 
 
@@ -460,6 +463,59 @@ async def test_slow_consumer_is_closed_4008(single_node: Node) -> None:
     assert await asyncio.to_thread(read_close_code, slow) == 4008
     slow[0].close()
     await pub.ok("ping")  # the publisher and the node are unaffected
+    await pub.close()
+
+
+async def test_reader_that_stalls_then_catches_up_gets_everything_in_order(
+    single_node: Node,
+) -> None:
+    """Frames go straight to a writable socket and queue behind a full one; switching
+    between the two (many times, while messages keep coming) never reorders, drops or
+    repeats a frame."""
+    ch = chan()
+    sock, proto = stalled_subscriber(single_node.port, token("napper"), ch)
+    pub = await Raw.open(single_node.url, token("talker"))
+    body = plain("y" * 30_000)
+    for i in range(40):  # ~1.2 MB: far past the socket buffers, within the 64-frame queue
+        await pub.ok("publish", channel=ch, client_msg_id=f"n{i}", body=body)
+
+    def drain(total: int) -> list[int]:  # a slow reader: small reads, short naps
+        seqs: list[int] = []
+        sock.settimeout(10)
+        while len(seqs) < total:
+            proto.receive_data(sock.recv(8192))
+            time.sleep(0.0005)
+            for event in proto.events_received():
+                if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
+                    push = json.loads(event.data)
+                    if push.get("push") == "message":
+                        seqs.append(push["seq"])
+        return seqs
+
+    reader = asyncio.ensure_future(asyncio.to_thread(drain, 100))
+    for i in range(40, 100):  # while it catches up
+        await pub.ok("publish", channel=ch, client_msg_id=f"n{i}", body=body)
+        await asyncio.sleep(0.002)
+    seqs = await reader
+    assert seqs == list(range(seqs[0], seqs[0] + 100))
+    sock.close()
+    await pub.close()
+
+
+async def test_permessage_deflate_when_enabled(node_factory: Any) -> None:
+    """With compression negotiated every socket gets its own compressed frames (no shared
+    pre-framed bytes), and messages still arrive."""
+    node = node_factory("deflate", RT_WS_DEFLATE="1")
+    ch = chan()
+    sub = await Raw.open(node.url, token("zip"), compression="deflate")
+    pub = await Raw.open(node.url, token("zap"))
+    assert sub.ws.response is not None
+    assert "permessage-deflate" in sub.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    await sub.ok("subscribe", channel=ch)
+    for i in range(3):
+        await pub.ok("publish", channel=ch, client_msg_id=f"z{i}", body=plain("a" * 2000))
+    assert [(await sub.push())["seq"] for _ in range(3)] == [1, 2, 3]
+    await sub.close()
     await pub.close()
 
 

@@ -1,0 +1,87 @@
+"""A connection's outgoing path, step by step: straight to a writable socket, queued behind a
+full one, and never one overtaking the other. (The same path under real sockets is covered
+by the slow-reader tests in test_protocol.py; this pins the ordering rule deterministically.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from channels.hub import Frame
+from realtime.config import Limits
+from realtime.connection import Connection
+from realtime.node import Metrics
+from realtime.protocol import JSON, wire_frame
+from realtime.websocket import EXTENSION
+
+
+class Socket:
+    """Both ways out of a connection, recorded in one list in the order bytes would leave."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[str, Any]] = []
+        self.writable = True
+        self.drained = asyncio.Event()  # the ASGI send waits for it, like a full buffer
+        self.scope = {"extensions": {EXTENSION: {"writer": self}}}
+
+    def can_write(self) -> bool:
+        return self.writable
+
+    def write_frame(self, wire: bytes) -> None:
+        self.out.append(("direct", wire))
+
+    async def send_text(self, data: str) -> None:
+        await self.drained.wait()
+        self.out.append(("queued", data))
+
+    def texts(self) -> list[int]:
+        """The `n` of every frame, whichever way it left."""
+        values = []
+        for way, data in self.out:
+            payload = data[2:].decode() if way == "direct" else data  # short frames: 2-byte head
+            values.append(json.loads(payload)["n"])
+        return values
+
+
+def connection(sock: Socket, queue: int = 8) -> Connection:
+    node = SimpleNamespace(
+        settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)), metrics=Metrics()
+    )
+    return Connection(sock, node, JSON)  # type: ignore[arg-type]
+
+
+async def test_nothing_overtakes_a_queued_frame() -> None:
+    sock = Socket()
+    conn = connection(sock)
+    conn.send({"n": 1})  # writable: straight out, pre-framed
+    assert sock.out == [("direct", wire_frame('{"n":1}', binary=False))]
+    sock.writable = False
+    conn.send({"n": 2})  # the buffer is full: queued, the flusher waits for the drain
+    await asyncio.sleep(0)
+    sock.writable = True  # writable again, but frame 2 has not left yet
+    conn.push(Frame({"n": 3}))
+    conn.send({"n": 4})
+    assert sock.texts() == [1]
+    sock.drained.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.texts() == [1, 2, 3, 4]
+    conn.send({"n": 5})  # the queue is empty again: straight out
+    assert sock.out[-1][0] == "direct" and sock.texts() == [1, 2, 3, 4, 5]
+
+
+async def test_queue_over_its_bound_closes_4008() -> None:
+    sock = Socket()
+    conn = connection(sock, queue=3)
+    sock.writable = False
+    for n in range(4):
+        conn.send({"n": n})
+    assert conn._close_code == 4008
+    assert conn.node.metrics.slow_consumers == 1
+    conn.send({"n": 99})  # closing: dropped, not queued
+    assert conn._out is not None and len(conn._out) == 3
+    assert conn._closer is not None and conn._flusher is not None
+    conn._closer.cancel()
+    conn._flusher.cancel()
