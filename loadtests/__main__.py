@@ -9,6 +9,8 @@ from pathlib import Path
 
 from . import alerts, chat, compare, presence, store
 
+TOPOLOGIES = ["redis", "redis-sqlite", "embedded"]
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
@@ -26,9 +28,10 @@ def main() -> int:
     cmp_.add_argument("--targets", default="realtime,socketio,raw")
     cmp_.add_argument(
         "--topology",
-        choices=["redis", "embedded"],
+        choices=TOPOLOGIES,
         default="redis",
-        help="ours: on Redis (+MongoDB) like the peer, or a single node",
+        help="ours: Redis + MongoDB (the deployment), Redis + SQLite (one node, the store "
+        "out of the way: the MongoDB used here is a slow stand-in), or embedded",
     )
     cmp_.add_argument("--clients", type=int, default=2, help="client processes")
     cmp_.add_argument(
@@ -44,7 +47,7 @@ def main() -> int:
     fan.add_argument("--subscribers", default="1000")
     fan.add_argument("--messages", type=int, default=200)
     fan.add_argument("--rate", type=float, default=50.0)
-    fan.add_argument("--topology", choices=["redis", "embedded"], default="embedded")
+    fan.add_argument("--topology", choices=TOPOLOGIES, default="embedded")
     fan.add_argument("--clients", type=int, default=2)
     fan.add_argument("--timeout", type=float, default=120.0)
 
@@ -56,7 +59,7 @@ def main() -> int:
     )
     ch.add_argument("--seconds", type=float, default=20.0, help="how long everyone posts")
     ch.add_argument("--targets", default="realtime,socketio,raw")
-    ch.add_argument("--topology", choices=["redis", "embedded"], default="redis")
+    ch.add_argument("--topology", choices=TOPOLOGIES, default="redis")
     ch.add_argument("--timeout", type=float, default=180.0)
 
     idl = sub.add_parser("idle", help="server memory per idle connection")
@@ -77,7 +80,7 @@ def main() -> int:
     al = sub.add_parser("alerts", help="alert.trigger -> first provider request latency")
     al.add_argument("--alerts", type=int, default=200)
     al.add_argument("--rate", type=float, default=20.0, help="triggers per second")
-    al.add_argument("--topology", choices=["redis", "embedded"], default="redis")
+    al.add_argument("--topology", choices=TOPOLOGIES, default="redis")
     args = parser.parse_args()
 
     if args.scenario in ("compare", "fanout"):

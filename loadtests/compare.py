@@ -92,6 +92,8 @@ class Result:
     latency_ms_p99: float
     latency_ms_max: float
     server_cpu_s: float
+    server_us_per_delivery: float  # server CPU per delivered message: what it costs, whatever
+    # the clients could take (on a shared 2-core box they compete with the server)
     server_rss_mb: float
     server_kb_per_connection: float
     client_cpu_s: float
@@ -172,6 +174,7 @@ def fanout(
         pct(latencies, 99),
         round(max(latencies) * 1000, 2) if latencies else float("nan"),
         round(cpu2 - cpu1, 2),
+        round((cpu2 - cpu1) / delivered * 1e6, 1) if delivered else float("nan"),
         round(rss2 / 2**20, 1),
         round((rss1 - rss0) / 1024 / subscribers, 1),
         round(sum(r["cpu_s"] for r in results), 2),

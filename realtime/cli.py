@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -58,7 +59,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_file_limit() -> int:
+    """Every connection is an open file: take the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 async def _serve(settings: config.Settings, host: str, port: int, log_level: str) -> None:
+    files = _raise_file_limit()
+    log.info("open-file limit %d: at most about %d connections", files, max(0, files - 100))
     sock = _listen(host, port)
     node = Node(settings)
     try:
