@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import alerts, chat, compare, presence, store
 
-TOPOLOGIES = ["redis", "redis-sqlite", "embedded"]
+TOPOLOGIES = ["redis", "embedded"]
 
 
 def _ints(text: str) -> list[int]:
@@ -30,8 +30,8 @@ def main() -> int:
         "--topology",
         choices=TOPOLOGIES,
         default="redis",
-        help="ours: Redis + MongoDB (the deployment), Redis + SQLite (one node, the store "
-        "out of the way: the MongoDB used here is a slow stand-in), or embedded",
+        help="ours: Redis + MongoDB (the deployment), or one embedded node (in-process "
+        "broker, SQLite; the peer still uses Redis)",
     )
     cmp_.add_argument("--clients", type=int, default=2, help="client processes")
     cmp_.add_argument(

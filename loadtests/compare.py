@@ -322,11 +322,18 @@ def _plot_chat(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for target in dict.fromkeys(r["target"] for r in results):
+    for n, target in enumerate(dict.fromkeys(r["target"] for r in results)):
         rows = sorted((r for r in results if r["target"] == target), key=lambda r: r["posts_per_s"])
         xs = [r["posts_per_s"] for r in rows]
         for key, style in (("latency_ms_p50", "--"), ("latency_ms_p99", "-")):
-            ax.plot(xs, [r[key] for r in rows], style, marker="o", label=f"{target} {key[-3:]}")
+            ax.plot(
+                xs,
+                [r[key] for r in rows],
+                style,
+                color=f"C{n}",
+                marker="o",
+                label=f"{target} {key[-3:]}",
+            )
     ax.set(
         title="chat: publish -> deliver latency vs load (lower is better)",
         xlabel="posts/s (each to every member of a 10-person room)",

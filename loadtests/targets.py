@@ -225,15 +225,13 @@ class Servers:
             "RT_SEND_QUEUE_FRAMES": "100000",
             **self.extra_env,
         }
-        if self.kind == "socketio" or self.topology in ("redis", "redis-sqlite"):
+        if self.kind == "socketio" or self.topology == "redis":
             redis_port = free_port()
             self._spawn(redis_command(redis_port, str(self.work)))
             wait_port(redis_port)
             env["RT_PEER_REDIS_URL"] = env["RT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             if self.kind != "realtime":
                 env.pop("RT_REDIS_URL")
-            elif self.topology == "redis-sqlite":
-                pass  # one node: Redis for fan-out and presence, its local SQLite store
             elif os.environ.get("MONGODB_URI"):
                 env["RT_MONGODB_URI"] = os.environ["MONGODB_URI"]
             else:
