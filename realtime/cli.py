@@ -73,7 +73,6 @@ def _raise_file_limit() -> int:
 
 async def _serve(settings: config.Settings, host: str, port: int, log_level: str) -> None:
     files = _raise_file_limit()
-    log.info("open-file limit %d: at most about %d connections", files, max(0, files - 100))
     sock = _listen(host, port)
     node = Node(settings)
     try:
@@ -101,6 +100,7 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         proxy_headers=False,
     )
     server = _Server(cfg, node)
+    log.info("open-file limit %d: at most about %d connections", files, max(0, files - 100))
     try:
         await server.serve(sockets=[sock])
     finally:

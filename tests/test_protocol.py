@@ -383,6 +383,7 @@ async def test_recovery_while_live_messages_arrive_has_no_gap_or_duplicate(
         while not stop.is_set():
             await pub.ok("publish", channel=ch, client_msg_id=f"live{n}", body=plain("y"))
             n += 1
+            await asyncio.sleep(0.002)  # live traffic, within this node's command rate limit
         return n
 
     task = asyncio.create_task(publish_forever())
