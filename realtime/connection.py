@@ -1,9 +1,12 @@
 """One WebSocket connection: auth, the command loop, and its bounded outgoing queue.
 
-Commands of one connection run one at a time in arrival order; replies and pushes leave
-through one writer task. Outgoing frames wait in a deque of at most `send_queue_frames`; a
-consumer that falls further behind is closed with 4008 instead of growing memory. Incoming
-frames are bounded by the frame size limit and the ASGI server's small receive queue.
+Commands of one connection run one at a time in arrival order. Replies and pushes are
+written straight to the socket while it takes them (`rt.direct`, realtime/websocket.py: a
+shared push is framed once for every socket); behind a full socket they wait, in order, in a
+deque of at most `send_queue_frames` that a flusher task sends through ASGI. A consumer that
+falls further behind is closed with 4008 instead of growing memory. An idle connection has no
+task of its own besides its handler. Incoming frames are bounded by the frame size limit and
+the ASGI server, which reads one frame at a time.
 """
 
 from __future__ import annotations
