@@ -291,24 +291,41 @@ def write(results: list[dict[str, Any]], out: Path, name: str) -> str:
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Delivered msg/s, p99 latency, and CPU per delivery (the server's and the clients'),
+    against subscribers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for target in dict.fromkeys(r["target"] for r in results):
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for n, target in enumerate(dict.fromkeys(r["target"] for r in results)):
         rows = [r for r in results if r["target"] == target]
         xs = [r["subscribers"] for r in rows]
-        left.plot(xs, [r["delivered_per_s"] for r in rows], marker="o", label=target)
-        right.plot(xs, [r["latency_ms_p99"] for r in rows], marker="o", label=target)
+        color = f"C{n}"
+        left.plot(xs, [r["delivered_per_s"] for r in rows], marker="o", color=color, label=target)
+        mid.plot(xs, [r["latency_ms_p99"] for r in rows], marker="o", color=color, label=target)
+        right.plot(
+            xs,
+            [r["server_us_per_delivery"] for r in rows],
+            marker="o",
+            color=color,
+            label=f"{target}: server",
+        )
+        right.plot(
+            xs,
+            [r["client_cpu_s"] / r["delivered"] * 1e6 if r["delivered"] else None for r in rows],
+            "--",
+            marker="x",
+            color=color,
+            label=f"{target}: clients",
+        )
     left.set(title="delivered messages/s (higher is better)", xlabel="subscribers")
-    right.set(
-        title="publish -> deliver p99 ms (lower is better)", xlabel="subscribers", yscale="log"
-    )
-    for ax in (left, right):
+    mid.set(title="publish -> deliver p99 ms (lower is better)", xlabel="subscribers", yscale="log")
+    right.set(title="CPU µs per delivered message", xlabel="subscribers", yscale="log", ylabel="µs")
+    for ax in (left, mid, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
