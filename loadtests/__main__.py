@@ -25,7 +25,7 @@ def main() -> int:
     cmp_.add_argument("--subscribers", default="1000,5000", help="comma-separated")
     cmp_.add_argument("--messages", type=int, default=100)
     cmp_.add_argument("--rate", type=float, default=100.0, help="publishes per second")
-    cmp_.add_argument("--targets", default="realtime,socketio,raw")
+    cmp_.add_argument("--targets", default="realtime,socketio,django,raw")
     cmp_.add_argument(
         "--topology",
         choices=TOPOLOGIES,
@@ -58,7 +58,7 @@ def main() -> int:
         "--intervals", default="5", help="seconds between one client's posts (load levels, a,b,..)"
     )
     ch.add_argument("--seconds", type=float, default=20.0, help="how long everyone posts")
-    ch.add_argument("--targets", default="realtime,socketio,raw")
+    ch.add_argument("--targets", default="realtime,socketio,django,raw")
     ch.add_argument("--topology", choices=TOPOLOGIES, default="redis")
     ch.add_argument("--timeout", type=float, default=180.0)
 

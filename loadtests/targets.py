@@ -34,6 +34,7 @@ class Conn(Protocol):
 
 class Target:
     name = ""
+    cwd: Path | None = None  # where its server runs (default: here)
     acks = True  # publishes are acknowledged: the publisher waits for every ack
     echo = True  # a publisher subscribed to its room receives its own message
 
@@ -183,7 +184,63 @@ class Raw(Target):
         return f"pub {room} ts={ts!r}"
 
 
-TARGETS: dict[str, type[Target]] = {"realtime": Ours, "socketio": SocketIO, "raw": Raw}
+DJANGO_PEER = Path(__file__).parent / "peers" / "django_peer"
+
+
+def django_python() -> str:
+    """The Django Channels peer's interpreter, in its own virtualenv (Django Channels' package
+    is named `channels`, like ours), created on first use from the pinned requirements."""
+    venv = Path(__file__).resolve().parent.parent / ".venv-django-peer"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        requirements = str(DJANGO_PEER / "requirements.txt")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", requirements], check=True)
+    return str(python)
+
+
+class DjangoChannels(Target):
+    name = "django-channels+redis"
+    echo = False  # the consumer skips the sender
+    cwd: Path | None = DJANGO_PEER  # run from its folder: `channels` must be Django's
+
+    def command(self, port: int) -> list[str]:
+        return [
+            django_python(),
+            "-m",
+            "uvicorn",
+            "asgi:application",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--ws",
+            "websockets",
+            "--ws-ping-timeout",
+            "300",
+        ]
+
+    def url(self, port: int) -> str:
+        return f"ws://127.0.0.1:{port}/ws/"
+
+    async def subscribe(self, ws: Conn, i: int, room: str = ROOM) -> None:
+        await ws.send(json.dumps({"op": "join", "room": room}))
+        while not str(await ws.recv()).startswith('{"joined"'):
+            pass
+
+    def publish_frame(self, n: int, ts: float, room: str = ROOM) -> str:
+        return json.dumps({"op": "pub", "room": room, "id": n, "text": f"ts={ts!r}"})
+
+    def is_ack(self, data: bytes) -> bool:
+        return data.startswith(b'{"ack"')
+
+
+TARGETS: dict[str, type[Target]] = {
+    "realtime": Ours,
+    "socketio": SocketIO,
+    "django": DjangoChannels,
+    "raw": Raw,
+}
 
 
 def subprotocols(kind: str) -> list[Subprotocol] | None:
@@ -208,9 +265,11 @@ class Servers:
         self.port = self.ports[0]
         self.pids: list[int] = []
 
-    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{Path(cmd[0]).name}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)
         return proc
@@ -225,7 +284,7 @@ class Servers:
             "RT_SEND_QUEUE_FRAMES": "100000",
             **self.extra_env,
         }
-        if self.kind == "socketio" or self.topology == "redis":
+        if self.kind in ("socketio", "django") or self.topology == "redis":
             redis_port = free_port()
             self._spawn(redis_command(redis_port, str(self.work)))
             wait_port(redis_port)
@@ -255,7 +314,8 @@ class Servers:
                 env["RT_MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
         target = TARGETS[self.kind](self.secret)
         for n, port in enumerate(self.ports):
-            self.pids.append(self._spawn(target.command(port), {**env, "RT_NODE_ID": f"n{n}"}).pid)
+            node_env = {**env, "RT_NODE_ID": f"n{n}"}
+            self.pids.append(self._spawn(target.command(port), node_env, target.cwd).pid)
         for port in self.ports:
             wait_port(port)
         return self
