@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
-from .clients import Tally, cpu_seconds, open_socket
-from .support import pct
+from .clients import Tally, open_socket
+from .support import pct, proc_stats
 from .targets import TARGETS, Servers
 
 TICK_S = 0.005
@@ -109,13 +110,11 @@ async def _chatters(
             "latencies": tally.latencies,
             "ack_latencies": tally.ack_latencies,
             "closes": dict(tally.closes),
-            "cpu_s": cpu_seconds(),
+            "cpu_s": proc_stats(os.getpid())[0],
             "elapsed": time.time() - start,
         }
     )
-    for sock in tally.sockets:
-        if sock.transport is not None:
-            sock.transport.disconnect()
+    tally.disconnect()
 
 
 def _client_process(*args: Any) -> None:

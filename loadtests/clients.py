@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
-import resource
 import time
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -40,6 +39,11 @@ class Tally:
             self.received >= self.expected or self.gone == len(self.sockets)
         ):
             self.done.set_result(None)
+
+    def disconnect(self) -> None:
+        for sock in self.sockets:
+            if sock.transport is not None:
+                sock.transport.disconnect()
 
     def incomplete(self) -> int:
         """Sockets that received fewer than `per_socket` messages."""
@@ -130,8 +134,3 @@ async def open_socket(tally: Tally, url: str, kind: str) -> BenchSocket:
     await ws_connect(lambda: sock, url, extra_headers=headers, max_frame_size=2**24)
     tally.sockets.append(sock)
     return sock
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import uvloop
 from websockets.asyncio.client import connect
 
-from .clients import Tally, cpu_seconds, open_socket
+from .clients import Tally, open_socket
 from .support import pct, proc_stats
 from .targets import TARGETS, Ours, Servers, Target, subprotocols
 
@@ -62,12 +63,10 @@ async def _subscribers(
             "latencies": tally.latencies,
             "closes": dict(tally.closes),
             "short": tally.incomplete(),
-            "cpu_s": cpu_seconds(),
+            "cpu_s": proc_stats(os.getpid())[0],
         }
     )
-    for sock in tally.sockets:
-        if sock.transport is not None:
-            sock.transport.disconnect()
+    tally.disconnect()
 
 
 def _client_process(*args: Any) -> None:
@@ -257,9 +256,7 @@ def idle(kind: str, connections: int, *, topology: str = "embedded") -> dict[str
             await asyncio.sleep(2)
             _, after = proc_stats(servers.pid)
             held = len(tally.sockets) - tally.gone
-            for sock in tally.sockets:
-                if sock.transport is not None:
-                    sock.transport.disconnect()
+            tally.disconnect()
             return after, held
 
         after, held = uvloop.run(hold())

@@ -114,27 +114,32 @@ class Ours(Target):
         return data.startswith(b'{"id":')
 
 
+def uvicorn_peer(python: str, app: str, port: int) -> list[str]:
+    """A peer's ASGI app on uvicorn. Its keepalive is generous: saturated, a peer's event loop
+    answers pings late and would otherwise drop the publisher's connection with the publishes
+    it has not read yet."""
+    return [
+        python,
+        "-m",
+        "uvicorn",
+        app,
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--ws",
+        "websockets",
+        "--ws-ping-timeout",
+        "300",
+    ]
+
+
 class SocketIO(Target):
     name = "python-socketio+redis"
     echo = False  # emit(..., skip_sid=sender)
 
     def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "loadtests.peers.socketio_server:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-            "--ws",
-            "websockets",
-            # Generous keepalive: saturated, its event loop answers pings late and would
-            # otherwise drop the publisher's connection with the publishes it has not read.
-            "--ws-ping-timeout",
-            "300",
-        ]
+        return uvicorn_peer(sys.executable, "loadtests.peers.socketio_server:app", port)
 
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
@@ -205,20 +210,7 @@ class DjangoChannels(Target):
     cwd: Path | None = DJANGO_PEER  # run from its folder: `channels` must be Django's
 
     def command(self, port: int) -> list[str]:
-        return [
-            django_python(),
-            "-m",
-            "uvicorn",
-            "asgi:application",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-            "--ws",
-            "websockets",
-            "--ws-ping-timeout",
-            "300",
-        ]
+        return uvicorn_peer(django_python(), "asgi:application", port)
 
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}/ws/"
