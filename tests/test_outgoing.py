@@ -23,6 +23,7 @@ class Socket:
     def __init__(self) -> None:
         self.out: list[tuple[str, Any]] = []
         self.writable = True
+        self.gone = False
         self.drained = asyncio.Event()  # the ASGI send waits for it, like a full buffer
         self.scope = {"extensions": {EXTENSION: {"writer": self}}}
 
@@ -34,6 +35,8 @@ class Socket:
 
     async def send_text(self, data: str) -> None:
         await self.drained.wait()
+        if self.gone:
+            raise OSError("connection lost")
         self.out.append(("queued", data))
 
     def texts(self) -> list[int]:
@@ -85,3 +88,19 @@ async def test_queue_over_its_bound_closes_4008() -> None:
     assert conn._closer is not None and conn._flusher is not None
     conn._closer.cancel()
     conn._flusher.cancel()
+
+
+async def test_socket_lost_while_frames_wait_drops_the_queue() -> None:
+    """The flusher meets a dead socket: it stops, the queue goes (the connection's handler
+    ends on the disconnect), and nothing is left running."""
+    sock = Socket()
+    conn = connection(sock)
+    sock.writable = False
+    for n in range(3):
+        conn.send({"n": n})
+    sock.gone = True
+    sock.drained.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.out == [] and conn._out is None and conn._flusher is None
+    assert conn._close_code is None  # no close frame to a dead socket from here
