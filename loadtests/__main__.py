@@ -1,4 +1,5 @@
-"""python -m loadtests compare | fanout | chat | idle | store | presence | alerts (see --help)"""
+"""python -m loadtests compare | fanout | chat | idle | store | presence | alerts | faults
+(see --help)"""
 
 from __future__ import annotations
 
@@ -81,7 +82,14 @@ def main() -> int:
     al.add_argument("--alerts", type=int, default=200)
     al.add_argument("--rate", type=float, default=20.0, help="triggers per second")
     al.add_argument("--topology", choices=TOPOLOGIES, default="redis")
+
+    fl = sub.add_parser("faults", help="inject real faults; report sent/acked/delivered/lost")
+    fl.add_argument("names", nargs="*", default=["list"], help="scenario names, 'all' or 'list'")
+    fl.add_argument("--scale", type=float, default=1.0, help="1.0: the README's figures")
     args = parser.parse_args()
+
+    if args.scenario == "faults":
+        return _faults(args.names, args.scale, out)
 
     if args.scenario in ("compare", "fanout"):
         counts = _ints(args.subscribers)
@@ -162,6 +170,31 @@ def main() -> int:
     lat = alerts.run(args.alerts, args.rate, args.topology)
     print("\n".join(f"| {k} | {v} |" for k, v in asdict(lat).items()))
     return 0 if lat.missing == 0 else 1
+
+
+def _faults(names: list[str], scale: float, out: Path) -> int:
+    from .faults import scenarios
+    from .faults.report import HEADER
+
+    known = scenarios()
+    if names == ["list"]:
+        print("\n".join(f"{name:28} {s.help}" for name, s in known.items()))
+        return 0
+    chosen = list(known) if names == ["all"] else names
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; try: faults list", file=sys.stderr)
+        return 2
+    rows = []
+    for name in chosen:
+        result = known[name].run(scale)
+        rows.append(result)
+        print(result.row(), flush=True)
+    table = HEADER + "\n" + "\n".join(r.row() for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "faults.md").write_text(table + "\n")
+    print("\n" + table)
+    return 0 if all(r.ok for r in rows) else 1
 
 
 if __name__ == "__main__":

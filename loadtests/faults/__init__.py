@@ -1,0 +1,27 @@
+"""The fault suite: real faults injected into real processes on loopback, each bounded in time,
+each reporting what was sent, acknowledged, delivered, lost and duplicated.
+
+    python -m loadtests faults list            # the scenarios
+    python -m loadtests faults <name> [...]    # one (or several) of them
+    python -m loadtests faults all
+
+Scenarios live with their topic: `chat` (node and Redis/store faults under publish load),
+`badinput` (generated hostile frames, resource attacks), `alerts` (trigger crashes, lost jobs,
+provider faults). Each module offers `SCENARIOS: dict[str, Scenario]`; tests in
+`tests/test_faults_*.py` run the same scenarios small.
+"""
+
+from __future__ import annotations
+
+from .report import FaultResult, Scenario
+
+__all__ = ["FaultResult", "Scenario", "scenarios"]
+
+
+def scenarios() -> dict[str, Scenario]:
+    from . import alerts, badinput, chat
+
+    found: dict[str, Scenario] = {}
+    for module in (chat, badinput, alerts):
+        found.update(module.SCENARIOS)
+    return found

@@ -1,0 +1,7 @@
+"""Fault scenarios: chat (see loadtests/faults/__init__.py)."""
+
+from __future__ import annotations
+
+from .report import Scenario
+
+SCENARIOS: dict[str, Scenario] = {}
