@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import email.utils
 import json
 import logging
 from dataclasses import dataclass
@@ -15,11 +16,30 @@ log = logging.getLogger("realtime.alerts")
 
 
 class ProviderError(Exception):
-    """A send that failed; `permanent` means retrying cannot help."""
+    """A send that failed; `permanent` means retrying cannot help; `retry_after_s` is the
+    provider's own hint (HTTP Retry-After on a 429 or 5xx), honoured by the retry."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(
+        self, message: str, *, permanent: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.retry_after_s = retry_after_s
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from an HTTP Retry-After header (delta-seconds or an HTTP date), if any."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    value = str(value).strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - datetime.datetime.now(datetime.UTC).timestamp())
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,12 @@ class PushResult:
     ok: bool
     unregistered: bool = False  # prune this token
     error: str | None = None
+    retry_after_s: float | None = None
+
+
+def _headers(error: object) -> Any:
+    response = getattr(error, "http_response", None)
+    return getattr(response, "headers", None)
 
 
 class PushProvider(Protocol):
@@ -105,7 +131,9 @@ class FcmPush:
         try:
             batch = await messaging.send_each_async(messages, app=self._app)
         except exceptions.FirebaseError as exc:
-            raise ProviderError(f"fcm: {exc.code}") from None
+            raise ProviderError(
+                f"fcm: {exc.code}", retry_after_s=retry_after(_headers(exc))
+            ) from None
         results = []
         for token, response in zip(tokens, batch.responses, strict=True):
             if response.success:
@@ -121,6 +149,7 @@ class FcmPush:
                     False,
                     unregistered=unregistered,
                     error=getattr(error, "code", type(error).__name__),
+                    retry_after_s=retry_after(_headers(error)),
                 )
             )
         return results
@@ -137,10 +166,9 @@ class TwilioSms:
     def __init__(
         self, account_sid: str, auth_token: str, sender: str, base_url: str | None
     ) -> None:
-        from twilio.http.async_http_client import AsyncTwilioHttpClient
         from twilio.rest import Client
 
-        self._http = AsyncTwilioHttpClient(timeout=10)
+        self._http = _twilio_http_client()
         self._client = Client(account_sid, auth_token, http_client=self._http)
         if base_url:
             self._client.api.base_url = base_url.rstrip("/")
@@ -156,6 +184,8 @@ class TwilioSms:
                 body=body,
                 **({"status_callback": status_callback} if status_callback else {}),
             )
+        except ProviderError:
+            raise
         except TwilioRestException as exc:
             # 4xx other than 429 will not get better by retrying (bad number, blocked, ...)
             permanent = 400 <= exc.status < 500 and exc.status != 429
@@ -170,6 +200,25 @@ class TwilioSms:
 
     async def close(self) -> None:
         await self._http.close()
+
+
+def _twilio_http_client() -> Any:
+    """twilio's aiohttp client, made to raise the provider's Retry-After hint with a 429 or
+    5xx (the SDK's exception drops the headers). Its `timeout` is not applied by the SDK's
+    async client: the delivery worker bounds every provider call itself."""
+    from twilio.http.async_http_client import AsyncTwilioHttpClient
+
+    class Client(AsyncTwilioHttpClient):  # type: ignore[misc]
+        async def request(self, *args: Any, **kwargs: Any) -> Any:
+            response = await super().request(*args, **kwargs)
+            if response.status_code == 429 or response.status_code >= 500:
+                raise ProviderError(
+                    f"twilio: HTTP {response.status_code}",
+                    retry_after_s=retry_after(response.headers),
+                )
+            return response
+
+    return Client()
 
 
 class _Outbox:

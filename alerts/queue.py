@@ -1,11 +1,19 @@
-"""The durable delivery queue: each (alert, recipient, route, purpose) is one job.
+"""The delivery queues, one per route (ws, push, sms), so that a route whose provider hangs or
+throttles never holds up the others. Each job is one (alert, recipient, route, purpose).
+
+The queue is derived state: the durable plan is the alert's own record (its `jobs` list) and the
+per-recipient `deliveries` records (`alerts.service`). A reconciler re-puts any planned job
+that is not finished, so a queue that lost its jobs (Redis restarted without persistence, a
+stream deleted) is rebuilt from the store; `put` is idempotent on the job key, so re-putting a
+live job is a no-op.
 
 - `StoreJobQueue` (embedded topology): jobs are documents in the local store, keyed by their
   idempotency key; a worker claims a job by compare-and-set on a lease, so a crashed worker's
   jobs come back when the lease expires.
-- `RedisJobQueue` (Redis deployments): a Redis Stream with a consumer group; jobs a crashed
-  worker held are reclaimed with XAUTOCLAIM after the lease; delayed retries wait in a sorted
-  set until due. Enqueueing is idempotent on the job key (SET NX).
+- `RedisJobQueue` (Redis deployments): a Redis Stream with a consumer group per route; jobs a
+  crashed worker held are reclaimed with XAUTOCLAIM after the lease; delayed retries wait in a
+  sorted set until due. Enqueueing is one script (the key's marker and the entry together), and
+  a consumer group lost with Redis's data is recreated on the next read.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ class JobQueue(Protocol):
 
     async def done(self, job: Job) -> None: ...
 
-    async def retry(self, job: Job, due_ms: int) -> None:
-        """Give the job back, due later, with one more attempt counted."""
+    async def retry(self, job: Job, due_ms: int, *, count: bool = True) -> None:
+        """Give the job back, due later, with one more attempt counted (unless `count` is
+        False: a job that waited for something else, not one that failed)."""
         ...
 
     async def close(self) -> None: ...
@@ -53,24 +62,23 @@ def _now() -> int:
 
 
 class StoreJobQueue:
-    COLL = "jobs"
-
-    def __init__(self, docs: DocStore) -> None:
+    def __init__(self, docs: DocStore, route: str) -> None:
         self._docs = docs
+        self._coll = f"jobs:{route}"
 
     async def put(self, key: str, data: dict[str, Any], due_ms: int = 0) -> bool:
         doc = {"data": data, "attempts": 0}
-        return await self._docs.insert(self.COLL, key, doc, ix=due_ms) is None
+        return await self._docs.insert(self._coll, key, doc, ix=due_ms) is None
 
     async def take(self, consumer: str, n: int, lease_s: float) -> list[Job]:
         now = _now()
         jobs = []
-        for key, doc in await self._docs.below(self.COLL, now + 1, n):
+        for key, doc in await self._docs.below(self._coll, now + 1, n):
             if doc.get("done"):
                 continue
             lease = now + int(lease_s * 1000)
             if await self._docs.put(
-                self.COLL, key, {**doc, "owner": consumer}, ix=lease, version=doc["_v"]
+                self._coll, key, {**doc, "owner": consumer}, ix=lease, version=doc["_v"]
             ):
                 jobs.append(Job(key, doc["data"], doc["attempts"], handle=doc["_v"] + 1))
         return jobs
@@ -78,17 +86,28 @@ class StoreJobQueue:
     async def done(self, job: Job) -> None:
         # Kept (never due again) so that the same key cannot be enqueued twice.
         await self._docs.put(
-            self.COLL, job.key, {"data": job.data, "attempts": job.attempts, "done": True}, ix=None
+            self._coll, job.key, {"data": job.data, "attempts": job.attempts, "done": True}, ix=None
         )
 
-    async def retry(self, job: Job, due_ms: int) -> None:
+    async def retry(self, job: Job, due_ms: int, *, count: bool = True) -> None:
+        attempts = job.attempts + (1 if count else 0)
         await self._docs.put(
-            self.COLL, job.key, {"data": job.data, "attempts": job.attempts + 1}, ix=due_ms
+            self._coll, job.key, {"data": job.data, "attempts": attempts}, ix=due_ms
         )
 
     async def close(self) -> None:
         return None
 
+
+_PUT = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+if tonumber(ARGV[3]) > tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+else
+  redis.call('XADD', KEYS[2], '*', 'j', ARGV[2])
+end
+return 1
+"""
 
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -101,12 +120,15 @@ return #due
 
 
 class RedisJobQueue:
-    STREAM = "rt:alerts:jobs"
-    DELAYED = "rt:alerts:delayed"
     GROUP = "workers"
 
-    def __init__(self, url: str, *, dedupe_ttl_s: int = 7 * 86400) -> None:
+    def __init__(self, url: str, route: str, *, dedupe_ttl_s: int = 7 * 86400) -> None:
         self._redis: Any = aioredis.from_url(url)
+        # One hash tag per route: the script's keys share a slot on Redis Cluster.
+        self._tag = "{rt:alerts:" + route + "}"
+        self.stream = f"{self._tag}:jobs"
+        self.delayed = f"{self._tag}:delayed"
+        self._put = self._redis.register_script(_PUT)
         self._move = self._redis.register_script(_MOVE_DUE)
         self._dedupe_ttl = dedupe_ttl_s
         self._group_ready = False
@@ -115,7 +137,7 @@ class RedisJobQueue:
         if self._group_ready:
             return
         try:
-            await self._redis.xgroup_create(self.STREAM, self.GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -130,27 +152,35 @@ class RedisJobQueue:
 
     async def put(self, key: str, data: dict[str, Any], due_ms: int = 0) -> bool:
         await self._ensure_group()
-        if not await self._redis.set(f"rt:alerts:job:{key}", 1, nx=True, ex=self._dedupe_ttl):
-            return False
-        item = self._pack(key, data, 0)
-        if due_ms > _now():
-            await self._redis.zadd(self.DELAYED, {item: due_ms})
-        else:
-            await self._redis.xadd(self.STREAM, {"j": item})
-        return True
+        added = await self._put(
+            keys=[f"{self._tag}:job:{key}", self.stream, self.delayed],
+            args=[self._dedupe_ttl, self._pack(key, data, 0), due_ms, _now()],
+        )
+        return bool(added)
 
     async def take(self, consumer: str, n: int, lease_s: float) -> list[Job]:
+        try:
+            return await self._take(consumer, n, lease_s)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis lost its data (a restart without persistence): the group is gone with the
+            # stream. Recreate it; the reconciler re-puts what the store still plans.
+            self._group_ready = False
+            return await self._take(consumer, n, lease_s)
+
+    async def _take(self, consumer: str, n: int, lease_s: float) -> list[Job]:
         await self._ensure_group()
-        await self._move(keys=[self.DELAYED, self.STREAM], args=[_now()])
+        await self._move(keys=[self.delayed, self.stream], args=[_now()])
         entries: list[tuple[Any, dict[Any, Any]]] = []
         # Jobs of a worker that died (leased too long ago) first.
         _, claimed, *_ = await self._redis.xautoclaim(
-            self.STREAM, self.GROUP, consumer, min_idle_time=int(lease_s * 1000), count=n
+            self.stream, self.GROUP, consumer, min_idle_time=int(lease_s * 1000), count=n
         )
         entries += claimed
         if len(entries) < n:
             read = await self._redis.xreadgroup(
-                self.GROUP, consumer, {self.STREAM: ">"}, count=n - len(entries), block=100
+                self.GROUP, consumer, {self.stream: ">"}, count=n - len(entries), block=100
             )
             for _, items in read or []:
                 entries += items
@@ -164,15 +194,16 @@ class RedisJobQueue:
 
     async def done(self, job: Job) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.STREAM, self.GROUP, job.handle)
-            pipe.xdel(self.STREAM, job.handle)
+            pipe.xack(self.stream, self.GROUP, job.handle)
+            pipe.xdel(self.stream, job.handle)
             await pipe.execute()
 
-    async def retry(self, job: Job, due_ms: int) -> None:
+    async def retry(self, job: Job, due_ms: int, *, count: bool = True) -> None:
+        attempts = job.attempts + (1 if count else 0)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.DELAYED, {self._pack(job.key, job.data, job.attempts + 1): due_ms})
-            pipe.xack(self.STREAM, self.GROUP, job.handle)
-            pipe.xdel(self.STREAM, job.handle)
+            pipe.zadd(self.delayed, {self._pack(job.key, job.data, attempts): due_ms})
+            pipe.xack(self.stream, self.GROUP, job.handle)
+            pipe.xdel(self.stream, job.handle)
             await pipe.execute()
 
     async def close(self) -> None:

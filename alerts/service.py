@@ -1,42 +1,51 @@
 """Safety alerts (PROTOCOL.md section 7): trigger, live location, ack, resolve, status,
-responders' shared locations, the delivery workers and escalation.
+responders' shared locations, escalation, and the reconciler that keeps deliveries going.
 
 Records (in the store's small-document collections, so in SQLite or MongoDB):
-- `alerts` key alert id, ix = next escalation time while unacknowledged and active;
-- `alert_ids` key "owner|client_alert_id" -> alert id (trigger idempotency);
-- `alert_trail` key "alert id|ts|n", ix = ts (purged after RT_ALERT_TRAIL_DAYS);
+- `alerts` key alert id, ix = `due`, the next time a node must look at the alert (to finish
+  queueing its plan, or to escalate); the record holds the plan (`jobs`, see `alerts.records`);
+- `alert_quota` key owner -> the owner's recent triggers (the cluster-wide trigger limit);
+- `active_alerts` key alert id (the moderators' list);
+- `alert_trail` key "alert id|ts|digest", ix = ts (purged after RT_ALERT_TRAIL_DAYS);
 - `deliveries` key "alert id|route|to", ix = the provider's message id (status webhooks);
 - `contacts` key owner -> tiers of emergency contacts; `push_tokens` key "user|token".
 
-Every notification is a job in the durable queue (`alerts.queue`): one per (alert, recipient,
-route, purpose), retried with exponential backoff and jitter, dead-lettered as `failed`.
+A trigger is all-or-nothing: the alert id is derived from (owner, client_alert_id), the limit is
+checked (and the slot reserved for that id) before anything else is written, and the alert is
+stored with its whole plan in one insert — the commit point. An `ok` is sent only after it. A
+retry finds the stored alert and finishes whatever the first attempt did not (deliveries
+records, queue jobs), and so does any node's reconciler once the alert comes due, so a node
+killed at any step, a store timeout or a queue that lost its data delays a notification but
+never loses it. Escalation steps and resolve append to the plan in the same compare-and-set
+write that changes the alert, so they follow the same rule.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import random
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from realtime.protocol import ProtocolError
-from storage import DocStore, StoreUnavailable
+from storage import DocStore
 
-from .model import KINDS, MAX_NOTE, OUTCOMES, distance_m, now_ms, parse_location
-from .providers import ProviderError, PushProvider, SmsProvider
-from .queue import Job, JobQueue
+from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
+from .model import KINDS, MAX_NOTE, OUTCOMES, now_ms, parse_location
+from .providers import PushProvider, SmsProvider
+from .queue import JobQueue
+from .records import Deliveries, finished, job_key
+from .responders import Responders
 
 log = logging.getLogger("realtime.alerts")
 
-# (user channel or alert channel, push dict) -> published to the node's hub
-Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
-IsOnline = Callable[[str], Awaitable[bool]]
+TRIGGER_WINDOW_MS = 600_000  # the trigger limit counts alerts of the last 10 minutes
+
+
+def _no_fault(step: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -45,77 +54,40 @@ class AlertSettings:
     responder_radius_m: float = 2000.0
     responder_ttl_s: float = 900.0
     trail_days: float = 30.0
-    trigger_limit: int = 5  # per user per 10 minutes
-    max_attempts: int = 6
-    retry_base_s: float = 1.0
-    retry_max_s: float = 60.0
-    push_ttl_s: int = 3600
-    public_url: str | None = None  # for Twilio status callbacks
-    workers: int = 4
-    lease_s: float = 30.0
+    trigger_limit: int = 5  # per user per 10 minutes, across the cluster
+    reconcile_s: float = 10.0  # how long a plan may sit unfinished before any node re-queues it
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
 
-class Responders:
-    """Where responders last said they are, for 'nearby' matching; entries expire."""
-
-    def __init__(self, redis_url: str | None, ttl_s: float) -> None:
-        self._redis: Any = aioredis.from_url(redis_url) if redis_url else None
-        self._local: dict[str, tuple[dict[str, Any], float]] = {}
-        self._ttl = ttl_s
-
-    async def share(self, user: str, location: dict[str, Any]) -> None:
-        expires = time.time() + self._ttl
-        if self._redis is None:
-            self._local[user] = (location, expires)
-            return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.geoadd("rt:responders:geo", (location["lon"], location["lat"], user))
-            pipe.zadd("rt:responders:expiry", {user: expires})
-            await pipe.execute()
-
-    async def near(self, location: dict[str, Any], radius_m: float) -> list[str]:
-        now = time.time()
-        if self._redis is None:
-            self._local = {u: v for u, v in self._local.items() if v[1] > now}
-            return sorted(
-                u for u, (loc, _) in self._local.items() if distance_m(loc, location) <= radius_m
-            )
-        expired = await self._redis.zrangebyscore("rt:responders:expiry", "-inf", now)
-        if expired:
-            await self._redis.zrem("rt:responders:geo", *expired)
-            await self._redis.zrem("rt:responders:expiry", *expired)
-        found = await self._redis.geosearch(
-            "rt:responders:geo",
-            longitude=location["lon"],
-            latitude=location["lat"],
-            radius=radius_m,
-            unit="m",
-        )
-        return sorted(u.decode() for u in found)
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
+def alert_id_for(owner: str, client_alert_id: str) -> str:
+    """The alert id is a function of who triggered it and the client's idempotency key, so
+    that every retry, on any node, names the same alert."""
+    return hashlib.sha256(f"{owner}\x00{client_alert_id}".encode()).hexdigest()[:32]
 
 
-def _push_shape(alert: dict[str, Any], *, with_location: bool = True) -> dict[str, Any]:
-    return {
-        "push": "alert",
-        "alert_id": alert["id"],
-        "kind": alert["kind"],
-        "user": alert["owner"],
-        "location": alert["location"] if with_location else None,
-        "note": alert.get("note"),
-        "channel": f"alert:{alert['id']}",
-        "state": alert["state"],
-    }
+def plan(contacts: list[dict[str, Any]], responders: list[str], purpose: str) -> list[list[str]]:
+    """[route, to, purpose] per recipient and route: users by WebSocket and push, phones by
+    SMS; each (route, to) once."""
+    targets: list[tuple[str, str]] = []
+    for c in contacts:
+        if "user" in c:
+            targets += [("ws", c["user"]), ("push", c["user"])]
+        elif "phone" in c:
+            targets.append(("sms", c["phone"]))
+    for user in responders:
+        targets += [("ws", user), ("push", user)]
+    return [[route, to, purpose] for route, to in dict.fromkeys(targets)]
 
 
 class AlertService:
+    # The fault suite's node (loadtests.faults.node) replaces this to kill the process at a
+    # named step; `realtime serve` never does.
+    checkpoint: Callable[[str], None] = staticmethod(_no_fault)
+
     def __init__(
         self,
         docs: DocStore,
-        queue: JobQueue,
+        queues: dict[str, JobQueue],
         push: PushProvider,
         sms: SmsProvider,
         responders: Responders,
@@ -125,28 +97,33 @@ class AlertService:
         node_id: str,
     ) -> None:
         self.docs = docs
-        self.queue = queue
-        self.push = push
-        self.sms = sms
+        self.deliveries = Deliveries(docs)
         self.responders = responders
         self._publish = publish
-        self._is_online = is_online
         self.settings = settings
-        self._node = node_id
+        self.delivery = Deliverer(
+            docs,
+            queues,
+            push,
+            sms,
+            publish,
+            is_online,
+            settings.delivery,
+            node_id,
+            lambda step: self.checkpoint(step),
+        )
         self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
-        self._triggers: dict[str, list[float]] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        for i in range(self.settings.workers):
-            self._tasks.append(
-                asyncio.create_task(self._worker(f"{self._node}-{i}"), name=f"alert-worker-{i}")
-            )
-        self._tasks.append(asyncio.create_task(self._escalator(), name="alert-escalation"))
+        self._tasks += self.delivery.tasks()
+        self._tasks.append(asyncio.create_task(self._ticker(), name="alert-reconcile"))
         self._tasks.append(asyncio.create_task(self._janitor(), name="alert-trail-retention"))
-        for provider, what in ((self.push, "push notifications"), (self.sms, "SMS")):
+        for provider, what in (
+            (self.delivery.push, "push notifications"),
+            (self.delivery.sms, "SMS"),
+        ):
             if provider.name.startswith("outbox"):
                 log.warning("alerts: no credentials: %s are written to the %s", what, provider.name)
 
@@ -154,11 +131,11 @@ class AlertService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for closer in (self.queue.close, self.push.close, self.sms.close, self.responders.close):
-            try:
-                await closer()
-            except Exception as exc:
-                log.warning("alerts: close failed: %s", exc)
+        await self.delivery.close()
+        try:
+            await self.responders.close()
+        except Exception as exc:
+            log.warning("alerts: close failed: %s", exc)
 
     # --- records ----------------------------------------------------------------------
 
@@ -184,9 +161,7 @@ class AlertService:
         for _ in range(50):
             doc = await self.alert(alert_id)
             change(doc)
-            if await self.docs.put(
-                "alerts", alert_id, doc, ix=doc.get("next_escalation"), version=doc["_v"]
-            ):
+            if await self.docs.put("alerts", alert_id, doc, ix=doc.get("due"), version=doc["_v"]):
                 doc["_v"] += 1
                 return doc
         raise ProtocolError("unavailable", "the alert is too busy, retry")
@@ -198,32 +173,61 @@ class AlertService:
     async def set_contacts(self, owner: str, contacts: list[dict[str, Any]]) -> None:
         await self.docs.put("contacts", owner, {"contacts": contacts})
 
-    async def _delivery(self, alert_id: str, route: str, to: str, **fields: Any) -> None:
-        key = f"{alert_id}|{route}|{to}"
-        for _ in range(20):
-            doc = await self.docs.get("deliveries", key)
-            if doc is None:
-                new = {
-                    "to": to,
-                    "route": route,
-                    "status": "queued",
-                    "attempts": 0,
-                    "provider_id": None,
-                    **fields,
-                }
-                if (
-                    await self.docs.insert("deliveries", key, new, ix=new.get("provider_id"))
-                    is None
-                ):
-                    return
-                continue
-            if doc["status"] == "acked" and fields.get("status") not in (None, "acked"):
-                fields = {k: v for k, v in fields.items() if k != "status"}
-            merged = {**doc, **fields}
-            if await self.docs.put(
-                "deliveries", key, merged, ix=merged.get("provider_id"), version=doc["_v"]
-            ):
-                return
+    def _due(self, doc: dict[str, Any], *, pending: bool) -> int | None:
+        """When a node must next look at the alert: to re-queue an unfinished plan (after
+        `reconcile_s`) or to escalate, whichever is first; None when neither."""
+        times = []
+        if pending:
+            times.append(now_ms() + int(self.settings.reconcile_s * 1000))
+        if doc["state"] == "active" and not doc["acked_by"] and doc.get("next_escalation"):
+            times.append(doc["next_escalation"])
+        return min(times) if times else None
+
+    # --- the plan and its queue -------------------------------------------------------
+
+    async def _materialize(self, alert: dict[str, Any]) -> bool:
+        """Make the queue match the plan: a delivery record for every recipient, and every
+        unfinished job put on its route's queue (a no-op for a job still queued). Idempotent;
+        True when every planned job is finished."""
+        deliveries = await self.deliveries.of(alert["id"])
+        pending = []
+        for route, to, purpose in alert.get("jobs", []):
+            if (route, to) not in deliveries:
+                await self.deliveries.ensure(alert["id"], route, to)
+                deliveries[(route, to)] = {}
+            if not finished(deliveries[(route, to)], purpose):
+                pending.append((route, to, purpose))
+        for route, to, purpose in pending:
+            await self.delivery.queues[route].put(
+                job_key(alert["id"], route, to, purpose),
+                {"alert_id": alert["id"], "route": route, "to": to, "purpose": purpose},
+            )
+        for route in {route for route, _, _ in pending}:
+            self.delivery.wake(route)
+        if alert["state"] == "active":
+            await self.docs.insert("active_alerts", alert["id"], {"id": alert["id"]}, ix=0)
+        elif not pending:
+            await self.docs.delete("active_alerts", alert["id"])
+        return not pending
+
+    async def _finish(self, alert: dict[str, Any], what: str) -> None:
+        """After a commit: queue the plan now rather than at the next reconcile. A failure
+        here only delays delivery (the alert is due for reconciling), so it is logged."""
+        try:
+            await self._materialize(alert)
+        except Exception as exc:
+            log.warning(
+                "alerts: %s stored, queueing deferred to the reconciler (%s)",
+                what,
+                type(exc).__name__,
+            )
+
+    async def _announce(self, target: str, push: dict[str, Any]) -> None:
+        """A live push that nothing depends on (the durable routes carry the notice)."""
+        try:
+            await self._publish(target, push)
+        except Exception as exc:
+            log.warning("alerts: live push to %s not sent (%s)", target, type(exc).__name__)
 
     # --- ops --------------------------------------------------------------------------
 
@@ -238,21 +242,19 @@ class AlertService:
         cid = frame.get("client_alert_id")
         if not isinstance(cid, str) or not 1 <= len(cid) <= 64:
             raise ProtocolError("bad_request", "'client_alert_id' must be 1-64 characters")
-        alert_id = uuid.uuid4().hex
-        existing = await self.docs.insert("alert_ids", f"{owner}|{cid}", {"id": alert_id})
-        if existing is not None:  # a retry: the original alert
-            return {"alert_id": existing["id"], "channel": f"alert:{existing['id']}"}
-        self._rate_limit(owner)
+        alert_id = alert_id_for(owner, cid)
+        reply = {"alert_id": alert_id, "channel": f"alert:{alert_id}"}
+        existing = await self.docs.get("alerts", alert_id)
+        if existing is not None:  # a retry: finish what the first attempt may not have
+            await self._finish(existing, "retried alert")
+            return reply
+        await self._reserve(owner, alert_id)
+        self.checkpoint("trigger:reserved")
         contacts = await self.contacts(owner)
         tier1 = [c for c in contacts if c.get("tier", 1) == 1]
-        responders = [
-            u
-            for u in await self.responders.near(location, self.settings.responder_radius_m)
-            if u != owner
-        ]
-        users = sorted({c["user"] for c in tier1 if "user" in c} | set(responders))
+        responders = [u for u in await self._responders_near(location) if u != owner]
         now = now_ms()
-        alert = {
+        alert: dict[str, Any] = {
             "id": alert_id,
             "owner": owner,
             "kind": kind,
@@ -261,60 +263,61 @@ class AlertService:
             "state": "active",
             "outcome": None,
             "created": now,
-            "users": users,
+            "users": sorted({c["user"] for c in tier1 if "user" in c} | set(responders)),
             "responders": responders,
             "acked_by": [],
             "tier": 1,
             "escalations": 0,
             "next_escalation": now + int(self.settings.escalate_s * 1000),
+            "jobs": plan(tier1, responders, "alert"),
         }
-        await self.docs.insert("alerts", alert_id, alert, ix=alert["next_escalation"])
-        await self.docs.put("active_alerts", alert_id, {"id": alert_id}, ix=now)
-        await self.docs.put("alert_trail", f"{alert_id}|{now:015d}|0", location, ix=now)
-        await self._notify(alert, tier1, responders, purpose="alert")
-        await self._publish("@moderators", _push_shape(alert))
-        return {"alert_id": alert_id, "channel": f"alert:{alert_id}"}
+        alert["due"] = self._due(alert, pending=True)
+        raced = await self.docs.insert("alerts", alert_id, alert, ix=alert["due"])
+        if raced is not None:  # a concurrent retry committed first: its alert stands
+            await self._finish(raced, "retried alert")
+            return reply
+        self.checkpoint("trigger:stored")
+        await self.docs.put("alert_trail", _trail_key(alert_id, location), location, ix=now)
+        await self._finish(alert, "alert")
+        self.checkpoint("trigger:queued")
+        if not alert["jobs"]:
+            log.warning("alerts: an alert with no recipients (no contacts, no responders)")
+        await self._announce("@moderators", alert_push(alert))
+        return reply
 
-    def _rate_limit(self, owner: str) -> None:
-        now = time.monotonic()
-        recent = [t for t in self._triggers.get(owner, []) if now - t < 600]
-        if len(recent) >= self.settings.trigger_limit:
-            self._triggers[owner] = recent
-            raise ProtocolError(
-                "rate_limited",
-                "too many alerts; call emergency services",
-                retry_after_ms=int((600 - (now - recent[0])) * 1000),
-            )
-        self._triggers[owner] = [*recent, now]
+    async def _responders_near(self, location: dict[str, Any]) -> list[str]:
+        """Nearby responders, or none if their index cannot answer: an SOS to the contacts
+        must not fail because the responder index is down."""
+        try:
+            return await self.responders.near(location, self.settings.responder_radius_m)
+        except Exception as exc:
+            log.warning("alerts: responder lookup failed (%s); contacts only", type(exc).__name__)
+            return []
 
-    async def _notify(
-        self,
-        alert: dict[str, Any],
-        contacts: list[dict[str, Any]],
-        responders: list[str],
-        *,
-        purpose: str,
-    ) -> None:
-        """Queue one job per (recipient, route): users by WebSocket and push, phones by SMS."""
-        targets: list[tuple[str, str]] = []
-        for c in contacts:
-            if "user" in c:
-                targets += [("ws", c["user"]), ("push", c["user"])]
-            elif "phone" in c:
-                targets.append(("sms", c["phone"]))
-        for user in responders:
-            targets += [("ws", user), ("push", user)]
-        seen = set()
-        for route, to in targets:
-            if (route, to) in seen:
-                continue
-            seen.add((route, to))
-            await self._delivery(alert["id"], route, to)  # (no change if it exists)
-            key = f"{alert['id']}|{route}|{to}|{purpose}"
-            await self.queue.put(
-                key, {"alert_id": alert["id"], "route": route, "to": to, "purpose": purpose}
-            )
-        self._wake.set()
+    async def _reserve(self, owner: str, alert_id: str) -> None:
+        """Count this trigger against the owner's limit, cluster-wide (compare-and-set on
+        the store), before anything of the alert is written. Idempotent per alert id: a retry
+        whose first attempt got this far does not count twice."""
+        limit = self.settings.trigger_limit
+        for _ in range(50):
+            doc = await self.docs.get("alert_quota", owner)
+            now = now_ms()
+            recent = [r for r in (doc or {}).get("recent", []) if now - r[0] < TRIGGER_WINDOW_MS]
+            if any(r[1] == alert_id for r in recent):
+                return
+            if len(recent) >= limit:
+                raise ProtocolError(
+                    "rate_limited",
+                    "too many alerts; call emergency services",
+                    retry_after_ms=TRIGGER_WINDOW_MS - (now - recent[0][0]),
+                )
+            new = {"recent": [*recent, [now, alert_id]]}
+            if doc is None:
+                if await self.docs.insert("alert_quota", owner, new) is None:
+                    return
+            elif await self.docs.put("alert_quota", owner, new, version=doc["_v"]):
+                return
+        raise ProtocolError("unavailable", "too many concurrent alerts, retry")
 
     async def location(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
@@ -323,14 +326,15 @@ class AlertService:
         if alert["state"] != "active":
             raise ProtocolError("conflict", "the alert is resolved")
         location = parse_location(frame.get("location"))
-        now = now_ms()
-        await self.docs.put(
-            "alert_trail", f"{alert['id']}|{now:015d}|{uuid.uuid4().hex[:6]}", location, ix=now
-        )
 
         def change(doc: dict[str, Any]) -> None:
-            doc["location"] = location
+            if location["ts"] >= doc["location"].get("ts", 0):  # a late retry never rewinds
+                doc["location"] = location
 
+        # The trail point's key is a function of the point: a retry writes it again, not twice.
+        await self.docs.put(
+            "alert_trail", _trail_key(alert["id"], location), location, ix=location["ts"]
+        )
         await self._update(alert["id"], change)
         await self._publish(
             f"alert:{alert['id']}",
@@ -348,11 +352,14 @@ class AlertService:
                 doc["acked_by"].append(user)
             doc["next_escalation"] = None  # someone is on it
 
+        def acked(doc: dict[str, Any]) -> None:
+            doc["status"] = "acked"
+
         alert = await self._update(alert["id"], change)
+        known = await self.deliveries.of(alert["id"])
         for route in ("ws", "push"):
-            key = f"{alert['id']}|{route}|{user}"
-            if await self.docs.get("deliveries", key) is not None:
-                await self._delivery(alert["id"], route, user, status="acked")
+            if (route, user) in known:
+                await self.deliveries.update(alert["id"], route, user, acked)
         push = {"push": "alert.ack", "alert_id": alert["id"], "user": user}
         await self._publish(f"user:{alert['owner']}", push)
         await self._publish(f"alert:{alert['id']}", push)
@@ -367,40 +374,42 @@ class AlertService:
             raise ProtocolError(
                 "bad_request", f"'outcome' must be one of {', '.join(sorted(OUTCOMES))}"
             )
-        if alert["state"] == "resolved":
-            return {"alert_id": alert["id"], "state": "resolved"}
+        reply = {"alert_id": alert["id"], "state": "resolved"}
+        if alert["state"] == "resolved":  # a retry: finish queueing the notices
+            await self._finish(alert, "resolve")
+            return reply
 
         def change(doc: dict[str, Any]) -> None:
+            if doc["state"] == "resolved":
+                return
+            # Everyone alerted hears it, on every route they were alerted through (the
+            # worker skips those the alert never reached).
+            routes = dict.fromkeys((r, t) for r, t, p in doc.get("jobs", []) if p != "resolve")
             doc.update(
                 state="resolved",
                 outcome=outcome,
                 resolved=now_ms(),
                 resolved_by=user,
                 next_escalation=None,
+                jobs=[*doc.get("jobs", []), *([r, t, "resolve"] for r, t in routes)],
             )
+            doc["due"] = self._due(doc, pending=True)
 
         alert = await self._update(alert["id"], change)
-        await self.docs.delete("active_alerts", alert["id"])
-        # Everyone alerted hears it, on every route they were alerted through.
-        for d in await self.docs.prefix("deliveries", f"{alert['id']}|", 10_000):
-            key = f"{alert['id']}|{d['route']}|{d['to']}|resolve"
-            await self.queue.put(
-                key,
-                {"alert_id": alert["id"], "route": d["route"], "to": d["to"], "purpose": "resolve"},
-            )
-        self._wake.set()
-        push = {"push": "alert.resolved", "alert_id": alert["id"], "outcome": outcome}
-        await self._publish(f"alert:{alert['id']}", push)
-        await self._publish(
-            "@moderators", {**_push_shape(alert, with_location=False), "outcome": outcome}
+        self.checkpoint("resolve:stored")
+        await self._finish(alert, "resolve")
+        push = {"push": "alert.resolved", "alert_id": alert["id"], "outcome": alert["outcome"]}
+        await self._announce(f"alert:{alert['id']}", push)
+        await self._announce(
+            "@moderators", {**alert_push(alert, with_location=False), "outcome": alert["outcome"]}
         )
-        return {"alert_id": alert["id"], "state": "resolved"}
+        return reply
 
     async def status(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
         if alert["owner"] != user and not moderator:
             raise ProtocolError("forbidden", "only the owner or a moderator sees the status")
-        deliveries = await self.docs.prefix("deliveries", f"{alert['id']}|", 10_000)
+        deliveries = await self.deliveries.of(alert["id"])
         return {
             "alert_id": alert["id"],
             "state": alert["state"],
@@ -411,16 +420,17 @@ class AlertService:
                     "route": d["route"],
                     "status": d["status"],
                     "attempts": d["attempts"],
+                    "error": d.get("error"),
                 }
-                for d in deliveries
+                for d in deliveries.values()
             ],
         }
 
     async def active(self) -> list[dict[str, Any]]:
         """Active alerts with their latest location and delivery status (moderators)."""
         out = []
-        for _, entry in await self.docs.below("active_alerts", 2**62, 500):
-            doc = await self.docs.get("alerts", entry["id"])
+        for key, _ in await self.docs.below("active_alerts", 2**62, 500):
+            doc = await self.docs.get("alerts", key)
             if doc is None or doc["state"] != "active":
                 continue
             status = await self.status(doc["owner"], True, {"alert_id": doc["id"]})
@@ -443,205 +453,74 @@ class AlertService:
         await self.responders.share(user, location)
         return {"expires_in_s": int(self.settings.responder_ttl_s)}
 
-    # --- delivery ---------------------------------------------------------------------
-
-    async def _worker(self, consumer: str) -> None:
-        while True:
-            try:
-                jobs = await self.queue.take(consumer, 10, self.settings.lease_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("alerts: queue unavailable (%s)", type(exc).__name__)
-                await asyncio.sleep(1)
-                continue
-            if not jobs:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
-                except TimeoutError:
-                    pass
-                continue
-            await asyncio.gather(*(self._run(job) for job in jobs))
-
-    async def _run(self, job: Job) -> None:
-        data = job.data
-        try:
-            await self._deliver(job)
-        except ProviderError as exc:
-            await self._failed(job, str(exc), permanent=exc.permanent)
-            return
-        except (StoreUnavailable, OSError, TimeoutError) as exc:
-            await self._failed(job, type(exc).__name__, permanent=False)
-            return
-        except Exception:
-            log.exception("alerts: delivery job failed unexpectedly")
-            await self._failed(job, "internal", permanent=False)
-            return
-        await self.queue.done(job)
-        log.debug("alerts: %s %s delivered", data["route"], data["purpose"])
-
-    async def _failed(self, job: Job, error: str, *, permanent: bool) -> None:
-        data = job.data
-        attempts = job.attempts + 1
-        final = permanent or attempts >= self.settings.max_attempts
-        if data["purpose"] != "resolve":
-            await self._delivery(
-                data["alert_id"],
-                data["route"],
-                data["to"],
-                attempts=attempts,
-                error=error,
-                **({"status": "failed"} if final else {}),
-            )
-        if final:
-            log.warning(
-                "alerts: %s delivery dead-lettered after %d attempts: %s",
-                data["route"],
-                attempts,
-                error,
-            )
-            await self.queue.done(job)
-            return
-        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2**job.attempts)
-        await self.queue.retry(job, now_ms() + int(delay * (0.5 + random.random()) * 1000))
-
-    async def _deliver(self, job: Job) -> None:
-        data = job.data
-        alert = await self.docs.get("alerts", data["alert_id"])
-        if alert is None:
-            return
-        route, to, purpose = data["route"], data["to"], data["purpose"]
-        if purpose != "resolve" and alert["state"] == "resolved":
-            return  # resolved before this went out: nobody needs it now
-        key = f"{alert['id']}|{route}|{to}"
-        delivery = await self.docs.get("deliveries", key)
-        sent = list(delivery.get("sent", [])) if delivery else []
-        if purpose in sent:
-            return  # sent before a crash stopped the job from being marked done
-        if route == "ws":
-            push = (
-                _push_shape(alert)
-                if purpose != "resolve"
-                else {
-                    "push": "alert.resolved",
-                    "alert_id": alert["id"],
-                    "outcome": alert["outcome"],
-                }
-            )
-            await self._publish(f"user:{to}", push)
-            status = "delivered" if await self._is_online(to) else "sent"
-        elif route == "push":
-            status = await self._send_push(alert, to, purpose)
-        else:
-            status = await self._send_sms(alert, to, purpose, key)
-        fields: dict[str, Any] = {"sent": [*sent, purpose]}
-        if purpose != "resolve":
-            fields.update(status=status, attempts=job.attempts + 1, error=None)
-        await self._delivery(alert["id"], route, to, **fields)
-
-    async def _send_push(self, alert: dict[str, Any], user: str, purpose: str) -> str:
-        tokens = [d["token"] for d in await self.docs.prefix("push_tokens", f"{user}|", 50)]
-        if not tokens:
-            raise ProviderError("no push token registered", permanent=True)
-        data = {
-            "type": "alert" if purpose != "resolve" else "alert.resolved",
-            "alert_id": alert["id"],
-            "kind": alert["kind"],
-            "user": alert["owner"],
-            "state": alert["state"],
-            "escalation": str(alert.get("escalations", 0)),
-        }
-        if purpose != "resolve":
-            data.update(lat=str(alert["location"]["lat"]), lon=str(alert["location"]["lon"]))
-        results = await self.push.send(
-            tokens, data, collapse_key=f"alert-{alert['id']}", ttl_s=self.settings.push_ttl_s
-        )
-        for r in results:
-            if r.unregistered:
-                await self.docs.delete("push_tokens", f"{user}|{r.token}")
-        if any(r.ok for r in results):
-            return "sent"
-        if all(r.unregistered for r in results):
-            raise ProviderError("every push token was unregistered", permanent=True)
-        raise ProviderError(f"push failed: {results[0].error}")
-
-    async def _send_sms(self, alert: dict[str, Any], phone: str, purpose: str, key: str) -> str:
-        loc = alert["location"]
-        if purpose == "resolve":
-            body = f"Update: {alert['owner']}'s alert is resolved ({alert['outcome']})."
-        else:
-            body = (
-                f"EMERGENCY ({alert['kind']}): {alert['owner']} needs help. "
-                f"Location: https://maps.google.com/?q={loc['lat']:.6f},{loc['lon']:.6f}"
-                + (f" Note: {alert['note']}" if alert.get("note") else "")
-            )
-        callback = (
-            f"{self.settings.public_url.rstrip('/')}/v1/twilio/status"
-            if self.settings.public_url
-            else None
-        )
-        sid = await self.sms.send(phone, body, callback)
-        if purpose != "resolve":
-            await self._delivery(alert["id"], "sms", phone, provider_id=sid)
-        return "sent"
-
     async def provider_status(self, provider_id: str, status: str) -> bool:
-        """A provider's status callback (Twilio): fold it into the delivery record."""
-        mapped = {
-            "delivered": "delivered",
-            "read": "delivered",
-            "failed": "failed",
-            "undelivered": "failed",
-            "sent": "sent",
-        }.get(status)
-        if mapped is None:
-            return True  # queued/accepted/sending: nothing new
-        found = await self.docs.find_ix("deliveries", provider_id)
-        for key, doc in found:
-            alert_id = key.split("|", 1)[0]
-            await self._delivery(alert_id, doc["route"], doc["to"], status=mapped)
-        return bool(found)
+        return await self.delivery.provider_status(provider_id, status)
 
-    # --- escalation and retention ------------------------------------------------------
+    # --- the reconciler: unfinished plans and escalation --------------------------------
 
-    async def _escalator(self) -> None:
+    async def _ticker(self) -> None:
+        pause = min(1.0, self.settings.reconcile_s / 2, self.settings.escalate_s / 4)
         while True:
             try:
-                await self._escalate_due()
+                await self.reconcile_due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("alerts: escalation pass failed: %s", exc)
-            await asyncio.sleep(min(1.0, self.settings.escalate_s / 4))
+                log.warning("alerts: reconcile pass failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(pause)
 
-    async def _escalate_due(self) -> None:
-        """Unacknowledged past the deadline: first resend to the same people, then each time
-        the next tier of contacts. Compare-and-set makes exactly one node do each step."""
-        for alert_id, doc in await self.docs.below("alerts", now_ms(), 20):
-            if doc["state"] != "active" or doc["acked_by"]:
-                continue
-            step = doc["escalations"] + 1
-            contacts = await self.contacts(doc["owner"])
-            tier = doc["tier"] if step == 1 else doc["tier"] + 1
-            tier_contacts = [c for c in contacts if c.get("tier", 1) == tier]
-            more = any(c.get("tier", 1) > tier for c in contacts)
-            nxt = now_ms() + int(self.settings.escalate_s * 1000) if (more or step == 1) else None
-            new_users = sorted(
-                set(doc["users"]) | {c["user"] for c in tier_contacts if "user" in c}
-            )
-            updated = {
-                **doc,
-                "escalations": step,
-                "tier": tier,
-                "next_escalation": nxt,
-                "users": new_users,
-            }
-            if not await self.docs.put("alerts", alert_id, updated, ix=nxt, version=doc["_v"]):
-                continue  # another node took this step
-            responders = doc["responders"] if step == 1 else []
-            await self._notify(updated, tier_contacts, responders, purpose=f"escalate{step}")
-            log.info("alerts: escalated an alert (step %d, tier %d)", step, tier)
+    async def reconcile_due(self) -> None:
+        """Every alert that is due: claim it (compare-and-set, so one node at a time), take
+        the escalation step if one is due, and re-queue whatever of its plan is unfinished."""
+        for alert_id, doc in await self.docs.below("alerts", now_ms(), 50):
+            await self._visit(alert_id, doc)
+
+    async def _visit(self, alert_id: str, doc: dict[str, Any]) -> None:
+        claimed = dict(doc)
+        escalating = (
+            doc["state"] == "active"
+            and not doc["acked_by"]
+            and doc.get("next_escalation") is not None
+            and doc["next_escalation"] <= now_ms()
+        )
+        if escalating:
+            claimed.update(await self._escalation(doc))
+        claimed["due"] = self._due(claimed, pending=True)
+        if not await self.docs.put(
+            "alerts", alert_id, claimed, ix=claimed["due"], version=doc["_v"]
+        ):
+            return  # another node has it
+        claimed["_v"] = doc["_v"] + 1
+        if escalating:
+            self.checkpoint("escalate:stored")
+            log.info("alerts: escalated an alert (step %d)", claimed["escalations"])
+        if not await self._materialize(claimed):
+            return  # due again after reconcile_s
+        planned = len(claimed.get("jobs", []))
+
+        def settle(fresh: dict[str, Any]) -> None:
+            if len(fresh.get("jobs", [])) == planned:  # nothing new was planned meanwhile
+                fresh["due"] = self._due(fresh, pending=False)
+
+        await self._update(alert_id, settle)
+
+    async def _escalation(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The next step of an unacknowledged alert: first a resend to the same people, then
+        each time the next tier of contacts."""
+        step = doc["escalations"] + 1
+        contacts = await self.contacts(doc["owner"])
+        tier = doc["tier"] if step == 1 else doc["tier"] + 1
+        tier_contacts = [c for c in contacts if c.get("tier", 1) == tier]
+        more = any(c.get("tier", 1) > tier for c in contacts)
+        nxt = now_ms() + int(self.settings.escalate_s * 1000) if (more or step == 1) else None
+        responders = doc["responders"] if step == 1 else []
+        return {
+            "escalations": step,
+            "tier": tier,
+            "next_escalation": nxt,
+            "users": sorted(set(doc["users"]) | {c["user"] for c in tier_contacts if "user" in c}),
+            "jobs": [*doc.get("jobs", []), *plan(tier_contacts, responders, f"escalate{step}")],
+        }
 
     async def _janitor(self) -> None:
         while True:
@@ -651,3 +530,8 @@ class AlertService:
                 await self.docs.delete_below("alert_trail", cutoff)
             except Exception as exc:
                 log.warning("alerts: trail retention failed: %s", exc)
+
+
+def _trail_key(alert_id: str, location: dict[str, Any]) -> str:
+    digest = hashlib.sha256(repr(sorted(location.items())).encode()).hexdigest()[:8]
+    return f"{alert_id}|{location['ts']:015d}|{digest}"

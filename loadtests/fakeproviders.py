@@ -41,6 +41,9 @@ class Script:
     twilio_delay_s: float = 0.0
     fcm_unregistered: set[str] = field(default_factory=set)
     fcm_fail: list[int] = field(default_factory=list)
+    retry_after: str | None = None  # a Retry-After header on every scripted 429/5xx
+    # While set, SMS requests are read and never answered (a hanging provider).
+    twilio_hang: threading.Event = field(default_factory=threading.Event)
 
 
 class FakeProviders:
@@ -50,6 +53,7 @@ class FakeProviders:
         self.fcm: list[Recorded] = []
         self.sms: list[Recorded] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._count = 0
         fake = self
 
@@ -60,6 +64,8 @@ class FakeProviders:
             def _reply(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                if (status == 429 or status >= 500) and fake.script.retry_after is not None:
+                    self.send_header("Retry-After", fake.script.retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -128,6 +134,8 @@ class FakeProviders:
 
     def _twilio(self, h: Any, headers: dict[str, str], form: dict[str, str]) -> None:
         self.sms.append(Recorded(h.path, headers, form))
+        while self.script.twilio_hang.is_set() and not self._closing.is_set():
+            self._closing.wait(0.05)  # hold the request unanswered
         if self.script.twilio_delay_s:
             time.sleep(self.script.twilio_delay_s)
         if form.get("To") in self.script.twilio_permanent:
@@ -192,5 +200,6 @@ class FakeProviders:
         }
 
     def close(self) -> None:
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()

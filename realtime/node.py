@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from alerts.delivery import ROUTES, DeliverySettings
 from alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
 from alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
-from alerts.service import AlertService, AlertSettings, Responders
+from alerts.responders import Responders
+from alerts.service import AlertService, AlertSettings
 from channels.acl import AccessControl, MembershipCache
 from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from channels.hub import Hub
@@ -279,14 +281,16 @@ class Node:
             )
         else:
             sms = OutboxSms(outbox)
-        queue: JobQueue = (
-            RedisJobQueue(settings.redis_url)
-            if settings.redis_url
-            else StoreJobQueue(self.store.docs)
-        )
+        redis_url = settings.redis_url
+        queues: dict[str, JobQueue] = {
+            route: RedisJobQueue(redis_url, route)
+            if redis_url
+            else StoreJobQueue(self.store.docs, route)
+            for route in ROUTES
+        }
         return AlertService(
             self.store.docs,
-            queue,
+            queues,
             push,
             sms,
             Responders(settings.redis_url, settings.responder_ttl_s),
@@ -298,9 +302,13 @@ class Node:
                 responder_ttl_s=settings.responder_ttl_s,
                 trail_days=settings.alert_trail_days,
                 trigger_limit=settings.alert_trigger_limit,
-                retry_base_s=settings.alert_retry_base_s,
-                lease_s=settings.alert_lease_s,
-                public_url=settings.public_url,
+                reconcile_s=settings.alert_reconcile_s,
+                delivery=DeliverySettings(
+                    retry_base_s=settings.alert_retry_base_s,
+                    lease_s=settings.alert_lease_s,
+                    provider_timeout_s=settings.alert_provider_timeout_s,
+                    public_url=settings.public_url,
+                ),
             ),
             settings.node_id,
         )

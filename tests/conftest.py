@@ -182,12 +182,14 @@ def unique_db() -> str:
 
 
 class Node:
-    """A real `realtime serve` process."""
+    """A real `realtime serve` process (`module`: loadtests.faults.node for the fault
+    suite's kill switch)."""
 
-    def __init__(self, env: dict[str, str], name: str) -> None:
+    def __init__(self, env: dict[str, str], name: str, module: str = "realtime") -> None:
         self.port = free_port()
         self.env = env
         self.name = name
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(env["RT_DATA_DIR"]) / f"{name}.log"
 
@@ -206,7 +208,7 @@ class Node:
             [
                 sys.executable,
                 "-m",
-                "realtime",
+                self.module,
                 "serve",
                 "--host",
                 "127.0.0.1",

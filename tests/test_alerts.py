@@ -318,6 +318,8 @@ async def test_cluster_alert_survives_a_worker_killed_mid_delivery(
         "RT_MONGODB_URI": mongo_uri,
         "RT_MONGODB_DB": unique_db(),
         "RT_ALERT_LEASE_S": "2",
+        "RT_ALERT_PROVIDER_TIMEOUT_S": "1",
+        "RT_ALERT_TRIGGER_LIMIT": "2",
         "RT_STORE_TIMEOUT_S": "10",
         **fakes.env(tmp_path),
     }
@@ -357,6 +359,13 @@ async def test_cluster_alert_survives_a_worker_killed_mid_delivery(
             # At least once; twice only inside the documented window (Twilio has no
             # idempotency key: a request in flight when its worker died is sent again).
             assert 1 <= len(fakes.sms_to(p)) <= 2
+        # The trigger limit (2 per 10 minutes) is agreed by both nodes: the first alert was
+        # on node a, the second on node b counts against it, the third is refused on either.
+        await viewer.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="k2")
+        assert (
+            await viewer.error("alert.trigger", kind="sos", location=HERE, client_alert_id="k3")
+            == "rate_limited"
+        )
         await on_b.close()
         await viewer.close()
     finally:
@@ -373,3 +382,33 @@ def test_the_fake_twilio_also_serves_the_sync_client(fakes: FakeProviders) -> No
     client.api.base_url = fakes.url
     message = client.messages.create(to="+15557654321", from_=TWILIO_FROM, body="hi")
     assert message.sid.startswith("SM") and fakes.sms_to("+15557654321")[0]["Body"] == "hi"
+
+
+async def test_a_refused_trigger_stays_refused_on_retry(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """The limit is checked before anything is written: retrying a refused trigger with the
+    same client_alert_id is refused again, never an ok for an alert that does not exist."""
+    from alerts.service import alert_id_for
+
+    node = Node(base_env(tmp_path / "q", RT_ALERT_TRIGGER_LIMIT="1", **fakes.env(tmp_path)), "q")
+    node.start()
+    try:
+        owner = f"quinn-{uuid.uuid4().hex[:5]}"
+        node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": "+15550009"}]})
+        quinn = await Raw.open(node.url, token(owner))
+        first = await quinn.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="A")
+        assert first["alert_id"] == alert_id_for(owner, "A")
+        for _ in range(2):  # the refusal, then the client's retry of it
+            assert (
+                await quinn.error("alert.trigger", kind="sos", location=HERE, client_alert_id="B")
+                == "rate_limited"
+            )
+        assert await quinn.error("alert.status", alert_id=alert_id_for(owner, "B")) == "not_found"
+        # The retry of the accepted one is still its ok (and not counted again).
+        again = await quinn.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="A")
+        assert again["alert_id"] == first["alert_id"] and again["channel"] == first["channel"]
+        await wait_for(lambda: fakes.sms_to("+15550009"))
+        await quinn.close()
+    finally:
+        node.stop()
