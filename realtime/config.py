@@ -71,6 +71,8 @@ class Settings:
     alert_trigger_limit: int = 5
     alert_retry_base_s: float = 1.0
     alert_lease_s: float = 30.0
+    alert_reconcile_s: float = 10.0
+    alert_provider_timeout_s: float = 10.0
     ws_deflate: bool = False
     presence_push_limit: int = 200
     limits: Limits = field(default_factory=Limits)
@@ -218,6 +220,14 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         franking_key = b""
 
     heartbeat = _number(env, "RT_PRESENCE_HEARTBEAT_S", 5.0)
+    alert_lease = _number(env, "RT_ALERT_LEASE_S", 30.0)
+    provider_timeout = _number(env, "RT_ALERT_PROVIDER_TIMEOUT_S", 10.0)
+    if alert_lease < 2 * provider_timeout:
+        # A job still waiting on its provider must not be reclaimed by another worker.
+        raise ConfigError(
+            "RT_ALERT_LEASE_S must be at least twice RT_ALERT_PROVIDER_TIMEOUT_S "
+            f"({alert_lease:g} < 2 x {provider_timeout:g})"
+        )
     node_timeout = _number(env, "RT_PRESENCE_NODE_TIMEOUT_S", 15.0)
     if node_timeout < 2 * heartbeat:
         raise ConfigError(
@@ -266,7 +276,9 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_trail_days=_number(env, "RT_ALERT_TRAIL_DAYS", 30.0),
         alert_trigger_limit=int(_number(env, "RT_ALERT_TRIGGER_LIMIT", 5, integer=True)),
         alert_retry_base_s=_number(env, "RT_ALERT_RETRY_BASE_S", 1.0),
-        alert_lease_s=_number(env, "RT_ALERT_LEASE_S", 30.0),
+        alert_lease_s=alert_lease,
+        alert_reconcile_s=_number(env, "RT_ALERT_RECONCILE_S", 10.0),
+        alert_provider_timeout_s=provider_timeout,
         ws_deflate=(env.get("RT_WS_DEFLATE") or "false").lower() in ("1", "true"),
         presence_push_limit=int(_number(env, "RT_PRESENCE_PUSH_LIMIT", 200, integer=True)),
         presence_heartbeat_s=heartbeat,
