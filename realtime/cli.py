@@ -23,7 +23,7 @@ from . import config
 from .auth import ROLES, issue_token, valid_user_id
 from .node import Node, StartupError
 from .server import create_app
-from .websocket import RealtimeWebSocketProtocol
+from .websocket import RealtimeWebSocketProtocol, handshake_protocol
 
 log = logging.getLogger("realtime")
 
@@ -87,6 +87,8 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         port=port,
         # uvicorn's sans-I/O protocol plus direct frame writes (realtime/websocket.py).
         ws=RealtimeWebSocketProtocol,
+        # A request (or upgrade) not complete in time is closed: no slowloris, no silent sockets.
+        http=handshake_protocol(limits.handshake_timeout_s),
         ws_max_size=limits.max_frame_bytes,
         ws_ping_interval=limits.ping_interval_s,
         ws_ping_timeout=limits.ping_timeout_s,

@@ -35,6 +35,8 @@ class Limits:
     max_subscriptions: int = 500
     recovery_limit: int = 1000
     max_body_bytes: int = 64 * 1024
+    max_connections_per_user: int = 50  # per node
+    handshake_timeout_s: float = 10.0  # TCP accept -> complete HTTP request head
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         max_subscriptions=int(_number(env, "RT_MAX_SUBSCRIPTIONS", 500, integer=True)),
         recovery_limit=int(_number(env, "RT_RECOVERY_LIMIT", 1000, integer=True)),
         max_body_bytes=int(_number(env, "RT_MAX_BODY_BYTES", 64 * 1024, integer=True)),
+        max_connections_per_user=int(_number(env, "RT_MAX_CONNECTIONS_PER_USER", 50, integer=True)),
+        handshake_timeout_s=_number(env, "RT_HANDSHAKE_TIMEOUT_S", 10.0),
     )
     if limits.max_body_bytes >= limits.max_frame_bytes:
         raise ConfigError("RT_MAX_BODY_BYTES must be smaller than RT_MAX_FRAME_BYTES")

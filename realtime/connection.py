@@ -371,6 +371,15 @@ class Connection:
             self._reply_error(cid, ProtocolError("forbidden", f"banned: {banned}"))
             self.close(CLOSE_BANNED, "banned")
             return False
+        # Checked and registered with no await in between: concurrent auths cannot overshoot.
+        limit = self.node.settings.limits.max_connections_per_user
+        if len(self.node.connections_of(identity.user)) >= limit:
+            log.debug("user %s over the connection limit (%d)", identity.user, limit)
+            self._reply_error(
+                cid, ProtocolError("too_large", f"more than {limit} connections for this user")
+            )
+            self.close(CLOSE_POLICY, "too many connections")
+            return False
         self._set_identity(identity)
         self.node.register(self)
         await self.node.presence.add(f"user:{identity.user}", identity.user)  # online status

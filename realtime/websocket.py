@@ -11,19 +11,29 @@ queues and goes through the normal ASGI `send`, which waits for the buffer to dr
 The extension is only advertised when no WebSocket extension (permessage-deflate) was
 negotiated, since compressed frames differ per connection. An app that does not know it runs
 unchanged on plain ASGI.
+
+Two limits uvicorn does not have: a closed socket whose peer stops reading is aborted after
+`CLOSE_DRAIN_S` (asyncio flushes a closing transport with no time limit, so a peer that never
+reads would keep the file, the buffer and the protocol forever), and `HandshakeTimeoutProtocol`
+closes a TCP connection whose HTTP request (an upgrade, or any request) is not complete within
+`RT_HANDSHAKE_TIMEOUT_S` (uvicorn's keep-alive timeout only starts after a first response, so a
+connection that sends nothing, or half a request head, is otherwise held forever).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
 
 EXTENSION = "rt.direct"
+# A closed socket still holding unsent bytes gets this long for its peer to read them.
+CLOSE_DRAIN_S = 10.0
 
 
 class DirectWriter(Protocol):
@@ -106,6 +116,32 @@ class _Flag:
         return True
 
 
+class _DrainingTransport:
+    """The transport, except that `close()` is final: when bytes are still buffered (the peer
+    does not read), the transport is aborted if it has not closed `CLOSE_DRAIN_S` later."""
+
+    __slots__ = ("_timer", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        transport = self.transport
+        transport.close()
+        if self._timer is None and transport.get_write_buffer_size() > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(CLOSE_DRAIN_S, transport.abort)
+
+    def lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's `websockets-sansio` protocol with the `rt.direct` extension, and lighter
     per connection: an idle socket holds this object for hours."""
@@ -114,6 +150,19 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
+        self._raw: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.Transport)
+        self._raw = transport  # the direct path writes to it without the wrapper's lookup
+        self.transport = _DrainingTransport(transport)  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guard = self.transport
+        if isinstance(guard, _DrainingTransport):
+            guard.lost()
+        super().connection_lost(exc)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -135,8 +184,62 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.writable.is_set()
             and not self.disconnected
             and self.conn.state is State.OPEN
-            and not self.transport.is_closing()
+            and self._raw is not None
+            and not self._raw.is_closing()
         )
 
     def write_frame(self, wire: bytes) -> None:
-        self.transport.write(wire)
+        assert self._raw is not None
+        self._raw.write(wire)
+
+
+class HandshakeTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, but a request (head and body, or an upgrade's head) must be
+    complete `handshake_timeout_s` after the connection opens or after the previous response;
+    otherwise the connection is closed without an answer (slowloris, silent sockets). Use
+    `handshake_protocol(seconds)` for a subclass with another timeout."""
+
+    handshake_timeout_s: ClassVar[float] = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.handshake_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()
+        super().handle_websocket_upgrade()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm()  # waiting for the next request (uvicorn's keep-alive runs too)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def handshake_protocol(timeout_s: float) -> type[HandshakeTimeoutProtocol]:
+    """`HandshakeTimeoutProtocol` with this timeout (uvicorn builds protocols itself)."""
+    return type(
+        "HandshakeTimeoutProtocol", (HandshakeTimeoutProtocol,), {"handshake_timeout_s": timeout_s}
+    )
