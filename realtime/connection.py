@@ -416,7 +416,8 @@ class Connection:
                 op = frame.get("op")
                 name = self._OPS.get(op) if isinstance(op, str) else None
                 if name is None:
-                    raise ProtocolError("bad_request", f"unknown op {op!r}")
+                    shown = repr(op[:64]) if isinstance(op, str) else type(op).__name__
+                    raise ProtocolError("bad_request", f"unknown op {shown}")
                 handler: Callable[[dict[str, Any]], Awaitable[Reply]] = getattr(self, name)
                 result = await handler(frame)
             except ProtocolError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any, Final
@@ -45,6 +46,9 @@ ERROR_CODES: Final = frozenset(
 )
 
 MAX_COMMAND_ID: Final = 2**53 - 1
+# Deepest nesting of objects/arrays in a frame (the frame itself is level 1); deeper: 1007.
+# No command needs more than a few levels; deeper values broke repr() and other recursion.
+MAX_NESTING: Final = 32
 
 
 class ProtocolError(Exception):
@@ -76,6 +80,41 @@ def _json_default(value: object) -> str:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+# An escaped UTF-16 surrogate: JSON lets `"\ud800"` through as a str that is not Unicode text
+# (it cannot be encoded again: JWT, SQLite and the reply itself would fail on it).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _nested_too_deep(frame: dict[str, Any]) -> bool:
+    """Whether containers nest deeper than `MAX_NESTING` (iterative: no recursion limit)."""
+    stack: list[tuple[Any, int]] = [(frame, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= MAX_NESTING:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a decoded JSON value holds a lone surrogate (pairs were joined by the parser)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
 
 
 def wire_frame(data: str | bytes, binary: bool) -> bytes:
@@ -122,6 +161,15 @@ class JsonCodec(Codec):
             raise UndecodableFrame(f"invalid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise UndecodableFrame("a frame must be a JSON object")
+        if _nested_too_deep(obj):
+            raise UndecodableFrame(f"nesting deeper than {MAX_NESTING} levels")
+        escaped = (
+            _SURROGATE_ESCAPE.search(data)
+            if isinstance(data, str)
+            else _SURROGATE_ESCAPE_B.search(data)
+        )
+        if escaped is not None and _lone_surrogate(obj):
+            raise UndecodableFrame("invalid JSON: a string holds a lone UTF-16 surrogate")
         return obj
 
     def bytes_field(self, value: object) -> bytes | None:
@@ -150,6 +198,8 @@ class MsgpackCodec(Codec):
             raise UndecodableFrame(f"invalid msgpack: {exc}") from None
         if not isinstance(obj, dict):
             raise UndecodableFrame("a frame must be a msgpack map")
+        if _nested_too_deep(obj):
+            raise UndecodableFrame(f"nesting deeper than {MAX_NESTING} levels")
         return obj
 
     def bytes_field(self, value: object) -> bytes | None:

@@ -205,6 +205,7 @@ class WireClient:
             proto.receive_data(data)
         if proto.handshake_exc is not None:
             raise proto.handshake_exc
+        client.binary = proto.subprotocol == "rt.v1.msgpack"
         client._collect()
         return client
 

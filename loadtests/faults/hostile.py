@@ -24,6 +24,8 @@ from typing import Any, Protocol, TypeVar
 import msgpack
 from hypothesis import strategies as st
 
+from realtime.protocol import MAX_NESTING
+
 JSON_PROTO = "rt.v1.json"
 MSGPACK_PROTO = "rt.v1.msgpack"
 PROTOS = (JSON_PROTO, MSGPACK_PROTO)
@@ -322,13 +324,16 @@ def _mutated(c: Chooser, proto: str, kind: str, max_frame_bytes: int) -> Hostile
             frame[_str(c, 8)] = _value(c)
         return done(encode(frame, proto))
     if kind == "deep-nesting":
-        depth = c.pick((10, 100, 500, 1000, 5000, 30000))
+        # The frame is level 1 and the value adds `depth` levels: at most 32 in all (else 1007).
+        depth = c.pick((5, 31, 32, 100, 1000, 30000))
         if proto == JSON_PROTO:
             o, e = c.pick(((b"[", b"]"), (b'{"a":', b"}")))
             raw = o * depth + b"1" + e * depth
         else:
             raw = b"\x91" * depth + b"\xc0"
-        return done(_splice(frame, c.pick(fields), raw, proto), frozenset({1007, 1009}))
+        too_deep = depth + 1 > MAX_NESTING
+        closes = frozenset({1007, 1009}) if too_deep else _OPEN
+        return done(_splice(frame, c.pick(fields), raw, proto), closes, too_deep)
     if kind == "surrogate-escape":
         # Valid UTF-8 JSON with an escaped lone surrogate (msgpack: a str that is not UTF-8).
         if proto == JSON_PROTO:
