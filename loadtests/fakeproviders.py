@@ -51,7 +51,9 @@ class FakeProviders:
         self.script = Script()
         self.token_requests: list[Recorded] = []
         self.fcm: list[Recorded] = []
-        self.sms: list[Recorded] = []
+        self.accepted_push: list[str] = []  # the tokens of the requests answered 200
+        self.sms: list[Recorded] = []  # every SMS request, failed ones included
+        self.accepted_sms: list[str] = []  # the numbers of the requests answered 201 (sent)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._count = 0
@@ -130,6 +132,7 @@ class FakeProviders:
                 },
             )
         else:
+            self.accepted_push.append(token)
             h._reply(200, {"name": f"projects/rt-test/messages/{self._next_id()}"})
 
     def _twilio(self, h: Any, headers: dict[str, str], form: dict[str, str]) -> None:
@@ -148,6 +151,7 @@ class FakeProviders:
             h._reply(status, {"code": 20500, "message": "Internal Server Error", "status": status})
             return
         sid = f"SM{self._next_id():032d}"
+        self.accepted_sms.append(form.get("To", ""))
         h._reply(
             201,
             {
@@ -198,6 +202,12 @@ class FakeProviders:
             "RT_TWILIO_FROM": TWILIO_FROM,
             "RT_TWILIO_BASE_URL": self.url,
         }
+
+    def __enter__(self) -> FakeProviders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._closing.set()
