@@ -12,12 +12,13 @@ The extension is only advertised when no WebSocket extension (permessage-deflate
 negotiated, since compressed frames differ per connection. An app that does not know it runs
 unchanged on plain ASGI.
 
-Two limits uvicorn does not have: a closed socket whose peer stops reading is aborted after
-`CLOSE_DRAIN_S` (asyncio flushes a closing transport with no time limit, so a peer that never
-reads would keep the file, the buffer and the protocol forever), and `HandshakeTimeoutProtocol`
-closes a TCP connection whose HTTP request (an upgrade, or any request) is not complete within
-`RT_HANDSHAKE_TIMEOUT_S` (uvicorn's keep-alive timeout only starts after a first response, so a
-connection that sends nothing, or half a request head, is otherwise held forever).
+Two limits uvicorn does not have. A closed socket whose peer stops reading is aborted after the
+ping timeout, or `CLOSE_DRAIN_S` (asyncio flushes a closing transport with no time limit, so a
+peer that never reads would keep the file, the buffer and the protocol forever). And
+`HandshakeTimeoutProtocol` closes a TCP connection whose HTTP request (an upgrade, or any
+request) is not complete within `RT_HANDSHAKE_TIMEOUT_S` (uvicorn's keep-alive timeout only
+starts after a first response: a socket that sends nothing, or half a request head, is held
+forever).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 EXTENSION = "rt.direct"
-# A closed socket still holding unsent bytes gets this long for its peer to read them.
+# A closed socket still holding unsent bytes gets this long (or the ping timeout) for its peer
+# to read them.
 CLOSE_DRAIN_S = 10.0
 
 
@@ -120,10 +122,11 @@ class _DrainingTransport:
     """The transport, except that `close()` is final: when bytes are still buffered (the peer
     does not read), the transport is aborted if it has not closed `CLOSE_DRAIN_S` later."""
 
-    __slots__ = ("_timer", "transport")
+    __slots__ = ("_timer", "drain_s", "transport")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, drain_s: float) -> None:
         self.transport = transport
+        self.drain_s = drain_s
         self._timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
@@ -131,7 +134,7 @@ class _DrainingTransport:
         transport.close()
         if self._timer is None and transport.get_write_buffer_size() > 0:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(CLOSE_DRAIN_S, transport.abort)
+            self._timer = loop.call_later(self.drain_s, transport.abort)
 
     def lost(self) -> None:
         if self._timer is not None:
@@ -156,7 +159,8 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_made(transport)
         raw = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self._raw = raw  # the direct path writes to it without the wrapper's lookup
-        self.transport = _DrainingTransport(raw)  # type: ignore[assignment]
+        drain = self.ping_timeout or CLOSE_DRAIN_S  # as long as a pong may take
+        self.transport = _DrainingTransport(raw, drain)  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         guard = self.transport
