@@ -171,6 +171,10 @@ class Client:
         except ConnectionClosed:
             pass
         finally:
+            # Not connected from here on: a request (a publish retrying) waits for the next
+            # connection instead of writing to this dead one.
+            if self._ws is ws:
+                self._connected.clear()
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(ConnectionLost("connection closed"))
@@ -193,9 +197,13 @@ class Client:
         cid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[cid] = fut
-        await ws.send(self.codec.encode({"id": cid, **command}))
-        async with asyncio.timeout(self._timeout):
-            reply = await fut
+        try:
+            await ws.send(self.codec.encode({"id": cid, **command}))
+            async with asyncio.timeout(self._timeout):
+                reply = await fut
+        finally:
+            if self._waiting.get(cid) is fut:
+                del self._waiting[cid]
         if not reply.get("ok"):
             raise ServerError(reply.get("error", {}))
         return reply
@@ -237,6 +245,9 @@ class Client:
             except (ConnectionLost, ConnectionClosed, TimeoutError):
                 if attempt + 1 == attempts:
                     raise
+                # The next attempt waits for the next connection (see _read); the pause
+                # covers a socket that died before its reader noticed.
+                await asyncio.sleep(0.05 * 2**attempt)
             except ServerError as exc:
                 if exc.code != "unavailable" or attempt + 1 == attempts:
                     raise
