@@ -207,10 +207,11 @@ class Hub:
 
     # --- publishing -------------------------------------------------------------------
 
-    async def publish(self, m: Message) -> None:
+    async def publish(self, m: Message, *, moderators: bool = True) -> None:
         data = pack_message(m)
         await self._broker.publish(CHANNEL_TOPIC + m.channel, data)
-        await self._broker.publish(MOD_TOPIC, data)
+        if moderators:
+            await self._broker.publish(MOD_TOPIC, data)
 
     def deliver_local(self, m: Message) -> None:
         """Hand a stored message to local subscribers directly (broker unreachable)."""

@@ -82,15 +82,18 @@ class ChannelService:
             "publish",
             self.store.messages.append(channel, user, device, client_msg_id, body, ts),
         )
-        if not appended.duplicate:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self.hub.publish(appended.message)
-            except (BrokerUnavailable, TimeoutError) as exc:
-                # Stored, so acknowledged: local sockets get it now, other nodes repair the gap
-                # from the store on their next message or broker reconnect.
-                log.warning("fan-out of %s#%d failed: %s", channel, appended.message.seq, exc)
-                self.hub.deliver_local(appended.message)
+        # A duplicate is fanned out again: its first attempt may have been stored and never
+        # fanned out (the node died, or the store answered after the publish had timed out),
+        # and in a channel that then goes quiet no later message would repair the gap. Hubs
+        # deliver each seq once, so nobody gets it twice; moderators are not told again.
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.hub.publish(appended.message, moderators=not appended.duplicate)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            # Stored, so acknowledged: local sockets get it now, other nodes repair the gap
+            # from the store on their next message or broker reconnect.
+            log.warning("fan-out of %s#%d failed: %s", channel, appended.message.seq, exc)
+            self.hub.deliver_local(appended.message)
         return appended
 
     async def replay(self, channel: str, since_seq: int | None) -> Replay:
