@@ -20,7 +20,7 @@ from enum import Enum
 
 from realtime.auth import Identity
 from realtime.protocol import ProtocolError
-from storage import MembershipStore
+from storage import MembershipStore, StoreUnavailable
 
 from .names import ChannelName
 
@@ -72,7 +72,16 @@ class AccessControl:
         self.ban_reason = ban_reason  # (user, channel) -> why they are banned, or None
 
     async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
-        """Return if allowed; raise `forbidden` otherwise."""
+        """Return if allowed; raise `forbidden` otherwise, `unavailable` when the store that
+        holds bans and memberships does not answer (so the client retries; not `internal`)."""
+        try:
+            await self._check(who, channel, action)
+        except StoreUnavailable:
+            raise ProtocolError(
+                "unavailable", f"access check on {channel.name}: the store is unavailable"
+            ) from None
+
+    async def _check(self, who: Identity, channel: ChannelName, action: Action) -> None:
         if self.ban_reason is not None and action in (
             Action.SUBSCRIBE,
             Action.PUBLISH,
