@@ -4,8 +4,11 @@ a process's CPU and memory."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -41,10 +44,23 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def secantus_command(port: int, storage: str) -> list[str]:
+    """SecantusDB, the local wire-compatible MongoDB stand-in, on a loopback port."""
+    exe = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
+    return [
+        exe,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        storage,
+        "--standalone",
+    ]
+
+
 def redis_command(port: int, directory: str) -> list[str]:
     """A throw-away redis-server on a loopback port: no persistence."""
-    import shutil
-
     exe = shutil.which("redis-server") or "redis-server"
     return [
         exe,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from typing import Protocol
 import jwt
 from websockets.typing import Subprotocol
 
-from .support import free_port, proc_stats, redis_command, wait_port
+from .support import free_port, proc_stats, redis_command, secantus_command, wait_port
 
 ROOM = "bench"  # ours: the channel public:bench
 
@@ -287,21 +286,7 @@ class Servers:
                 env["RT_MONGODB_URI"] = os.environ["MONGODB_URI"]
             else:
                 mongo_port = free_port()
-                exe = shutil.which("secantusd-py") or str(
-                    Path(sys.executable).parent / "secantusd-py"
-                )
-                self._spawn(
-                    [
-                        exe,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(mongo_port),
-                        "--storage-path",
-                        str(self.work / "mongo"),
-                        "--standalone",
-                    ]
-                )
+                self._spawn(secantus_command(mongo_port, str(self.work / "mongo")))
                 wait_port(mongo_port)
                 env["RT_MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
         target = TARGETS[self.kind](self.secret)
