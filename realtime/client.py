@@ -204,6 +204,8 @@ class Client:
         finally:
             if self._waiting.get(cid) is fut:
                 del self._waiting[cid]
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: the send's own error is the one raised
         if not reply.get("ok"):
             raise ServerError(reply.get("error", {}))
         return reply
@@ -229,6 +231,30 @@ class Client:
         self.last_seq.pop(channel, None)
         await self.request("unsubscribe", channel=channel)
 
+    async def retrying(
+        self, op: str, *, attempts: int | None = 5, deadline_s: float | None = None, **args: Any
+    ) -> dict[str, Any]:
+        """An idempotent command, sent again (same arguments, so the same idempotency key)
+        after a lost connection, a timeout or `unavailable`, until it is answered `ok`, refused
+        for good (`ServerError`), `attempts` are spent or `deadline_s` has passed."""
+        loop = asyncio.get_running_loop()
+        end = None if deadline_s is None else loop.time() + deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.request(op, **args)
+            except (ConnectionLost, ConnectionClosed, TimeoutError, ServerError) as exc:
+                if isinstance(exc, ServerError) and exc.code != "unavailable":
+                    raise
+                pause = min(self._max_backoff, 0.05 * 2 ** min(attempt, 10))
+                out_of_time = end is not None and loop.time() + pause >= end
+                if attempt == attempts or out_of_time:
+                    raise
+                # A lost connection: the next attempt waits for the next one (see _read);
+                # the pause covers a socket that died before its reader noticed.
+                await asyncio.sleep(pause * (0.5 + random.random()))
+
     async def publish(
         self,
         channel: str,
@@ -239,20 +265,32 @@ class Client:
     ) -> dict[str, Any]:
         """Publish; retried across reconnects with the same `client_msg_id` (idempotent)."""
         cmid = client_msg_id or uuid.uuid4().hex
-        for attempt in range(attempts):
-            try:
-                return await self.request("publish", channel=channel, body=body, client_msg_id=cmid)
-            except (ConnectionLost, ConnectionClosed, TimeoutError):
-                if attempt + 1 == attempts:
-                    raise
-                # The next attempt waits for the next connection (see _read); the pause
-                # covers a socket that died before its reader noticed.
-                await asyncio.sleep(0.05 * 2**attempt)
-            except ServerError as exc:
-                if exc.code != "unavailable" or attempt + 1 == attempts:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+        return await self.retrying(
+            "publish", attempts=attempts, channel=channel, body=body, client_msg_id=cmid
+        )
+
+    async def trigger_alert(
+        self,
+        kind: str,
+        location: dict[str, Any],
+        *,
+        note: str | None = None,
+        client_alert_id: str | None = None,
+        deadline_s: float = 120.0,
+    ) -> dict[str, Any]:
+        """Trigger a safety alert: `{alert_id, channel}` once the server has stored the alert
+        and its whole delivery plan. Until then it is sent again — across reconnects, to any
+        node — with the same `client_alert_id`, so it is never doubled; a refusal such as
+        `rate_limited` raises `ServerError` at once (tell the user to call emergency
+        services)."""
+        args: dict[str, Any] = {
+            "kind": kind,
+            "location": location,
+            "client_alert_id": client_alert_id or uuid.uuid4().hex,
+        }
+        if note is not None:
+            args["note"] = note
+        return await self.retrying("alert.trigger", attempts=None, deadline_s=deadline_s, **args)
 
     async def history(
         self, channel: str, before_seq: int | None = None, limit: int | None = None

@@ -412,3 +412,32 @@ async def test_a_refused_trigger_stays_refused_on_retry(
         await quinn.close()
     finally:
         node.stop()
+
+
+async def test_the_client_keeps_an_sos_until_the_server_promises_it(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """realtime.client.Client.trigger_alert against a node killed right after it stored the
+    alert (before it could answer): the client reconnects to the restarted node, sends the
+    same client_alert_id again and gets the same alert; its SMS goes out once."""
+    from alerts.service import alert_id_for
+    from realtime.client import Client
+
+    env = base_env(tmp_path / "k", RT_ALERT_RECONCILE_S="30", **fakes.env(tmp_path))
+    node = Node({**env, "RT_FAULT_KILL_AT": "trigger:stored"}, "k", "loadtests.faults.node")
+    node.start()
+    phone = "+15550777"
+    try:
+        node.api("PUT", "/v1/users/kim/contacts", json={"contacts": [{"phone": phone}]})
+        async with Client(node.url, token("kim"), max_backoff_s=0.5) as kim:
+            sos = asyncio.create_task(kim.trigger_alert("sos", HERE, client_alert_id="c1"))
+            assert await asyncio.to_thread(node.wait, 10) != 0  # killed before it answered
+            node.env = env
+            node.start()  # the same port; the client's reconnect finds it
+            reply = await asyncio.wait_for(sos, 30)
+        assert reply["alert_id"] == alert_id_for("kim", "c1") and kim.reconnects >= 1
+        await wait_for(lambda: phone in fakes.accepted_sms)
+        await asyncio.sleep(0.5)
+        assert fakes.accepted_sms.count(phone) == 1
+    finally:
+        node.stop()
