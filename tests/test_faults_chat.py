@@ -28,6 +28,8 @@ def assert_nothing_lost(result: FaultResult) -> None:
     # A message posted during the fault in a channel that then goes quiet arrives anyway.
     assert result.extra["last_words"] == "delivered", result.row()
     assert result.recovery_s is not None, result.row()  # delivery resumed by itself
+    n = result.extra["subscribers"]
+    assert result.extra["present"] == f"{n}/{n}", result.row()  # presence came back too
     assert result.ok, result.row()
 
 

@@ -20,7 +20,8 @@ and in order. Figures:
   unavailable: attempts answered `unavailable`; gave_up: attempts the client library gave up
   on (connection lost or no answer in time), retried by the publisher with the same id;
   errors: refusals other than `unavailable` (must be none); resumed: subscribers of a killed
-  node that reconnected elsewhere; last_words: whether both quiet-channel posts arrived.
+  node that reconnected elsewhere; last_words: whether both quiet-channel posts arrived;
+  present: subscribers listed by `presence` on the main channel once the fault is over.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def plan(scale: float, fault_s: float = 0.0, floor_s: float = 2.0, rate: float =
         fault_s=max(floor_s, fault_s * scale) if fault_s else 0.0,
         after_s=max(1.5, 5 * scale),
     )
+
+
+PRESENCE_HEARTBEAT_S = 1.0  # RT_PRESENCE_HEARTBEAT_S of the nodes (node timeout: 3x)
+PRESENCE_WAIT_S = 4 * PRESENCE_HEARTBEAT_S  # for presence to settle after the fault
 
 
 def store_timeout(p: Plan) -> float:
@@ -248,6 +253,25 @@ async def _drive(
             )
 
         await _until(complete, p.drain_s)
+        # Presence follows the fault: every subscriber is listed on the main channel again
+        # (a restarted Redis forgot it all; a dead node's entries are reaped, its users are
+        # present through the node they moved to).
+        want = {f"sub{i}" for i in range(p.subscribers)}
+        present: set[str] = set()
+
+        async def presence_right() -> bool:
+            nonlocal present
+            try:
+                reply = await subs[0].client.request("presence", channel=main, limit=1000)
+            except (ServerError, ConnectionLost, ConnectionClosed, TimeoutError):
+                return False
+            present = {m["user"] for m in reply["members"]}
+            return present == want
+
+        for _ in range(int(PRESENCE_WAIT_S / 0.2)):  # a bounded poll
+            if await presence_right():
+                break
+            await asyncio.sleep(0.2)
     finally:
         stop.set()
         for task in [load, *consumers, *words]:
@@ -291,6 +315,7 @@ async def _drive(
         and recovery is not None
         and moved == victims
         and words_ok
+        and present == want
     )
     gave_up = sum(p_.gave_up for p_ in publishers)
     if fault.victims:
@@ -308,6 +333,8 @@ async def _drive(
         "order_errors": order_errors,
         "resumed": f"{moved}/{victims}",
         "last_words": "delivered" if words_ok else "LOST",
+        "present": f"{len(present & want)}/{len(want)}"
+        + (f" (+{len(present - want)} stale)" if present - want else ""),
     }
     if errors:
         extra["errors"] = errors
@@ -340,7 +367,15 @@ def _scenario(
 ) -> Callable[[float], FaultResult]:
     def run(scale: float) -> FaultResult:
         p = plan(scale, fault_s, floor_s, rate)
-        cluster = Cluster(2, store_timeout_s=store_timeout(p), own_mongo=fault.own_mongo)
+        cluster = Cluster(
+            2,
+            store_timeout_s=store_timeout(p),
+            own_mongo=fault.own_mongo,
+            extra_env={
+                "RT_PRESENCE_HEARTBEAT_S": str(PRESENCE_HEARTBEAT_S),
+                "RT_PRESENCE_NODE_TIMEOUT_S": str(3 * PRESENCE_HEARTBEAT_S),
+            },
+        )
         with cluster as c:
             result = asyncio.run(_drive(c, name, fault, p, pub_node=pub_node, attempts=attempts))
             if not result.ok:

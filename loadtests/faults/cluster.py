@@ -92,7 +92,14 @@ class Proc:
 class Cluster:
     """`with Cluster(nodes=2) as c:` one Redis, one MongoDB and `nodes` server nodes."""
 
-    def __init__(self, nodes: int = 2, *, store_timeout_s: float = 2.0, own_mongo: bool = False):
+    def __init__(
+        self,
+        nodes: int = 2,
+        *,
+        store_timeout_s: float = 2.0,
+        own_mongo: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="rt-faults-"))
         self.secret = secrets.token_hex(32)
         self.target = Ours(self.secret)
@@ -125,6 +132,7 @@ class Cluster:
                 "RT_RATE_PER_S": "100000",
                 "RT_RATE_BURST": "100000",
                 "PYTHONUNBUFFERED": "1",
+                **(extra_env or {}),
             }
         )
         self.nodes: list[Proc] = []
