@@ -277,9 +277,12 @@ class AlertService:
             await self._finish(raced, "retried alert")
             return reply
         self.checkpoint("trigger:stored")
-        await self.docs.put("alert_trail", _trail_key(alert_id, location), location, ix=now)
         await self._finish(alert, "alert")
         self.checkpoint("trigger:queued")
+        try:  # the first point is also the alert's own location: the trail may miss it
+            await self.docs.put("alert_trail", _trail_key(alert_id, location), location, ix=now)
+        except Exception as exc:
+            log.warning("alerts: first trail point not stored (%s)", type(exc).__name__)
         if not alert["jobs"]:
             log.warning("alerts: an alert with no recipients (no contacts, no responders)")
         await self._announce("@moderators", alert_push(alert))

@@ -146,8 +146,12 @@ class People:
 
 
 async def _status(node: Proc, owner: str, alert_id: str) -> dict[tuple[str, str], str]:
+    """(route, to) -> "status" or "status (last error)", as the owner sees it."""
     reply = await until_ok(_url(node), owner, "alert.status", alert_id=alert_id)
-    return {(r["route"], r["to"]): r["status"] for r in reply["recipients"]}
+    return {
+        (r["route"], r["to"]): r["status"] + (f" ({r['error']})" if r.get("error") else "")
+        for r in reply["recipients"]
+    }
 
 
 # --- a node killed at each step ------------------------------------------------------------
@@ -360,7 +364,8 @@ def _hang_scenario(scale: float) -> FaultResult:
     result.extra["sms status while hanging"] = found["sms_while_hanging"]
     result.recovery_s = found["recovery_s"]
     result.ok = found["pushed"] and found["notified"] and not result.lost
-    result.ok = result.ok and found["sms_while_hanging"] == "queued"
+    # What the owner sees while it hangs: not sent yet, and why (the timeout fired).
+    result.ok = result.ok and found["sms_while_hanging"] == "queued (sms: no answer in 1 s)"
     return result
 
 
