@@ -58,10 +58,6 @@ class Deliveries:
     async def get(self, alert_id: str, route: str, to: str) -> dict[str, Any] | None:
         return await self._docs.get(COLL, delivery_key(alert_id, route, to))
 
-    async def ensure(self, alert_id: str, route: str, to: str) -> None:
-        """Create the record as `queued` unless it exists (no write then)."""
-        await self._docs.insert(COLL, delivery_key(alert_id, route, to), new_delivery(route, to))
-
     async def update(
         self, alert_id: str, route: str, to: str, change: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
 from .model import KINDS, MAX_NOTE, OUTCOMES, now_ms, parse_location
 from .providers import PushProvider, SmsProvider
 from .queue import JobQueue
-from .records import Deliveries, finished, job_key
+from .records import Deliveries, finished, job_key, new_delivery
 from .responders import Responders
 
 log = logging.getLogger("realtime.alerts")
@@ -186,17 +186,16 @@ class AlertService:
     # --- the plan and its queue -------------------------------------------------------
 
     async def _materialize(self, alert: dict[str, Any]) -> bool:
-        """Make the queue match the plan: a delivery record for every recipient, and every
-        unfinished job put on its route's queue (a no-op for a job still queued). Idempotent;
-        True when every planned job is finished."""
+        """Make the queue match the plan: every unfinished job put on its route's queue (a
+        no-op for a job still queued). Idempotent; True when every planned job is finished.
+        (A recipient's delivery record is written by its first outcome; until then the plan
+        alone says `queued`.)"""
         deliveries = await self.deliveries.of(alert["id"])
-        pending = []
-        for route, to, purpose in alert.get("jobs", []):
-            if (route, to) not in deliveries:
-                await self.deliveries.ensure(alert["id"], route, to)
-                deliveries[(route, to)] = {}
-            if not finished(deliveries[(route, to)], purpose):
-                pending.append((route, to, purpose))
+        pending = [
+            (route, to, purpose)
+            for route, to, purpose in alert.get("jobs", [])
+            if not finished(deliveries.get((route, to)), purpose)
+        ]
         for route, to, purpose in pending:
             await self.delivery.queues[route].put(
                 job_key(alert["id"], route, to, purpose),
@@ -359,9 +358,9 @@ class AlertService:
             doc["status"] = "acked"
 
         alert = await self._update(alert["id"], change)
-        known = await self.deliveries.of(alert["id"])
+        planned = {(route, to) for route, to, _ in alert.get("jobs", [])}
         for route in ("ws", "push"):
-            if (route, user) in known:
+            if (route, user) in planned:
                 await self.deliveries.update(alert["id"], route, user, acked)
         push = {"push": "alert.ack", "alert_id": alert["id"], "user": user}
         await self._publish(f"user:{alert['owner']}", push)
@@ -413,6 +412,8 @@ class AlertService:
         if alert["owner"] != user and not moderator:
             raise ProtocolError("forbidden", "only the owner or a moderator sees the status")
         deliveries = await self.deliveries.of(alert["id"])
+        for route, to, _ in alert.get("jobs", []):  # planned, no outcome yet
+            deliveries.setdefault((route, to), new_delivery(route, to))
         return {
             "alert_id": alert["id"],
             "state": alert["state"],
