@@ -302,31 +302,36 @@ def _redis_restart_scenario(scale: float) -> FaultResult:
 # --- providers that hang, throttle or fail --------------------------------------------------
 
 
+def _crowd(node: Proc, alerts: int) -> list[People]:
+    """One owner per alert, each with one SMS contact and one app user."""
+    crowd = [People(1) for _ in range(alerts)]
+    for p in crowd:
+        p.register(node)
+    return crowd
+
+
+async def _sos(node: Proc, crowd: list[People]) -> None:
+    for p in crowd:
+        await until_ok(
+            _url(node), p.owner, "alert.trigger", kind="sos", location=HERE, client_alert_id="sos"
+        )
+
+
 async def _hang(work: Path, fakes: FakeProviders, alerts: int, hold_s: float) -> dict[str, Any]:
     node = _node(work, _env(work, fakes))
     node.start()
     try:
-        crowd = [People(1) for _ in range(alerts)]
-        for p in crowd:
-            p.register(node)
+        crowd = _crowd(node, alerts)
         fakes.script.twilio_hang.set()
         started = time.monotonic()
-        for i, p in enumerate(crowd):
-            await until_ok(
-                _url(node),
-                p.owner,
-                "alert.trigger",
-                kind="sos",
-                location=HERE,
-                client_alert_id=f"hang-{i}",
-            )
+        await _sos(node, crowd)
         # Push goes out while every SMS hangs.
         pushed = await wait_until(
             lambda: all(fakes.accepted_push.count(p.token) for p in crowd), 15
         )
         push_s = time.monotonic() - started
         await asyncio.sleep(hold_s)  # the hang outlasts the provider timeout: retries hang too
-        hanging = await _status(node, crowd[0].owner, alert_id_for(crowd[0].owner, "hang-0"))
+        hanging = await _status(node, crowd[0].owner, alert_id_for(crowd[0].owner, "sos"))
         fakes.script.twilio_hang.clear()
         released = time.monotonic()
         notified = await wait_until(
@@ -373,21 +378,11 @@ async def _throttled(work: Path, fakes: FakeProviders, alerts: int) -> dict[str,
     node = _node(work, _env(work, fakes))
     node.start()
     try:
-        crowd = [People(1) for _ in range(alerts)]
-        for p in crowd:
-            p.register(node)
+        crowd = _crowd(node, alerts)
         fakes.script.retry_after = "2"
         fakes.script.twilio_fail = [429, 503] * alerts
         fakes.script.fcm_fail = [429] * alerts
-        for i, p in enumerate(crowd):
-            await until_ok(
-                _url(node),
-                p.owner,
-                "alert.trigger",
-                kind="sos",
-                location=HERE,
-                client_alert_id=f"thr-{i}",
-            )
+        await _sos(node, crowd)
         notified = await wait_until(
             lambda: all(
                 all(p.sms_counts(fakes).values()) and fakes.accepted_push.count(p.token)
