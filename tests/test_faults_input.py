@@ -37,7 +37,7 @@ def test_every_hostile_frame_decodes_to_a_command_or_is_refused_cleanly(h: Hosti
     else:
         data = h.payload
     if len(h.payload) > 128 * 1024:
-        assert h.closes == {1009}
+        assert 1009 in h.closes  # the size check comes first (a deep one may also say 1007)
         return
     try:
         frame = codec.decode(data)
