@@ -22,7 +22,7 @@ import msgpack
 from realtime.protocol import Codec, wire_frame
 from storage import Message, MessageStore
 
-from .broker import Broker
+from .broker import Broker, BrokerUnavailable
 
 log = logging.getLogger("realtime.hub")
 
@@ -128,6 +128,8 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._topic_lock = asyncio.Lock()  # orders broker (un)subscribe calls
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unsent: dict[str, Message] = {}  # per channel: the newest message not fanned out
+        self._republisher: asyncio.Task[None] | None = None
         self.on_mod: Callable[[str, Frame], None] = lambda channel, frame: None
 
     # --- lifecycle --------------------------------------------------------------------
@@ -218,6 +220,32 @@ class Hub:
         state = self._channels.get(m.channel)
         if state is not None:
             self._accept(state, m)
+
+    def publish_later(self, m: Message) -> None:
+        """A stored message whose fan-out failed (broker unreachable or paused) is published
+        again until the broker takes it, so other nodes get it even if the channel then goes
+        quiet. Only the newest per channel is kept: a node that receives it repairs anything
+        older from the store, and hubs deliver each seq once."""
+        old = self._unsent.get(m.channel)
+        if old is None or old.seq < m.seq:
+            self._unsent[m.channel] = m
+        if self._republisher is None or self._republisher.done():
+            self._republisher = self._spawn(self._republish(), "hub-republish")
+
+    async def _republish(self) -> None:
+        backoff = 0.1
+        while self._unsent:
+            await asyncio.sleep(backoff)
+            for channel, m in list(self._unsent.items()):
+                try:
+                    await self._broker.publish(CHANNEL_TOPIC + channel, pack_message(m))
+                except BrokerUnavailable:
+                    backoff = min(backoff * 2, 5.0)
+                    break
+                if self._unsent.get(channel) is m:
+                    del self._unsent[channel]
+            else:
+                backoff = 0.1
 
     async def publish_event(self, channel: str, kind: str, **fields: Any) -> None:
         await self._broker.publish(CHANNEL_TOPIC + channel, pack_event(kind, channel, **fields))

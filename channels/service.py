@@ -90,10 +90,11 @@ class ChannelService:
             async with asyncio.timeout(self._timeout):
                 await self.hub.publish(appended.message, moderators=not appended.duplicate)
         except (BrokerUnavailable, TimeoutError) as exc:
-            # Stored, so acknowledged: local sockets get it now, other nodes repair the gap
-            # from the store on their next message or broker reconnect.
+            # Stored, so acknowledged: local sockets get it now, other nodes when the broker
+            # takes it again (or from the store on their next message or broker reconnect).
             log.warning("fan-out of %s#%d failed: %s", channel, appended.message.seq, exc)
             self.hub.deliver_local(appended.message)
+            self.hub.publish_later(appended.message)
         return appended
 
     async def replay(self, channel: str, since_seq: int | None) -> Replay:
