@@ -1,6 +1,7 @@
-"""Safety alerts (PROTOCOL.md section 7): triggers, live location trails, delivery over WebSocket,
-FCM push and SMS with retries, per-recipient status and escalation.
+"""Safety alerts (docs/protocol.md, "Safety alerts"): triggers, live location trails, delivery
+over WebSocket, FCM push and SMS with retries, per-recipient status and escalation.
 
-Not built yet (issue 7). Until then `alert:` channels are readable by moderators only and the
-server refuses `alert.*` ops as unknown.
+Offers `AlertService` (`alerts.service`: the ops, the durable plan and the reconciler),
+`Deliverer` (`alerts.delivery`: per-route workers), the queues (`alerts.queue`), the providers
+(`alerts.providers`: FCM, Twilio, the development outbox) and `Responders`.
 """
