@@ -79,3 +79,54 @@ async def test_two_nodes_escalate_each_step_once(
     finally:
         for n in nodes:
             n.stop()
+
+
+async def test_concurrent_reconcile_passes_take_each_escalation_step_once(tmp_path: Path) -> None:
+    """Two alert services (two nodes' worth) on one store, their reconcile passes interleaved
+    at every await: both read the due alert before either writes, yet one step is taken (the
+    compare-and-set refuses the second; and the step is a function of the alert, so even a
+    second write would plan the same jobs under the same job keys)."""
+    from alerts.delivery import ROUTES
+    from alerts.providers import OutboxPush, OutboxSms
+    from alerts.queue import StoreJobQueue
+    from alerts.responders import Responders
+    from alerts.service import AlertService, AlertSettings
+    from storage.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+
+    async def publish(target: str, push: dict[str, Any]) -> None:
+        return None
+
+    async def offline(user: str) -> bool:
+        return False
+
+    def service(node: str) -> AlertService:
+        return AlertService(
+            store.docs,
+            {r: StoreJobQueue(store.docs, r) for r in ROUTES},
+            OutboxPush(tmp_path / f"{node}.jsonl"),
+            OutboxSms(tmp_path / f"{node}.jsonl"),
+            Responders(None, 60),
+            publish,
+            offline,
+            AlertSettings(escalate_s=0.001, reconcile_s=60),
+            node,
+        )
+
+    a, b = service("a"), service("b")
+    try:
+        await a.set_contacts("una", [{"tier": 1, "phone": "+1555"}, {"tier": 2, "user": "ivo"}])
+        alert_id = (
+            await a.trigger("una", {"kind": "sos", "location": HERE, "client_alert_id": "c"})
+        )["alert_id"]
+        for step in (1, 2):
+            await asyncio.sleep(0.01)  # past the (1 ms) escalation deadline: both see it due
+            await asyncio.gather(a.reconcile_due(), b.reconcile_due())
+            doc = await store.docs.get("alerts", alert_id)
+            assert doc is not None and doc["escalations"] == step
+            purposes = [purpose for _, _, purpose in doc["jobs"]]
+            assert purposes.count(f"escalate{step}") == (1 if step == 1 else 2)  # sms | ws+push
+    finally:
+        await store.close()
