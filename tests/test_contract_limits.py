@@ -478,6 +478,59 @@ async def test_keys_lookup_takes_1_to_100_users(limits_node: Node, count: int, o
     await raw.close()
 
 
+@pytest.mark.parametrize(("size", "ok"), [(48, True), (256, True), (47, False), (257, False)])
+async def test_keys_share_sealed_box_is_48_to_256_bytes(
+    limits_node: Node, size: int, ok: bool
+) -> None:
+    user, device = uid("kay"), uid("dev")
+    raw = await Raw.open(limits_node.url, token(user))
+    await AppDevice(device).register(raw, user)
+    sealed = b64({device: os.urandom(size)})
+    reply = await raw.cmd("keys.share", channel=chan(), key_id="k1", sealed=sealed)
+    if ok:
+        assert reply["ok"] and reply["conflicts"] == [], reply
+    else:
+        assert reply["error"]["code"] == "bad_request", reply
+    await raw.close()
+
+
+@pytest.mark.parametrize(("length", "ok"), [(1, True), (500, True), (501, False), (0, False)])
+async def test_report_reason_is_1_to_500_characters(
+    limits_node: Node, length: int, ok: bool
+) -> None:
+    raw = await Raw.open(limits_node.url, token("alice"))
+    ch = chan()
+    await raw.ok("publish", channel=ch, client_msg_id="r", body=plain("r"))
+    reply = await raw.cmd("report", channel=ch, seq=1, reason="r" * length)
+    if ok:
+        assert reply["ok"] and reply["verified"] is False, reply
+    else:
+        assert reply["error"]["code"] == "bad_request", reply
+    await raw.close()
+
+
+async def test_typing_once_per_second_per_user_and_channel(limits_node: Node) -> None:
+    user = uid("tina")
+    raw = await Raw.open(limits_node.url, token(user))
+    watcher = await Raw.open(limits_node.url, token(uid("walt")))
+    ch, other = chan(), chan()
+    await watcher.ok("subscribe", channel=ch)
+    await raw.ok("typing", channel=ch)
+    reply = await raw.cmd("typing", channel=ch)
+    assert reply["error"]["code"] == "rate_limited"
+    assert 0 < reply["error"]["retry_after_ms"] <= 1001
+    await raw.ok("typing", channel=other)  # per channel
+    await asyncio.sleep(reply["error"]["retry_after_ms"] / 1000)  # as told
+    await raw.ok("typing", channel=ch)
+    # the watcher saw exactly two notices on its channel, then the sentinel
+    cmid = await sentinel(raw, ch)
+    pushes = [await watcher.push() for _ in range(3)]
+    assert [p["push"] for p in pushes] == ["typing", "typing", "message"]
+    assert pushes[2]["client_msg_id"] == cmid
+    await raw.close()
+    await watcher.close()
+
+
 # --- command rate ------------------------------------------------------------------------
 
 
