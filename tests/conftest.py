@@ -251,6 +251,15 @@ class Node:
         headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
         return httpx.request(method, self.http + path, headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
 
+    def connections(self) -> int:
+        """Open WebSocket connections on this node (its `rt_connections` gauge). A closed
+        connection leaves the gauge only after its presence is withdrawn and published."""
+        text = httpx.get(self.http + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("rt_connections "):
+                return int(float(line.split()[1]))
+        raise AssertionError(f"no rt_connections in {self.name}'s /metrics")
+
     def add_member(self, channel: str, user: str) -> None:
         r = self.api("PUT", f"/v1/channels/{channel}/members/{user}")
         assert r.status_code in (200, 201), r.text

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Node, RedisServer, token, unique_db
-from wire import Raw, plain
+from wire import Raw, plain, sentinel, until
 
 from realtime.client import Client
 
@@ -57,7 +57,8 @@ async def test_a_message_published_on_one_node_reaches_the_other(
     dup = await again.ok("publish", channel=ch, client_msg_id="x1", body=plain("retry"))
     assert dup["seq"] == 2 and dup["duplicate"]
     assert [m["seq"] for m in (await again.ok("history", channel=ch))["messages"]] == [1, 2, 3]
-    await sub_b.no_push()
+    # the retry is fanned out again but delivered once: the next push is the next message
+    await sub_b.nothing_before({**await sentinel(again, ch), "seq": 4})
     for r in (sub_a, sub_b, pub, again):
         await r.close()
 
@@ -68,8 +69,13 @@ async def test_membership_changes_take_effect_on_every_node(cluster: tuple[Node,
     bob = await Raw.open(b.url, token("bob"))
     assert await bob.error("subscribe", channel=room) == "forbidden"  # node b caches "no"
     a.add_member(room, "bob")  # through node a
-    await asyncio.sleep(0.2)
-    await bob.ok("subscribe", channel=room)
+
+    async def subscribed() -> bool:
+        reply = await bob.cmd("subscribe", channel=room)
+        assert reply["ok"] or reply["error"]["code"] == "forbidden", reply
+        return bool(reply["ok"])
+
+    await until(subscribed, 10, what="node b to drop its cached 'not a member'")
     assert a.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
     assert (await bob.push())["push"] == "unsubscribed"
     assert await bob.error("history", channel=room) == "forbidden"
@@ -103,8 +109,10 @@ async def test_concurrent_publishers_on_both_nodes_get_one_gap_free_order(
         pushes = [await s.push(10) for _ in range(32)]
         assert [p["seq"] for p in pushes] == list(range(1, 33))
         orders.append([p["client_msg_id"] for p in pushes])
-        await s.no_push()
     assert orders[0] == orders[1]  # both nodes deliver the same total order
+    marker = await sentinel(pubs[0], ch)
+    for s in subs:
+        await s.nothing_before({**marker, "seq": 33})  # and nothing more than once
     for r in subs + pubs:
         await r.close()
 
@@ -129,7 +137,7 @@ async def test_sigkill_of_a_node_loses_nothing_and_clients_resume_elsewhere(
                 acked.append(reply["seq"])
                 if i == 15:
                     a.kill()  # SIGKILL mid-burst
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # pacing: a steady stream, not synchronisation
 
         await asyncio.wait_for(publish_all(), 60)
         assert sorted(acked) == list(range(1, 41))  # every publish acknowledged exactly once
@@ -168,11 +176,11 @@ async def test_redis_restart_fan_out_recovers_without_restarting_nodes(
     await pub.ok("publish", channel=ch, client_msg_id="after", body=plain("3"))
     pushes.append(await sub.push(20))
     assert [p["seq"] for p in pushes] == [2, 3]
-    await sub.no_push()
-    for _ in range(50):
-        if (await asyncio.to_thread(httpx.get, a.http + "/readyz")).status_code == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert (await asyncio.to_thread(httpx.get, a.http + "/readyz")).status_code == 200
+    await sub.nothing_before({**await sentinel(pub, ch), "seq": 4})  # 2 came once
+
+    async def ready() -> bool:
+        return (await asyncio.to_thread(httpx.get, a.http + "/readyz")).status_code == 200
+
+    await until(ready, 10, what="node a ready again")
     await sub.close()
     await pub.close()

@@ -9,6 +9,8 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+from wire import until
+
 from channels.hub import Frame
 from realtime.config import Limits
 from realtime.connection import Connection
@@ -62,14 +64,13 @@ async def test_nothing_overtakes_a_queued_frame() -> None:
     assert sock.out == [("direct", wire_frame('{"n":1}', binary=False))]
     sock.writable = False
     conn.send({"n": 2})  # the buffer is full: queued, the flusher waits for the drain
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a step, not a wait: the flusher may start (either way is valid)
     sock.writable = True  # writable again, but frame 2 has not left yet
     conn.push(Frame({"n": 3}))
     conn.send({"n": 4})
     assert sock.texts() == [1]
     sock.drained.set()
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await until(lambda: len(sock.out) == 4 and conn._flusher is None, 5, interval=0)
     assert sock.texts() == [1, 2, 3, 4]
     conn.send({"n": 5})  # the queue is empty again: straight out
     assert sock.out[-1][0] == "direct" and sock.texts() == [1, 2, 3, 4, 5]
@@ -100,7 +101,6 @@ async def test_socket_lost_while_frames_wait_drops_the_queue() -> None:
         conn.send({"n": n})
     sock.gone = True
     sock.drained.set()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert sock.out == [] and conn._out is None and conn._flusher is None
+    await until(lambda: conn._flusher is None, 5, interval=0)
+    assert sock.out == [] and conn._out is None
     assert conn._close_code is None  # no close frame to a dead socket from here

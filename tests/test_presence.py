@@ -7,8 +7,11 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 from conftest import Node, RedisServer, token, unique_db
-from wire import Raw
+from wire import Raw, sentinel, until
+
+from presence.store import NODES
 
 
 def chan() -> str:
@@ -29,6 +32,19 @@ async def members(raw: Raw, channel: str) -> list[str]:
     return [m["user"] for m in reply["members"]]
 
 
+async def closed(raw: Raw, node: Node) -> None:
+    """Close `raw` and wait until its node has finished with it: a connection leaves the
+    node's connection gauge only after its presence was withdrawn and any leave published,
+    so a sentinel published after this comes after that leave."""
+    before = await asyncio.to_thread(node.connections)
+    await raw.close()
+
+    async def gone() -> bool:
+        return await asyncio.to_thread(node.connections) <= before - 1
+
+    await until(gone, 10, what=f"{node.name} to finish with the closed connection")
+
+
 async def test_presence_on_one_node(single_node: Node) -> None:
     ch = chan()
     watcher = await Raw.open(single_node.url, token("watcher"))
@@ -38,13 +54,13 @@ async def test_presence_on_one_node(single_node: Node) -> None:
     assert await presence_pushes(watcher, 1, 5) == [("join", "alice")]
     alice2 = await Raw.open(single_node.url, token("alice"))
     await alice2.ok("subscribe", channel=ch)  # a second device: no second join
-    await watcher.no_push(0.3, presence=True)
+    await watcher.nothing_before(await sentinel(alice2, ch), presence=True)
     reply = await watcher.ok("presence", channel=ch)
     assert sorted(m["user"] for m in reply["members"]) == ["alice", "watcher"]
     assert all(isinstance(m["since"], int) for m in reply["members"])
     assert reply["total"] == 2 and reply["cursor"] == 0
-    await alice1.close()  # one of two devices: no leave
-    await watcher.no_push(0.3, presence=True)
+    await closed(alice1, single_node)  # one of two devices: no leave
+    await watcher.nothing_before(await sentinel(alice2, ch), presence=True)
     await alice2.ok("unsubscribe", channel=ch)
     assert await presence_pushes(watcher, 1, 5) == [("leave", "alice")]
     assert await members(watcher, ch) == ["watcher"]
@@ -65,8 +81,11 @@ async def test_online_status_and_invisible(single_node: Node) -> None:
     assert await members(carol, "user:bob") == ["bob"]
     assert await bob.error("presence.invisible", invisible="yes") == "bad_request"
     await bob.close()
-    await asyncio.sleep(0.2)
-    assert await members(carol, "user:bob") == []
+
+    async def offline() -> bool:
+        return await members(carol, "user:bob") == []
+
+    await until(offline, 10, what="bob to go offline")
     await carol.close()
 
 
@@ -113,14 +132,15 @@ async def test_join_and_leave_once_across_nodes(
     # ben's second device, on the other node: nobody is told anything
     ben2 = await Raw.open(a.url, token("ben"))
     await ben2.ok("subscribe", channel=ch)
-    await on_a.no_push(0.5, presence=True)
+    await on_a.nothing_before(await sentinel(ben2, ch), presence=True)
     assert sorted(await members(on_a, ch)) == ["anna", "ben"]
     assert sorted(await members(on_b, ch)) == ["anna", "ben"]
-    await on_b.close()  # one of ben's two connections
-    await on_a.no_push(0.5, presence=True)
-    await ben2.close()
+    await closed(on_b, b)  # one of ben's two connections
+    await on_a.nothing_before(await sentinel(ben2, ch), presence=True)
+    await closed(ben2, a)
     assert await presence_pushes(on_a, 1, 5) == [("leave", "ben")]
-    await on_a.no_push(0.5, presence=True)
+    # once: node b (ben's other node) pushed no leave of its own either
+    await on_a.nothing_before(await sentinel(on_a, ch), presence=True)
     await on_a.close()
 
 
@@ -148,8 +168,14 @@ async def test_a_killed_node_s_members_leave_once(
         leaves = await presence_pushes(w, 3, 30)
         assert sorted(leaves) == [("leave", "d0"), ("leave", "d1"), ("leave", "d2")]
     assert loop.time() - started < 30
+    # Exactly once, not once per surviving node: once node c is forgotten (after its reaper
+    # pushed its leaves) nobody can reap it again, and a sentinel after that comes next.
+    store = redis.Redis.from_url(presence_env["RT_REDIS_URL"])
+    await until(lambda: not store.hexists(NODES, "c"), 30, what="node c to be forgotten")
+    store.close()
+    marker = await sentinel(watch_a, ch)
     for w in (watch_a, watch_b):
-        await w.no_push(2.0, presence=True)  # exactly once, not once per surviving node
+        await w.nothing_before(marker, presence=True)
         assert sorted(await members(w, ch)) == ["wa", "wb"]
     back = await Raw.open(a.url, token("d0"))  # the user reconnects elsewhere
     await back.ok("subscribe", channel=ch)
@@ -172,17 +198,18 @@ async def test_presence_is_rebuilt_after_a_redis_restart(
     assert sorted(await members(on_a, ch)) == ["anna", "ben"]
     redis_server.stop()
     redis_server.start()  # empty: presence is gone from Redis
-    for _ in range(60):
-        await asyncio.sleep(0.25)
-        try:
-            if sorted(await members(on_a, ch)) == ["anna", "ben"]:
-                break
-        except AssertionError:
-            continue  # unavailable while Redis comes back
-    assert sorted(await members(on_a, ch)) == ["anna", "ben"]
+
+    async def rebuilt() -> bool:
+        reply = await on_a.cmd("presence", channel=ch)
+        if not reply["ok"]:
+            assert reply["error"]["code"] == "unavailable", reply  # while Redis comes back
+            return False
+        return sorted(m["user"] for m in reply["members"]) == ["anna", "ben"]
+
+    await until(rebuilt, 15, what="both nodes to restore their presence entries")
     assert sorted(await members(on_b, ch)) == ["anna", "ben"]
-    # nobody left, so nobody is told anyone joined; and presence works on
-    await on_a.no_push(0.5, presence=True)
+    # Nobody left, so nobody is told anyone joined, and presence works on: carl's join (a
+    # sentinel, published after both nodes restored) is the next presence push on_a gets.
     carl = await Raw.open(b.url, token("carl"))
     await carl.ok("subscribe", channel=ch)
     assert await presence_pushes(on_a, 1, 10) == [("join", "carl")]
@@ -200,10 +227,12 @@ async def test_join_leave_pushes_stop_on_large_channels(node_factory: Any) -> No
     assert await presence_pushes(first, 1, 5) == [("join", "u2")]  # 2 members: pushed
     third = await Raw.open(node.url, token("u3"))
     await third.ok("subscribe", channel=ch)
-    await first.no_push(0.5, presence=True)  # 3 members: over the limit, no push
+    # 3 members: over the limit, no push
+    await first.nothing_before(await sentinel(third, ch), presence=True)
     assert sorted(await members(first, ch)) == ["u1", "u2", "u3"]  # presence still tells
-    await third.close()
-    await first.no_push(0.5, presence=True)  # leaving a 3-member channel: no push
+    await closed(third, node)
+    # leaving a 3-member channel: no push
+    await first.nothing_before(await sentinel(second, ch), presence=True)
     await second.close()
     assert await presence_pushes(first, 1, 5) == [("leave", "u2")]
     await first.close()

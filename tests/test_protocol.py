@@ -17,7 +17,16 @@ from conftest import SECRET, Node, token
 from websockets.asyncio.client import connect
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
-from wire import AppDevice, Raw, envelope, plain, read_close_code, stalled_subscriber
+from wire import (
+    AppDevice,
+    Raw,
+    envelope,
+    plain,
+    read_close_code,
+    sentinel,
+    stalled_subscriber,
+    until,
+)
 
 
 def chan(prefix: str = "public") -> str:
@@ -297,7 +306,9 @@ async def test_publish_seq_idempotency_and_push_shape(single_node: Node) -> None
     assert first["from"] == {"user": "alice", "device": "phone"}
     assert first["body"] == plain("m0") and first["client_msg_id"] == "c0"
     assert abs(first["ts"] - time.time() * 1000) < 10_000
-    await sub.no_push()
+    # the duplicate was not fanned out again: the next push is the next message
+    await pub.ok("publish", channel=ch, client_msg_id="c6", body=plain("m6"))
+    await sub.nothing_before({"seq": 7, "client_msg_id": "c6"})
     await sub.close()
     await pub.close()
 
@@ -354,15 +365,16 @@ async def test_subscribe_since_seq_recovers_exactly_the_missed_messages(single_n
     assert [(await sub.push())["seq"] for _ in range(3)] == [2, 3, 4]
     await pub.ok("publish", channel=ch, client_msg_id="a4", body=plain("4"))
     assert (await sub.push())["seq"] == 5
-    await sub.no_push()
     # more than recovery_limit (5 on this node) missed: the newest 5, recovered false
     for i in range(5, 12):
         await pub.ok("publish", channel=ch, client_msg_id=f"a{i}", body=plain(str(i)))
+    await sub.nothing_before({"seq": 6})  # nothing recovered twice: 6 follows 5
     late = await Raw.open(single_node.url, token("carol"))
     reply = await late.ok("subscribe", channel=ch, since_seq=2)
     assert reply["last_seq"] == 12 and reply["recovered"] is False
     assert [(await late.push())["seq"] for _ in range(5)] == [8, 9, 10, 11, 12]
-    await late.no_push()
+    await pub.ok("publish", channel=ch, client_msg_id="a12", body=plain("12"))
+    await late.nothing_before({"seq": 13})  # nothing older came after the newest 5
     page = await late.ok("history", channel=ch, before_seq=8, limit=3)
     assert [m["seq"] for m in page["messages"]] == [5, 6, 7] and page["has_more"] is True
     for r in (pub, sub, late):
@@ -377,20 +389,23 @@ async def test_recovery_while_live_messages_arrive_has_no_gap_or_duplicate(
     for i in range(3):
         await pub.ok("publish", channel=ch, client_msg_id=f"pre{i}", body=plain("x"))
     stop = asyncio.Event()
+    published = [0]
 
     async def publish_forever() -> int:
-        n = 0
         while not stop.is_set():
+            n = published[0]
             await pub.ok("publish", channel=ch, client_msg_id=f"live{n}", body=plain("y"))
-            n += 1
-            await asyncio.sleep(0.002)  # live traffic, within this node's command rate limit
-        return n
+            published[0] += 1
+            # Pacing, not synchronisation: live traffic within this node's command rate limit.
+            await asyncio.sleep(0.002)
+        return published[0]
 
     task = asyncio.create_task(publish_forever())
-    await asyncio.sleep(0.1)
+    await until(lambda: published[0] >= 10, what="live traffic before the subscribe")
     sub = await Raw.open(single_node.url, token("bob"))
-    await sub.ok("subscribe", channel=ch, since_seq=0)  # the limit is 5: newest 5 then live
-    await asyncio.sleep(0.3)
+    reply = await sub.ok("subscribe", channel=ch, since_seq=0)  # limit 5: newest 5, then live
+    at_subscribe = published[0]
+    await until(lambda: published[0] >= at_subscribe + 30, what="live traffic after it")
     stop.set()
     await task
     last = (await pub.ok("history", channel=ch, limit=1))["messages"][0]["seq"]
@@ -398,7 +413,8 @@ async def test_recovery_while_live_messages_arrive_has_no_gap_or_duplicate(
     while not seqs or seqs[-1] < last:
         seqs.append((await sub.push())["seq"])
     assert seqs == list(range(seqs[0], last + 1))
-    await sub.no_push()
+    assert seqs[0] == reply["last_seq"] - 4  # the recovered part, then everything live
+    await sub.nothing_before(await sentinel(pub, ch))  # and nothing twice after the last
     await pub.close()
     await sub.close()
 
@@ -432,8 +448,8 @@ async def test_typing_goes_to_the_others_only_and_is_limited(single_node: Node) 
     await alice.ok("typing", channel=ch)
     assert await bob.push() == {"push": "typing", "channel": ch, "user": "alice"}
     assert await alice.error("typing", channel=ch) == "rate_limited"
-    await alice.no_push()
     assert (await bob.ok("history", channel=ch))["messages"] == []  # never stored
+    await alice.nothing_before(await sentinel(bob, ch))  # her own typing is not echoed
     await alice.close()
     await bob.close()
 
@@ -446,7 +462,7 @@ async def test_unsubscribe_stops_pushes_and_double_subscribe_conflicts(single_no
     assert await sub.error("subscribe", channel=ch) == "conflict"
     await sub.ok("unsubscribe", channel=ch)
     await pub.ok("publish", channel=ch, client_msg_id="u1", body=plain("x"))
-    await sub.no_push()
+    await sub.quiet()  # one node: had u1 been pushed, it would be queued before the pong
     for i in range(20):
         await sub.ok("subscribe", channel=f"public:many{i}")
     assert await sub.error("subscribe", channel="public:one-too-many") == "too_large"
@@ -485,7 +501,7 @@ async def test_reader_that_stalls_then_catches_up_gets_everything_in_order(
         sock.settimeout(10)
         while len(seqs) < total:
             proto.receive_data(sock.recv(8192))
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # the behaviour under test: a reader slower than the writer
             for event in proto.events_received():
                 if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
                     push = json.loads(event.data)
@@ -496,7 +512,7 @@ async def test_reader_that_stalls_then_catches_up_gets_everything_in_order(
     reader = asyncio.ensure_future(asyncio.to_thread(drain, 100))
     for i in range(40, 100):  # while it catches up
         await pub.ok("publish", channel=ch, client_msg_id=f"n{i}", body=body)
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # pacing: messages keep coming while the reader catches up
     seqs = await reader
     assert seqs == list(range(seqs[0], seqs[0] + 100))
     sock.close()

@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -108,7 +110,33 @@ class Raw:
                 return frame
             self.presence_log.append(frame)
 
+    async def nothing_before(
+        self, sentinel: dict[str, Any], timeout: float = 5, *, presence: bool = False
+    ) -> dict[str, Any]:
+        """Prove that nothing arrived: the caller has just caused `sentinel` (a push that must
+        arrive, and must arrive after anything the earlier step could have caused), so the
+        next push has to be it. `sentinel` is matched field by field; the push is returned."""
+        frame = await self.push(timeout, presence=presence)
+        assert {k: frame.get(k) for k in sentinel} == sentinel, (
+            f"expected the sentinel {sentinel}, got {frame}"
+        )
+        return frame
+
+    async def quiet(self) -> None:
+        """Prove that no push is waiting for this connection: a `ping`, whose reply leaves the
+        server after every push already queued to this socket, comes back with nothing before
+        it. Valid only where the push that must not come would already have been queued (on a
+        single node, where fan-out is a direct call, once the causing command was answered)."""
+        reply = await self.cmd("ping")
+        assert reply["ok"], reply
+        unexpected = [
+            f for f in self.pushes if f.get("push") not in ("join", "leave")
+        ]  # presence is set aside, as by push()
+        assert not unexpected, f"unexpected frames {unexpected}"
+
     async def no_push(self, wait: float = 0.3, *, presence: bool = False) -> None:
+        """Nothing within `wait` seconds. Weak (a late frame passes): prefer `nothing_before`
+        or `quiet`; kept for callers that cannot cause a sentinel."""
         try:
             frame = await self.push(wait, presence=presence)
         except TimeoutError:
@@ -126,6 +154,36 @@ class Raw:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def sentinel(pub: Raw, channel: str) -> dict[str, Any]:
+    """Publish a plaintext sentinel message on a `public:` channel through `pub`; the fields
+    a subscriber's `nothing_before` will match it by. Fan-out keeps one order per broker
+    topic, and join/leave/typing/delete pushes share the channel's topic with its messages."""
+    cmid = f"sentinel-{uuid.uuid4().hex[:8]}"
+    await pub.ok("publish", channel=channel, client_msg_id=cmid, body=plain("sentinel"))
+    return {"push": "message", "channel": channel, "client_msg_id": cmid}
+
+
+async def until(
+    check: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 10.0,
+    *,
+    what: str = "the condition",
+    interval: float = 0.05,
+) -> Any:
+    """Wait on a condition, not a clock: poll `check` (sync or async) until it returns
+    something truthy and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def stalled_subscriber(port: int, token: str, channel: str) -> tuple[socket.socket, ClientProtocol]:
