@@ -460,10 +460,16 @@ def check_imports(tree: Path) -> None:
 
 
 def run_package(
-    tree: Path, package: str, sample: int, seed: int, only: list[str], per_test: int
+    tree: Path,
+    package: str,
+    sample: int,
+    seed: int,
+    only: list[str],
+    per_test: int,
+    tests_override: list[str],
 ) -> PackageReport:
     mutants = find_mutants(tree, package)
-    tests = package_tests(tree, package)
+    tests = tests_override or package_tests(tree, package)
     if only:
         chosen = [m for m in mutants if m.id in only]
     elif sample and sample < len(mutants):
@@ -570,6 +576,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=24)
     parser.add_argument("--only", nargs="+", default=[], help="run these mutant ids only")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--tests", nargs="+", default=[], help="judge by these instead")
     parser.add_argument("--per-test-timeout", type=int, default=60)
     parser.add_argument("--json", type=Path, help="write the results here (JSON)")
     parser.add_argument("--markdown", type=Path, help="write the results here (Markdown)")
@@ -599,7 +606,9 @@ def main() -> None:
         check_imports(tree)
         print(f"mutated copy: {tree}")
         reports = [
-            run_package(tree, p, args.sample, args.seed, args.only, args.per_test_timeout)
+            run_package(
+                tree, p, args.sample, args.seed, args.only, args.per_test_timeout, args.tests
+            )
             for p in packages
         ]
     finally:
