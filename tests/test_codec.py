@@ -47,11 +47,12 @@ CHANNEL_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_
 OPS = ["auth", "ping", "subscribe", "unsubscribe", "publish", "history", "typing", "read"]
 
 
-@st.composite
-def channel_names(draw: st.DrawFn) -> str:
-    namespace = draw(st.sampled_from(sorted(NAMESPACES)))
-    rest = draw(st.text(CHANNEL_CHARS, min_size=1, max_size=40))
-    return f"{namespace}:{rest}"
+# (strategies are built once, here: building them inside a composite on every draw is slow)
+channel_names = st.builds(
+    lambda namespace, rest: f"{namespace}:{rest}",
+    st.sampled_from(sorted(NAMESPACES)),
+    st.text(CHANNEL_CHARS, min_size=1, max_size=40),
+)
 
 
 def json_values(binary: bool) -> st.SearchStrategy[Any]:
@@ -75,15 +76,19 @@ def json_values(binary: bool) -> st.SearchStrategy[Any]:
     )
 
 
+ARGUMENTS = {
+    binary: st.dictionaries(st.text(max_size=8), json_values(binary), max_size=3)
+    for binary in (False, True)
+}
+
+
 @st.composite
 def command_frames(draw: st.DrawFn, binary: bool) -> dict[str, Any]:
-    frame: dict[str, Any] = draw(
-        st.dictionaries(st.text(max_size=8), json_values(binary), max_size=3)
-    )  # arguments; then the command's own fields
+    frame: dict[str, Any] = draw(ARGUMENTS[binary])  # arguments; then the command's fields
     frame["id"] = draw(st.integers(0, MAX_COMMAND_ID))
     frame["op"] = draw(st.sampled_from(OPS))
     if draw(st.booleans()):
-        frame["channel"] = draw(channel_names())
+        frame["channel"] = draw(channel_names)
     if draw(st.booleans()):
         frame["client_msg_id"] = draw(st.text(min_size=1, max_size=64))
     return frame
@@ -358,7 +363,7 @@ NAME_MUTATIONS = ["none"] * 3 + [
 
 @st.composite
 def names(draw: st.DrawFn) -> tuple[Any, bool]:
-    name = draw(channel_names())
+    name = draw(channel_names)
     mutation = draw(st.sampled_from(NAME_MUTATIONS))
     event(mutation)
     namespace, _, rest = name.partition(":")
