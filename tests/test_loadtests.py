@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 
+# Slow (whole benchmark harnesses, the peers' servers): not in the main run; scripts/test runs
+# them after it with `-m bench`.
+pytestmark = pytest.mark.bench
+
+
+@pytest.mark.timeout(900)  # the first run builds the Django Channels peer's virtualenv
 def test_fanout_comparison_smoke(tmp_path: Path) -> None:
     """Every target of the comparison, tiny: the harness and the peers cannot rot. (The
     Django Channels peer builds its own virtualenv on first use.)"""
@@ -30,6 +37,7 @@ def test_idle_smoke() -> None:
     assert row["held"] == 20 and row["server_kb_per_connection"] > 0
 
 
+@pytest.mark.timeout(900)  # as above, whichever of the two runs first
 def test_chat_smoke(tmp_path: Path) -> None:
     """Rooms of a few members, everyone posting, for every target."""
     from loadtests import chat, compare
@@ -67,6 +75,7 @@ def test_alerts_smoke() -> None:
     assert result.missing == 0 and result.latency_ms_max > 0
 
 
+@pytest.mark.timeout(300)
 def test_two_node_fanout_smoke() -> None:
     """Subscribers split over two nodes on one Redis, for ours and for the peer."""
     from loadtests import compare
