@@ -56,3 +56,17 @@ async def test_the_alert_push_carries_where_and_who(alert_node: Node, fakes: Fak
     assert data["escalation"] == "0"
     assert float(data["lat"]) == HERE["lat"] and float(data["lon"]) == HERE["lon"]
     await olga.close()
+
+
+@pytest.mark.parametrize("ts", ["1700000000000", 1.5, None, [1]])
+async def test_a_location_timestamp_must_be_integer_milliseconds(
+    alert_node: Node, ts: object
+) -> None:
+    """A location's `ts` that is not an integer is refused as bad_request, not accepted nor an
+    internal error (mutant: alerts/model.py, `isinstance(ts, bool) or not isinstance(ts, int)`
+    with `and`)."""
+    olga = await Raw.open(alert_node.url, token(f"olga-{uuid.uuid4().hex[:5]}"))
+    location = {**HERE, "ts": ts}
+    assert await olga.error("alert.trigger", kind="sos", location=location) == "bad_request"
+    assert (await olga.ok("ping"))["ts"] > 0  # and the connection stays
+    await olga.close()
