@@ -42,12 +42,20 @@ ROOT = Path(__file__).resolve().parent.parent
 REASONS_FILE = ROOT / "docs" / "mutation-reasons.json"
 DOC = ROOT / "docs" / "mutation.md"
 
-# package -> (source files mutated, test files that judge its mutants). A mutant is judged by
-# these files only: the ones that exercise the package (in process or through real servers).
+# package -> (source files mutated, test files or pytest node ids that judge its mutants). A
+# mutant is judged by these only: the ones that exercise the package (in process or through
+# real servers).
 PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "channels": (
         ["channels/*.py"],
-        ["tests/test_codec.py", "tests/test_hub.py", "tests/test_protocol.py"],
+        [
+            "tests/test_codec.py",
+            "tests/test_hub.py",
+            "tests/test_protocol.py",
+            # cross-node control events and deletions (added after the first run's survivors)
+            "tests/test_cluster.py::test_membership_changes_take_effect_on_every_node",
+            "tests/test_moderation.py::test_watch_delete_and_ban_across_nodes",
+        ],
     ),
     "alerts": (
         ["alerts/*.py"],
