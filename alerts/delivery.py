@@ -21,6 +21,7 @@ from typing import Any
 
 from storage import DocStore, StoreUnavailable
 
+from .metrics import AlertMetrics
 from .model import now_ms
 from .providers import ProviderError, PushProvider, SmsProvider
 from .queue import Job, JobQueue
@@ -77,7 +78,9 @@ class Deliverer:
         settings: DeliverySettings,
         node_id: str,
         checkpoint: Callable[[str], None],
+        metrics: AlertMetrics,
     ) -> None:
+        self.metrics = metrics
         self.docs = docs
         self.deliveries = Deliveries(docs)
         self.queues = queues
@@ -174,6 +177,7 @@ class Deliverer:
                     doc["status"] = "failed"
 
         await self.deliveries.update(data["alert_id"], data["route"], data["to"], change)
+        self.metrics.deliveries.labels(data["route"], "failed" if final else "retry").inc()
         if final:
             log.warning(
                 "alerts: %s delivery dead-lettered after %d attempts: %s",
@@ -200,6 +204,7 @@ class Deliverer:
             return  # finished before a crash kept the job from being marked done
         if purpose != "resolve" and alert["state"] == "resolved":
             await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))
+            self.metrics.deliveries.labels(route, "cancelled").inc()
             return  # resolved before this went out: nobody needs it now
         if purpose == "resolve":
             earlier = [p for r, t, p in alert["jobs"] if (r, t) == (route, to) and p != "resolve"]
@@ -207,10 +212,16 @@ class Deliverer:
                 raise NotYet  # an alert notice may be in flight: tell them after it
             if delivery is None or not delivery.get("sent"):
                 await self.deliveries.update(alert["id"], route, to, mark(purpose, "skipped"))
+                self.metrics.deliveries.labels(route, "skipped").inc()
                 return  # never reached: no update to give
+        if purpose == "alert" and (delivery is None or not delivery.get("attempts")):
+            self.metrics.trigger_to_provider_seconds.labels(route).observe(
+                max(0.0, (now_ms() - alert["created"]) / 1000)
+            )
         try:
-            async with asyncio.timeout(self.settings.provider_timeout_s):
-                status, provider_id = await self._send(alert, route, to, purpose)
+            with self.metrics.provider_seconds.labels(route).time():
+                async with asyncio.timeout(self.settings.provider_timeout_s):
+                    status, provider_id = await self._send(alert, route, to, purpose)
         except TimeoutError:
             raise ProviderError(
                 f"{route}: no answer in {self.settings.provider_timeout_s:g} s"
@@ -228,6 +239,7 @@ class Deliverer:
                     doc["status"] = status
 
         await self.deliveries.update(alert["id"], route, to, change)
+        self.metrics.deliveries.labels(route, status).inc()
 
     async def _send(
         self, alert: dict[str, Any], route: str, to: str, purpose: str

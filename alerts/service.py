@@ -33,6 +33,7 @@ from realtime.protocol import ProtocolError
 from storage import DocStore
 
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
+from .metrics import AlertMetrics
 from .model import KINDS, MAX_NOTE, OUTCOMES, now_ms, parse_location
 from .providers import PushProvider, SmsProvider
 from .queue import JobQueue
@@ -95,7 +96,10 @@ class AlertService:
         is_online: IsOnline,
         settings: AlertSettings,
         node_id: str,
+        *,
+        metrics: AlertMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or AlertMetrics()
         self.docs = docs
         self.deliveries = Deliveries(docs)
         self.responders = responders
@@ -111,6 +115,7 @@ class AlertService:
             settings.delivery,
             node_id,
             lambda step: self.checkpoint(step),
+            self.metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -246,8 +251,13 @@ class AlertService:
         existing = await self.docs.get("alerts", alert_id)
         if existing is not None:  # a retry: finish what the first attempt may not have
             await self._finish(existing, "retried alert")
+            self.metrics.triggers.labels("retried").inc()
             return reply
-        await self._reserve(owner, alert_id)
+        try:
+            await self._reserve(owner, alert_id)
+        except ProtocolError:
+            self.metrics.triggers.labels("refused").inc()
+            raise
         self.checkpoint("trigger:reserved")
         contacts = await self.contacts(owner)
         tier1 = [c for c in contacts if c.get("tier", 1) == 1]
@@ -274,7 +284,9 @@ class AlertService:
         raced = await self.docs.insert("alerts", alert_id, alert, ix=alert["due"])
         if raced is not None:  # a concurrent retry committed first: its alert stands
             await self._finish(raced, "retried alert")
+            self.metrics.triggers.labels("retried").inc()
             return reply
+        self.metrics.triggers.labels("created").inc()
         self.checkpoint("trigger:stored")
         await self._finish(alert, "alert")
         self.checkpoint("trigger:queued")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from realtime.protocol import Codec, wire_frame
 from storage import Message, MessageStore
 
 from .broker import Broker, BrokerUnavailable
+from .metrics import ChannelMetrics
 
 log = logging.getLogger("realtime.hub")
 
@@ -120,8 +122,14 @@ class _Channel:
 
 class Hub:
     def __init__(
-        self, broker: Broker, messages: MessageStore, on_control: Callable[[dict[str, Any]], None]
+        self,
+        broker: Broker,
+        messages: MessageStore,
+        on_control: Callable[[dict[str, Any]], None],
+        *,
+        metrics: ChannelMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or ChannelMetrics()
         self._broker = broker
         self._messages = messages
         self._on_control = on_control
@@ -211,7 +219,8 @@ class Hub:
 
     async def publish(self, m: Message, *, moderators: bool = True) -> None:
         data = pack_message(m)
-        await self._broker.publish(CHANNEL_TOPIC + m.channel, data)
+        with self.metrics.broker_publish_seconds.time():
+            await self._broker.publish(CHANNEL_TOPIC + m.channel, data)
         if moderators:
             await self._broker.publish(MOD_TOPIC, data)
 
@@ -338,9 +347,12 @@ class Hub:
 
     def _deliver(self, state: _Channel, m: Message) -> None:
         state.next_seq = m.seq + 1
+        start = time.perf_counter()
         frame = message_frame(m)
         for sub in list(state.subscribers):
             sub.deliver(m.channel, m.seq, frame)
+        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+        self.metrics.delivery_lag_seconds.observe(max(0.0, time.time() - m.ts / 1000))
 
     # --- gap repair -------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class ChannelService:
         recovery_limit: int,
         tag: Callable[[dict[str, Any], str, str, int], None] | None = None,
     ) -> None:
+        self.metrics = hub.metrics
         self.store = store
         self.hub = hub
         self._tag = tag  # adds the server's franking tag to a franked envelope
@@ -53,8 +54,9 @@ class ChannelService:
 
     async def bounded(self, what: str, call: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(self._timeout):
-                return await call
+            with self.metrics.backend_seconds.labels(what).time():
+                async with asyncio.timeout(self._timeout):
+                    return await call
         except TimeoutError:
             raise ProtocolError(
                 "unavailable", f"{what}: the store did not answer in time"

@@ -149,6 +149,11 @@ class Connection:
         assert self.identity is not None
         return self.identity.user
 
+    @property
+    def queued(self) -> int:
+        """Frames waiting behind a full socket."""
+        return len(self._out) if self._out is not None else 0
+
     # --- outgoing ---------------------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -511,6 +516,7 @@ class Connection:
         return {}
 
     async def _op_publish(self, frame: dict[str, Any]) -> Reply:
+        start = time.perf_counter()
         ch = self._channel(frame)
         cmid = require_str(frame, "client_msg_id", max_len=64)
         limits = self.node.settings.limits
@@ -530,6 +536,7 @@ class Connection:
         reply: Reply = {"seq": appended.message.seq, "ts": appended.message.ts}
         if appended.duplicate:
             reply["duplicate"] = True
+        self.node.metrics.publish_seconds.observe(time.perf_counter() - start)
         return reply
 
     async def _op_history(self, frame: dict[str, Any]) -> Reply:

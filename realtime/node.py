@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from alerts.delivery import ROUTES, DeliverySettings
+from alerts.metrics import AlertMetrics
 from alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
 from alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
 from alerts.responders import Responders
@@ -20,6 +20,7 @@ from alerts.service import AlertService, AlertSettings
 from channels.acl import AccessControl, MembershipCache
 from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from channels.hub import Hub
+from channels.metrics import ChannelMetrics
 from channels.service import ChannelService
 from crypto.directory import KeyDirectory
 from presence.store import MemoryPresence, PresenceStore, RedisPresence
@@ -28,6 +29,7 @@ from storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
 from .config import Settings
+from .metrics import Gauges, NodeMetrics
 from .moderation import Moderation
 from .protocol import CLOSE_GOING_AWAY
 
@@ -39,32 +41,6 @@ log = logging.getLogger("realtime.node")
 
 class StartupError(Exception):
     """The node cannot start; the message says why in one line."""
-
-
-@dataclass(slots=True)
-class Metrics:
-    frames_in: int = 0
-    frames_out: int = 0
-    published: int = 0
-    slow_consumers: int = 0
-    flood_closes: int = 0
-
-    def render(self, node: Node) -> str:
-        lines = [
-            "# TYPE rt_connections gauge",
-            f"rt_connections {len(node.connections)}",
-            "# TYPE rt_node_channels gauge",
-            f"rt_node_channels {node.hub.channel_count}",
-        ]
-        for name, value in (
-            ("rt_frames_in_total", self.frames_in),
-            ("rt_frames_out_total", self.frames_out),
-            ("rt_messages_published_total", self.published),
-            ("rt_slow_consumer_closes_total", self.slow_consumers),
-            ("rt_flood_closes_total", self.flood_closes),
-        ):
-            lines += [f"# TYPE {name} counter", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
 
 
 class Node:
@@ -80,7 +56,13 @@ class Node:
                 else InProcessBroker()
             )
         self.broker = broker
-        self.hub = Hub(broker, self.store.messages, self._on_control)
+        self.metrics = NodeMetrics()
+        self.hub = Hub(
+            broker,
+            self.store.messages,
+            self._on_control,
+            metrics=ChannelMetrics(self.metrics.registry),
+        )
         self.memberships = MembershipCache(self.store.memberships)
         self.alerts = self._alert_service(settings)
         self.moderation = Moderation(self, self.store.docs)
@@ -114,9 +96,15 @@ class Node:
         self._typing_at: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.verifier = TokenVerifier(settings)
-        self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self._by_user: dict[str, set[Connection]] = {}
+        self.metrics.watch(
+            Gauges(
+                connections=lambda: len(self.connections),
+                channels=lambda: self.hub.channel_count,
+                queued_frames=lambda: sum(c.queued for c in self.connections),
+            )
+        )
         self.draining = False
         self._idle = asyncio.Event()  # set whenever a connection goes away
         self._retention: asyncio.Task[None] | None = None
@@ -311,6 +299,7 @@ class Node:
                 ),
             ),
             settings.node_id,
+            metrics=AlertMetrics(self.metrics.registry),
         )
 
     async def _alert_publish(self, target: str, push: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -27,6 +27,7 @@ from channels.service import SERVER_USER
 
 from .auth import valid_user_id
 from .connection import Connection
+from .metrics import CONTENT_TYPE
 from .node import Node
 from .protocol import CLOSE_GOING_AWAY, JSON, ProtocolError, arg_int, choose_codec, require_str
 
@@ -308,7 +309,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     node = _node(request)
-    return PlainTextResponse(node.metrics.render(node), media_type="text/plain; version=0.0.4")
+    return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
 
 _OPENAPI: bytes | None = None

@@ -14,7 +14,7 @@ from wire import until
 from channels.hub import Frame
 from realtime.config import Limits
 from realtime.connection import Connection
-from realtime.node import Metrics
+from realtime.metrics import NodeMetrics
 from realtime.protocol import JSON, wire_frame
 from realtime.websocket import EXTENSION
 
@@ -52,7 +52,7 @@ class Socket:
 
 def connection(sock: Socket, queue: int = 8) -> Connection:
     node = SimpleNamespace(
-        settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)), metrics=Metrics()
+        settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)), metrics=NodeMetrics()
     )
     return Connection(sock, node, JSON)  # type: ignore[arg-type]
 
