@@ -5,6 +5,7 @@ family, and the histograms an operator needs filled by real traffic."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import uuid
@@ -79,6 +80,11 @@ async def test_metrics_show_latencies_and_alert_outcomes(
         families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
         helps = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP")}
         assert families and set(families) <= helps  # HELP on every family
+        # Every series the Grafana dashboard (deploy/) queries is one this node exports.
+        dashboard = (Path(__file__).parent.parent / "deploy/grafana-dashboard.json").read_text()
+        queried = set(re.findall(r"\b((?:rt|process)_[a-z_]+)", dashboard))
+        exported = {name for name, _ in found}
+        assert queried and queried <= exported, queried - exported
         promtool = shutil.which("promtool")
         if promtool is None:
             pytest.fail("promtool is not installed (scripts/test installs Debian's prometheus)")
