@@ -475,6 +475,7 @@ def run_package(
     only: list[str],
     per_test: int,
     tests_override: list[str],
+    earlier: dict[str, Result],
 ) -> PackageReport:
     mutants = find_mutants(tree, package)
     tests = tests_override or package_tests(tree, package)
@@ -495,6 +496,11 @@ def run_package(
     report = PackageReport(package, tests, seed, sample, len(mutants), round(base.seconds, 1))
     deadline = max(60.0, 3 * base.seconds + 30)
     for n, mutant in enumerate(chosen, 1):
+        if mutant.id in earlier:
+            done = earlier[mutant.id]
+            report.results.append(done)
+            print(f"   [{n}/{len(chosen)}] {done.outcome:8} (earlier run) {mutant.id}")
+            continue
         path = tree / mutant.path
         original = path.read_bytes()
         path.write_bytes(mutant.apply(original))
@@ -585,6 +591,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=[], help="run these mutant ids only")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--tests", nargs="+", default=[], help="judge by these instead")
+    parser.add_argument(
+        "--resume",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="earlier --json results: their killed / timed-out mutants are not run again",
+    )
     parser.add_argument("--per-test-timeout", type=int, default=60)
     parser.add_argument("--json", type=Path, help="write the results here (JSON)")
     parser.add_argument("--markdown", type=Path, help="write the results here (Markdown)")
@@ -608,6 +621,15 @@ def main() -> None:
             for m in find_mutants(ROOT, p):
                 print(f"{m.id}\t{m.description}")
         return
+    # A kill stays a kill when the tests only grow, so earlier kills are reused; survivors
+    # (and errors) are judged again.
+    earlier: dict[str, Result] = {
+        r.id: r
+        for file in args.resume
+        for item in json.loads(file.read_text())
+        for r in load_report(item).results
+        if r.outcome in ("killed", "timeout")
+    }
     tree = Path(tempfile.mkdtemp(prefix="rt-mutate-"))
     try:
         copy_tree(tree)
@@ -615,7 +637,14 @@ def main() -> None:
         print(f"mutated copy: {tree}")
         reports = [
             run_package(
-                tree, p, args.sample, args.seed, args.only, args.per_test_timeout, args.tests
+                tree,
+                p,
+                args.sample,
+                args.seed,
+                args.only,
+                args.per_test_timeout,
+                args.tests,
+                earlier,
             )
             for p in packages
         ]
