@@ -19,7 +19,7 @@ import uvicorn
 from storage import StoreUnavailable, open_store
 from storage.backup import ImportError_, export_store, import_store
 
-from . import config
+from . import config, logs
 from .auth import ROLES, issue_token, valid_user_id
 from .node import Node, StartupError
 from .server import create_app
@@ -95,6 +95,7 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         ws_per_message_deflate=settings.ws_deflate,
         lifespan="off",
         log_level=log_level,
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON, see realtime.logs)
         access_log=False,
         timeout_graceful_shutdown=15,
         server_header=False,
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
         return 0
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, settings.log_format, settings.node_id)
     if not 0 < args.port < 65536:
         return _fail("--port must be 1-65535")
     try:

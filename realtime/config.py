@@ -66,6 +66,7 @@ class Settings:
     twilio_from: str | None = None
     twilio_base_url: str | None = None
     public_url: str | None = None
+    log_format: str = "text"
     alert_escalate_s: float = 120.0
     responder_radius_m: float = 2000.0
     responder_ttl_s: float = 900.0
@@ -223,6 +224,9 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
     else:
         franking_key = b""
 
+    log_format = (env.get("RT_LOG_FORMAT") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"RT_LOG_FORMAT must be text or json, got {env['RT_LOG_FORMAT']!r}")
     heartbeat = _number(env, "RT_PRESENCE_HEARTBEAT_S", 5.0)
     alert_lease = _number(env, "RT_ALERT_LEASE_S", 30.0)
     provider_timeout = _number(env, "RT_ALERT_PROVIDER_TIMEOUT_S", 10.0)
@@ -274,6 +278,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         twilio_from=twilio_from,
         twilio_base_url=env.get("RT_TWILIO_BASE_URL") or None,
         public_url=env.get("RT_PUBLIC_URL") or None,
+        log_format=log_format,
         alert_escalate_s=_number(env, "RT_ALERT_ESCALATE_S", 120.0),
         responder_radius_m=_number(env, "RT_RESPONDER_RADIUS_M", 2000.0),
         responder_ttl_s=_number(env, "RT_RESPONDER_TTL_S", 900.0),

@@ -31,6 +31,7 @@ from channels.service import Replay
 from storage import Report
 
 from .auth import Identity
+from .logs import CONNECTION
 from .protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
@@ -284,6 +285,7 @@ class Connection:
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
+        CONNECTION.set(self.session)  # on every log line of this task and those it starts
         try:
             if await self._authenticate():
                 await self._command_loop()

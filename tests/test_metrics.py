@@ -5,6 +5,7 @@ family, and the histograms an operator needs filled by real traffic."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -100,3 +101,26 @@ async def test_metrics_show_latencies_and_alert_outcomes(
         await pub.close()
     finally:
         node.stop()
+
+
+async def test_json_logs_carry_the_node_and_the_connection(tmp_path: Path) -> None:
+    node = Node(base_env(tmp_path / "j", RT_LOG_FORMAT="json", RT_NODE_ID="node-j"), "json")
+    node.start()
+    try:
+        lonely = await Raw.open(node.url, token("lonely"))  # no contacts, no responders
+        await lonely.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="x")
+        await lonely.ok("ping")  # the warning is logged before the trigger's reply
+        await lonely.close()
+    finally:
+        node.stop()
+    lines = [json.loads(line) for line in node.log().splitlines() if line.strip()]
+    assert lines and all(line["node"] == "node-j" and line["level"] for line in lines)
+    warning = next(line for line in lines if "no recipients" in line["msg"])
+    assert warning["level"] == "WARNING" and warning["logger"] == "realtime.alerts"
+    assert len(warning["conn"]) >= 16  # the connection that triggered it
+
+
+def test_an_unknown_log_format_is_refused(tmp_path: Path) -> None:
+    node = Node(base_env(tmp_path / "x", RT_LOG_FORMAT="xml"), "xml")
+    with pytest.raises(RuntimeError, match="RT_LOG_FORMAT must be text or json"):
+        node.start()
