@@ -70,3 +70,35 @@ async def test_a_location_timestamp_must_be_integer_milliseconds(
     assert await olga.error("alert.trigger", kind="sos", location=location) == "bad_request"
     assert (await olga.ok("ping"))["ts"] > 0  # and the connection stays
     await olga.close()
+
+
+async def test_an_unacknowledged_alert_is_resent_to_its_tier_before_the_next_tier(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """Escalation order: step 1 resends to the same tier, step 2 goes to the next tier
+    (mutant: alerts/service.py, `tier = doc["tier"] if step == 1 else …` with `!=`)."""
+    node = Node(
+        base_env(tmp_path / "esc", RT_ALERT_ESCALATE_S="1", **fakes.env(tmp_path)), "esc"
+    ).start()
+    try:
+        owner = f"ulla-{uuid.uuid4().hex[:5]}"
+        first, second = f"first-{uuid.uuid4().hex[:4]}", f"second-{uuid.uuid4().hex[:4]}"
+        contacts = [{"tier": 1, "user": first}, {"tier": 2, "user": second}]
+        r = node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": contacts})
+        assert r.status_code == 200, r.text
+        for user in (first, second):
+            r = node.api(
+                "PUT", f"/v1/users/{user}/push-tokens/tok-{user}", json={"platform": "ios"}
+            )
+            assert r.status_code == 201, r.text
+        ulla = await Raw.open(node.url, token(owner))
+        await ulla.ok("alert.trigger", kind="fire", location=HERE, client_alert_id="e1")
+
+        await until(lambda: fakes.fcm_to(f"tok-{second}"), timeout=15)
+        to_second = [m["data"]["escalation"] for m in fakes.fcm_to(f"tok-{second}")]
+        to_first = [m["data"]["escalation"] for m in fakes.fcm_to(f"tok-{first}")]
+        assert to_second[0] == "2"  # the next tier only at the second step
+        assert to_first[:2] == ["0", "1"]  # the first tier: the alert, then its resend
+        await ulla.close()
+    finally:
+        node.stop()
