@@ -111,7 +111,7 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
 
 
 async def _backup(settings: config.Settings, args: argparse.Namespace) -> None:
-    store = open_store(settings)
+    store = open_store(settings.store)
     try:
         async with asyncio.timeout(settings.store_timeout_s + 1):
             await store.open()

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage import StoreConfig
+
 
 class ConfigError(Exception):
     """A configuration problem, explained in one line."""
@@ -83,6 +85,18 @@ class Settings:
     @property
     def broker_kind(self) -> str:
         return "redis" if self.redis_url else "in-process"
+
+    @property
+    def store(self) -> StoreConfig:
+        """What the storage layer needs of these settings."""
+        return StoreConfig(
+            data_dir=self.data_dir,
+            mongodb_uri=self.mongodb_uri,
+            mongodb_db=self.mongodb_db,
+            timeout_s=self.store_timeout_s,
+            write_concern=self.mongodb_write_concern,
+            journal=self.mongodb_journal,
+        )
 
     @property
     def store_kind(self) -> str:

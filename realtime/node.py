@@ -48,7 +48,7 @@ class Node:
         self, settings: Settings, *, store: Store | None = None, broker: Broker | None = None
     ) -> None:
         self.settings = settings
-        self.store = store or open_store(settings)
+        self.store = store or open_store(settings.store)
         if broker is None:
             broker = (
                 RedisBroker(settings.redis_url, timeout_s=settings.store_timeout_s)

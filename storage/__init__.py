@@ -6,7 +6,8 @@ Offers:
   `Device`, `Report` (`storage.base`);
 - `SqliteStore`, the embedded single-node store (`storage.sqlite`);
 - `MongoStore`, the shared multi-node store on `pymongo.AsyncMongoClient` (`storage.mongo`);
-- `open_store(settings)`, which picks one from the configuration.
+- `StoreConfig` and `open_store(config)`, which picks one (the server hands its settings
+  down as a `StoreConfig`; nothing here reads the server's configuration).
 
 The server stores message bodies exactly as clients send them: end-to-end encrypted envelopes
 (ciphertext only) except in namespaces configured for plaintext.
@@ -14,7 +15,8 @@ The server stores message bodies exactly as clients send them: end-to-end encryp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
 
 from .base import (
     RECORD_KINDS,
@@ -32,9 +34,6 @@ from .base import (
     StoreUnavailable,
 )
 
-if TYPE_CHECKING:
-    from realtime.config import Settings
-
 __all__ = [
     "RECORD_KINDS",
     "Appended",
@@ -48,23 +47,35 @@ __all__ = [
     "Report",
     "ReportStore",
     "Store",
+    "StoreConfig",
     "StoreUnavailable",
     "open_store",
 ]
 
 
-def open_store(settings: Settings) -> Store:
-    """The store the configuration asks for (not yet opened: call `await store.open()`)."""
-    if settings.mongodb_uri:
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: Path  # the embedded store's directory (SQLite), used without mongodb_uri
+    mongodb_uri: str | None = None
+    mongodb_db: str = "realtime"
+    timeout_s: float = 5.0
+    write_concern: str | int = "majority"
+    journal: bool = True
+
+
+def open_store(config: StoreConfig) -> Store:
+    """MongoDB when a URI is given, else the embedded store (not yet opened: call
+    `await store.open()`)."""
+    if config.mongodb_uri:
         from .mongo import MongoStore
 
         return MongoStore(
-            settings.mongodb_uri,
-            settings.mongodb_db,
-            timeout_s=settings.store_timeout_s,
-            write_concern=settings.mongodb_write_concern,
-            journal=settings.mongodb_journal,
+            config.mongodb_uri,
+            config.mongodb_db,
+            timeout_s=config.timeout_s,
+            write_concern=config.write_concern,
+            journal=config.journal,
         )
     from .sqlite import SqliteStore
 
-    return SqliteStore(settings.data_dir)
+    return SqliteStore(config.data_dir)
