@@ -13,6 +13,7 @@ from conftest import Node, base_env, token
 from wire import Raw, b64
 
 from crypto.client import SecureClient
+from crypto.directory import MAX_LOOKUP_USERS
 from crypto.e2ee import CryptoError, DeviceKeys, decrypt, encrypt, new_channel_key
 
 
@@ -48,13 +49,15 @@ async def test_a_device_whose_registration_signature_does_not_verify_is_refused(
     await raw.close()
 
 
-async def test_keys_lookup_takes_user_ids_of_1_to_128_characters(node: Node) -> None:
-    """A lookup of one user, and user ids at both ends of 1-128 characters (mutants:
-    crypto/directory.py, `1 <= len(users)` and `1 <= len(u) <= 128` with `<`)."""
+async def test_keys_lookup_takes_1_to_max_users_of_1_to_128_characters(node: Node) -> None:
+    """Lookups of 1 and of MAX_LOOKUP_USERS users, and user ids at both ends of 1-128
+    characters (mutants: crypto/directory.py, `1 <= len(users) <= MAX_LOOKUP_USERS` and
+    `1 <= len(u) <= 128` with `<`)."""
     raw = await Raw.open(node.url, token(f"ann-{uuid.uuid4().hex[:6]}"))
-    for users in (["a"], ["b" * 128], ["a", "b" * 128]):
+    most = [f"nobody{i}" for i in range(MAX_LOOKUP_USERS)]
+    for users in (["a"], ["b" * 128], ["a", "b" * 128], most):
         assert (await raw.ok("keys.lookup", users=users))["devices"] == []
-    for bad in ([], [""], ["b" * 129]):
+    for bad in ([], [""], ["b" * 129], [*most, "one-more"]):
         assert await raw.error("keys.lookup", users=bad) == "bad_request"
     await raw.close()
 
