@@ -1,0 +1,78 @@
+"""Gaps found by mutation testing (scripts/mutate presence): real server processes on a real
+redis-server and MongoDB."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from typing import Any
+
+import pytest
+from conftest import Node, RedisServer, token, unique_db
+from wire import Raw, until
+
+
+def chan() -> str:
+    return f"public:{uuid.uuid4().hex[:8]}"
+
+
+async def members(raw: Raw, channel: str) -> list[str]:
+    reply = await raw.ok("presence", channel=channel)
+    return sorted(m["user"] for m in reply["members"])
+
+
+async def test_presence_since_is_milliseconds_since_the_epoch(single_node: Node) -> None:
+    """A member's `since` is when it joined, in ms since the epoch (mutant:
+    presence/tracker.py, `int(time.time() * 1000)` with `/`)."""
+    ch = chan()
+    before = int(time.time() * 1000)
+    ann = await Raw.open(single_node.url, token("ann"))
+    await ann.ok("subscribe", channel=ch)
+    reply = await ann.ok("presence", channel=ch)
+    after = int(time.time() * 1000)
+    [member] = reply["members"]
+    assert member["user"] == "ann"
+    assert before - 1000 <= member["since"] <= after + 1000  # the two clocks are one
+    await ann.close()
+
+
+@pytest.fixture
+def presence_env(redis_server: RedisServer, mongo_uri: str) -> dict[str, str]:
+    return {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_PRESENCE_HEARTBEAT_S": "0.5",
+        "RT_PRESENCE_NODE_TIMEOUT_S": "2",
+    }
+
+
+async def test_a_node_declared_dead_while_paused_puts_its_members_back(
+    node_factory: Any, presence_env: dict[str, str]
+) -> None:
+    """A node that stops heartbeating (here: stopped with SIGSTOP) is declared dead and its
+    members leave; when it runs again it notices that its heartbeat key had expired and puts
+    back the members its sockets still hold (mutant: presence/store.py, the heartbeat's
+    `SET … GET` without GET, which makes every heartbeat look continuous)."""
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    ch = chan()
+    watcher = await Raw.open(a.url, token("watcher"))
+    await watcher.ok("subscribe", channel=ch)
+    bea = await Raw.open(b.url, token("bea"), ping_interval=None)
+    await bea.ok("subscribe", channel=ch)
+
+    async def listed(users: list[str]) -> bool:
+        return await members(watcher, ch) == users
+
+    await until(lambda: listed(["bea", "watcher"]), 10, what="bea to join")
+    b.kill(signal.SIGSTOP)
+    try:
+        await until(lambda: listed(["watcher"]), 20, what="b to be declared dead")
+    finally:
+        b.kill(signal.SIGCONT)
+    await until(lambda: listed(["bea", "watcher"]), 20, what="b to put bea back")
+    assert await bea.ok("ping")  # her connection was never closed
+    for r in (watcher, bea):
+        await r.close()
