@@ -69,3 +69,29 @@ async def test_mongodb_gets_the_unique_indexes_its_records_rely_on(mongo_uri: st
         assert ("channel", "user", "client_msg_id") in unique_keys("messages")
     finally:
         client.close()
+
+
+async def test_docs_survive_an_export_and_import_between_backends(
+    store: Store, tmp_path: Path, mongo_uri: str
+) -> None:
+    """Documents (alerts, contacts, push tokens…) dumped from one backend and loaded into the
+    other read back the same, by collection and key (mutant: storage/mongo.py, the dump's
+    `coll` field misspelt, which loads every document into a nameless collection)."""
+    await store.docs.insert("contacts", "ann", {"contacts": [{"tier": 1, "user": "bob"}]})
+    await store.docs.put("alerts", "a1", {"state": "active"}, ix=1234)
+    dumped = [r async for r in store.dump("docs")]
+    other: Store
+    if isinstance(store, SqliteStore):
+        other = MongoStore(mongo_uri, unique_db(), timeout_s=10)
+    else:
+        other = SqliteStore(tmp_path / "other")
+    await other.open()
+    try:
+        assert await other.load("docs", dumped) == 2
+        contacts = await other.docs.get("contacts", "ann")
+        assert contacts is not None and contacts["contacts"] == [{"tier": 1, "user": "bob"}]
+        alert = await other.docs.get("alerts", "a1")
+        assert alert is not None and alert["state"] == "active"
+        assert [key for key, _ in await other.docs.find_ix("alerts", 1234)] == ["a1"]
+    finally:
+        await other.close()
