@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import Node, base_env, token
+from nacl.signing import SigningKey
 from wire import Raw, b64
 
 from crypto.client import SecureClient
@@ -99,3 +100,36 @@ async def test_the_client_reads_plaintext_and_names_an_unknown_algorithm() -> No
     assert (plain.text, plain.error, plain.seq, plain.user) == ("hi all", None, 7, "ann")
     odd = await chat.open(push({"v": 1, "alg": "rot13", "ct": b"uryyb"}))
     assert odd.text is None and odd.error == "unknown algorithm 'rot13'"
+
+
+# An envelope recorded from this client library (channel key bytes 0..31, signing key seed
+# 0x09 * 32): the format other clients and stored history depend on.
+KNOWN_ENVELOPE = {
+    "v": 1,
+    "alg": "xchacha20poly1305",
+    "device": "kat-phone",
+    "key_id": "k1",
+    "nonce": bytes.fromhex("3f84dc9f1c2cd635ae415960780c301c54dc5cea3d83a6b1"),
+    "ct": bytes.fromhex(
+        "fe6f69051b8c9fce6e8891573d58dd8533080fbd15e6a4bf611aad57977d43aed1a448b7f3bf22f5"
+        "c5adfffea6e0dd896d2aae816cb99d77415b9ded76d5e814542a745d403c3e68"
+    ),
+    "sig": bytes.fromhex(
+        "6a142c87fc66dccce3758c0a75e2aafd1a1ed094394ea2794b884ea1566007008abe239412772b83"
+        "6b6d4545779f0e4b875d411d19e1f2ed46c9d5f116098303"
+    ),
+    "frank": bytes.fromhex("0e4f1c1c0c2de5297e91113eaf5fce61d3e0a492055c0620bfc0aff0fcb7d1e0"),
+}
+
+
+def test_a_recorded_envelope_still_opens() -> None:
+    """Known answer: an envelope encrypted earlier (stored history, another client) opens with
+    today's code, so the associated data, the payload layout and the franking commitment have
+    not changed (mutant: crypto/e2ee.py, the associated data's "rt.v1.ad" label changed)."""
+    signing = SigningKey(bytes([9]) * 32)
+    plain = decrypt(
+        KNOWN_ENVELOPE, "room:kat", "m-kat", bytes(range(32)), bytes(signing.verify_key)
+    )
+    assert plain.text == "known answer"
+    with pytest.raises(CryptoError):  # bound to its channel
+        decrypt(KNOWN_ENVELOPE, "room:other", "m-kat", bytes(range(32)), bytes(signing.verify_key))
