@@ -1,0 +1,34 @@
+"""Gaps found by mutation testing (scripts/mutate session): the moderator's watch patterns,
+through a real server process."""
+
+from __future__ import annotations
+
+from conftest import Node, token
+from wire import Raw
+
+
+async def test_watch_patterns_are_1_to_255_character_strings(single_node: Node) -> None:
+    """`mod.watch` takes a glob of 1-255 characters and refuses anything else as bad_request,
+    keeping the connection (mutants: realtime/moderation.py, `not isinstance(pattern, str) or
+    not 1 <= len(pattern) <= 255` with `and`, and with 2 for 1)."""
+    mod = await Raw.open(single_node.url, token("mona", roles=["user", "moderator"]))
+    assert (await mod.ok("mod.watch", pattern="*"))["patterns"] == ["*"]
+    longest = "room:" + "x" * 250
+    assert (await mod.ok("mod.watch", pattern=longest))["patterns"] == ["*", longest]
+    for bad in (5, ["room:*"], None, "", longest + "y"):
+        assert await mod.error("mod.watch", pattern=bad) == "bad_request", bad
+    assert (await mod.ok("mod.watch", pattern="*"))["patterns"] == ["*", longest]  # no repeat
+    await mod.close()
+
+
+async def test_unwatch_removes_one_pattern_or_all(single_node: Node) -> None:
+    """`mod.unwatch {pattern}` removes that pattern and keeps the others; without a pattern it
+    removes them all (mutant: realtime/moderation.py, `pattern not in (None, p)` with `in`)."""
+    mod = await Raw.open(single_node.url, token("mona", roles=["user", "moderator"]))
+    for p in ("room:*", "public:*", "alert:*"):
+        await mod.ok("mod.watch", pattern=p)
+    assert (await mod.ok("mod.unwatch", pattern="public:*"))["patterns"] == ["room:*", "alert:*"]
+    assert (await mod.ok("mod.unwatch", pattern="nothing:*"))["patterns"] == ["room:*", "alert:*"]
+    assert (await mod.ok("mod.unwatch"))["patterns"] == []
+    assert (await mod.ok("mod.watch", pattern="room:*"))["patterns"] == ["room:*"]
+    await mod.close()
