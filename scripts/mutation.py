@@ -542,38 +542,54 @@ def counts(report: PackageReport) -> dict[str, int]:
     return c
 
 
+def fixed(reason: str) -> bool:
+    """A survivor since killed: a test was added for it, or a mapped test kills it."""
+    return "kills it" in reason or reason.startswith("mapping gap")
+
+
 def render(reports: list[PackageReport], reasons: dict[str, str]) -> Iterator[str]:
     yield "# Mutation testing: results"
     yield ""
     yield (
         "Written by `scripts/mutate` (see CONTRIBUTING.md, “Mutation testing”); the verdicts "
         "come from `docs/mutation-reasons.json`. A survivor's verdict is *equivalent* (no test "
-        "can tell), *accepted* (a difference we choose not to test) or *needs a test*. Score = "
-        "(killed + timed out) / tried."
+        "can tell), *accepted* (a difference we choose not to test) or *needs a test* (then the "
+        "test that now kills it). Score = (killed + timed out) / tried; *score now* also counts "
+        "the survivors that a test added since (or a test file added to the package's mapping) "
+        "was shown to kill with `--only`."
     )
     yield ""
-    yield "| package | mutants | tried | killed | survived | timed out | score | tests (s) |"
-    yield "|---|---|---|---|---|---|---|---|"
+    yield (
+        "| package | mutants | tried | killed | survived | timed out | score | score now "
+        "| tests (s) |"
+    )
+    yield "|---|---|---|---|---|---|---|---|---|"
     for rep in reports:
         c = counts(rep)
         judged = c["tried"] - c["error"]
-        score = f"{100 * (c['killed'] + c['timeout']) / judged:.0f}%" if judged else "—"
+        detected = c["killed"] + c["timeout"]
+        since = sum(
+            1 for r in rep.results if r.outcome == "survived" and fixed(reasons.get(r.id, ""))
+        )
+        score = f"{100 * detected / judged:.0f}%" if judged else "—"
+        now = f"{100 * (detected + since) / judged:.0f}%" if judged else "—"
         yield (
             f"| {rep.package} | {rep.total_mutants} | {c['tried']} | {c['killed']} | "
-            f"{c['survived']} | {c['timeout']} | {score} | {rep.baseline_seconds} |"
+            f"{c['survived']} | {c['timeout']} | {score} | {now} | {rep.baseline_seconds} |"
         )
     for rep in reports:
         c = counts(rep)
         yield ""
-        yield f"### {rep.package}"
+        yield f"## {rep.package}"
         yield ""
-        yield f"Sample of {c['tried']} of {rep.total_mutants} mutants (seed {rep.seed}), judged by "
-        yield ", ".join(f"`{t}`" for t in rep.tests) + "."
-        yield ""
-        yield "| outcome | count |"
-        yield "|---|---|"
-        for key in ("killed", "survived", "timeout", "error"):
-            yield f"| {key} | {c[key]} |"
+        yield (
+            f"Sample of {c['tried']} of {rep.total_mutants} mutants (seed {rep.seed}): "
+            f"{c['killed']} killed, {c['survived']} survived, {c['timeout']} timed out"
+            + (f", {c['error']} errors" if c["error"] else "")
+            + ". Judged by "
+            + ", ".join(f"`{t}`" for t in rep.tests)
+            + "."
+        )
         survivors = [r for r in rep.results if r.outcome == "survived"]
         if survivors:
             yield ""
@@ -582,7 +598,10 @@ def render(reports: list[PackageReport], reasons: dict[str, str]) -> Iterator[st
             for r in survivors:
                 reason = reasons.get(r.id, "unreviewed")
                 desc = r.description.replace("|", "\\|")
-                yield f"| `{r.path}:{r.line}` | {desc} | {reason} |"
+                yield f"| `{r.id}` | {desc} | {reason} |"
+        odd = [r for r in rep.results if r.outcome in ("timeout", "error")]
+        for r in odd:
+            yield f"- {r.outcome}: `{r.id}` {r.description}"
 
 
 def main() -> None:
@@ -673,7 +692,22 @@ def publish(reports: list[PackageReport], json_out: Path | None, md_out: Path | 
     if json_out:
         json_out.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
     if md_out:
-        md_out.write_text(text)
+        write_markdown(md_out, text)
+
+
+BEGIN, END = "<!-- scripts/mutate: begin -->", "<!-- scripts/mutate: end -->"
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """The whole file, or only what lies between the markers when the file has them (so
+    hand-written notes around the generated tables survive a new run)."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    else:
+        path.write_text(text)
 
 
 if __name__ == "__main__":
