@@ -548,7 +548,7 @@ def fixed(reason: str) -> bool:
 
 
 def render(reports: list[PackageReport], reasons: dict[str, str]) -> Iterator[str]:
-    yield "# Mutation testing: results"
+    yield "## Results"
     yield ""
     yield (
         "Written by `scripts/mutate` (see CONTRIBUTING.md, “Mutation testing”); the verdicts "
@@ -580,7 +580,7 @@ def render(reports: list[PackageReport], reasons: dict[str, str]) -> Iterator[st
     for rep in reports:
         c = counts(rep)
         yield ""
-        yield f"## {rep.package}"
+        yield f"### {rep.package}"
         yield ""
         yield (
             f"Sample of {c['tried']} of {rep.total_mutants} mutants (seed {rep.seed}): "
