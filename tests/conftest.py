@@ -37,17 +37,53 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on `port` (Linux /proc), or None where /proc cannot tell."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+    except (OSError, IndexError, ValueError):
+        return None
+    return inodes
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a socket listening on `port` (None: cannot tell)."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
 def wait_port(
     port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
+    """Wait until something listens on `port`; with `proc`, until that process does. (Ports
+    come from free_port() and are reused on restarts: while one was free, another test's
+    server, in this or another worker, may have taken it, and must not pass for ours.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
+            if proc is None or _listens(proc.pid, port) is not False:
+                return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port} after {timeout}s")
+    raise TimeoutError(f"{'our process does not listen' if proc else 'nothing listens'} on {port}")
 
 
 def token(user: str, roles: list[str] | None = None, ttl: float = 3600, **claims: object) -> str:
@@ -191,6 +227,7 @@ class Node:
         self.name = name
         self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False  # once: restarts keep the port (clients reconnect to it)
         self.log_path = Path(env["RT_DATA_DIR"]) / f"{name}.log"
 
     @property
@@ -202,6 +239,23 @@ class Node:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Node:
+        """Start the process (again: on the same port). If another process took the port
+        free_port() gave us before the first start, start once more on a new one."""
+        for _attempt in range(3):
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start()
+            except RuntimeError:
+                taken = "Address already in use" in self.log()[log_size:]
+                if self.started or not taken:
+                    raise
+            old = self.http
+            self.port = free_port()
+            if self.env.get("RT_PUBLIC_URL") == old:
+                self.env["RT_PUBLIC_URL"] = self.http
+        raise RuntimeError(f"{self.name}: no free port after 3 attempts")
+
+    def _start(self) -> Node:
         Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -227,6 +281,7 @@ class Node:
             wait_port(self.port, timeout=30, proc=self.proc)
         except Exception:
             raise RuntimeError(f"{self.name} did not start:\n{self.log()}") from None
+        self.started = True
         return self
 
     def log(self) -> str:
