@@ -55,6 +55,10 @@ async def test_the_alert_push_carries_where_and_who(alert_node: Node, fakes: Fak
     assert (data["kind"], data["user"], data["state"]) == ("medical", owner, "active")
     assert data["escalation"] == "0"
     assert float(data["lat"]) == HERE["lat"] and float(data["lon"]) == HERE["lon"]
+    # an iPhone shows it at once, even locked (mutant: alerts/providers.py, "apns-priority")
+    apns = fakes.fcm_to(f"tok-{carl}")[0]["apns"]["headers"]
+    assert apns["apns-priority"] == "10"
+    assert apns["apns-collapse-id"] == f"alert-{reply['alert_id']}"[:64]
     await olga.close()
 
 

@@ -3,6 +3,8 @@ through a real server process."""
 
 from __future__ import annotations
 
+import uuid
+
 from conftest import Node, token
 from wire import Raw
 
@@ -32,3 +34,16 @@ async def test_unwatch_removes_one_pattern_or_all(single_node: Node) -> None:
     assert (await mod.ok("mod.unwatch"))["patterns"] == []
     assert (await mod.ok("mod.watch", pattern="room:*"))["patterns"] == ["room:*"]
     await mod.close()
+
+
+async def test_history_without_a_limit_returns_the_newest_50(single_node: Node) -> None:
+    """`history` without `limit` gives the newest 50 messages (PROTOCOL.md section 4: limit
+    ≤ 200, default 50; mutant: realtime/connection.py, the default 50 as 51)."""
+    ch = f"public:{uuid.uuid4().hex[:8]}"
+    ann = await Raw.open(single_node.url, token("ann"))
+    for i in range(52):
+        body = {"v": 1, "alg": "none", "text": str(i)}
+        await ann.ok("publish", channel=ch, client_msg_id=f"m{i}", body=body)
+    reply = await ann.ok("history", channel=ch)
+    assert [m["seq"] for m in reply["messages"]] == list(range(3, 53))
+    await ann.close()
