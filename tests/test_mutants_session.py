@@ -47,3 +47,23 @@ async def test_history_without_a_limit_returns_the_newest_50(single_node: Node) 
     reply = await ann.ok("history", channel=ch)
     assert [m["seq"] for m in reply["messages"]] == list(range(3, 53))
     await ann.close()
+
+
+async def test_an_invisible_user_looks_exactly_offline(single_node: Node) -> None:
+    """The `presence` reply for an invisible user's `user:` channel is the reply for a user
+    who is offline, field for field, so it cannot tell the two apart (mutant:
+    realtime/connection.py, the invisible reply's "cursor" field misnamed)."""
+    bob_name, away = f"bob-{uuid.uuid4().hex[:6]}", f"away-{uuid.uuid4().hex[:6]}"
+    bob = await Raw.open(single_node.url, token(bob_name))
+    carol = await Raw.open(single_node.url, token("carol"))
+    await bob.ok("presence.invisible", invisible=True)
+    hidden = await carol.ok("presence", channel=f"user:{bob_name}")
+    offline = await carol.ok("presence", channel=f"user:{away}")
+    for reply in (hidden, offline):
+        reply.pop("id", None)
+        reply.pop("channel")
+    assert hidden == offline
+    assert hidden["members"] == [] and hidden["total"] == 0 and hidden["cursor"] == 0
+    await bob.ok("presence.invisible", invisible=False)
+    for r in (bob, carol):
+        await r.close()
