@@ -68,8 +68,6 @@ async def test_a_message_whose_fan_out_failed_is_published_again(
         # Stored and acknowledged, but not fanned out; then the channel stays quiet.
         assert (await service.publish("public:quiet", "ann", None, "m2", body)).message.seq == 2
         assert (await service.publish("public:quiet", "ann", None, "m3", body)).message.seq == 3
-        await asyncio.sleep(0)
-        assert inbox.seqs == [1]
         sender_broker.down = False
         await inbox.holds([1, 2, 3])  # 3 published again, 2 repaired from the store
     finally:
