@@ -10,7 +10,6 @@ from realtime.protocol import ProtocolError
 
 KINDS: Final = frozenset({"sos", "medical", "fire", "harassment", "other"})
 OUTCOMES: Final = frozenset({"safe", "false_alarm", "handled"})
-ROUTES: Final = ("ws", "push", "sms")
 MAX_NOTE: Final = 500
 EARTH_RADIUS_M: Final = 6_371_008.8
 
