@@ -218,11 +218,12 @@ async def _kill_at(step: str, work: Path, fakes: FakeProviders, phones: int) -> 
         node.stop()
 
 
-def _kill_steps(scale: float) -> FaultResult:
+def kill_steps(scale: float, steps: list[str] | None = None) -> FaultResult:
+    """The node killed at each of `steps` (default: all of KILL_STEPS), one fresh node each."""
     phones = max(2, int(10 * scale))
     result = FaultResult("alert-kill-steps", "node SIGKILLed at each step of an alert")
     with FakeProviders() as fakes, _workdir() as work:
-        for step in KILL_STEPS:
+        for step in steps or list(KILL_STEPS):
             found = asyncio.run(_kill_at(step, work / step.replace(":", "-"), fakes, phones))
             window = 1 if step == "deliver:sent" else 0  # one request may be in flight
             expected = found["expected"]
@@ -440,7 +441,7 @@ class _workdir:
 SCENARIOS: dict[str, Scenario] = {
     "alert-kill-steps": Scenario(
         "a node SIGKILLed at each step of trigger, delivery, escalation and resolve",
-        _kill_steps,
+        kill_steps,
     ),
     "alert-redis-restart": Scenario(
         "Redis restarted without persistence while SMS jobs wait for a retry",
