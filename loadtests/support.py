@@ -3,12 +3,19 @@ a process's CPU and memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import sys
 import time
 from pathlib import Path
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 
 def free_port() -> int:
@@ -77,3 +84,38 @@ def redis_command(port: int, directory: str) -> list[str]:
         "--protected-mode",
         "no",
     ]
+
+
+def stalled_subscriber(
+    port: int, token: str, channel: str, *, rcvbuf: int = 16 * 1024
+) -> tuple[socket.socket, ClientProtocol]:
+    """A client that authenticates, subscribes and then never reads again, on a socket with a
+    small receive buffer: the slow phone on a bad network, with nothing in between."""
+    proto = ClientProtocol(
+        parse_uri(f"ws://127.0.0.1:{port}/ws"), subprotocols=[Subprotocol("rt.v1.json")]
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    proto.send_request(proto.connect())
+    sock.sendall(b"".join(proto.data_to_send()))
+    while proto.state is not State.OPEN:
+        proto.receive_data(sock.recv(65536))
+        if proto.handshake_exc is not None:
+            raise proto.handshake_exc
+    proto.send_text(json.dumps({"id": 1, "op": "auth", "token": token}).encode())
+    proto.send_text(json.dumps({"id": 2, "op": "subscribe", "channel": channel}).encode())
+    sock.sendall(b"".join(proto.data_to_send()))
+    replies = 0
+    while replies < 2:
+        proto.receive_data(sock.recv(65536))
+        for event in proto.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                frame = json.loads(bytes(event.data))
+                if "id" not in frame:
+                    continue  # a push (another member's join) before the replies
+                if not frame["ok"]:
+                    raise RuntimeError(f"refused: {frame!r}")
+                replies += 1
+    return sock, proto

@@ -19,9 +19,8 @@ from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Opcode
 from websockets.frames import Frame as WsFrame
-from websockets.protocol import State
-from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
+
+from loadtests.support import stalled_subscriber as stalled_subscriber  # for the tests
 
 
 def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[str, Any]:
@@ -184,34 +183,6 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
-
-
-def stalled_subscriber(port: int, token: str, channel: str) -> tuple[socket.socket, ClientProtocol]:
-    """A client that authenticates, subscribes and then never reads again, on a socket with a
-    small receive buffer: the slow phone on a bad network, with nothing in between."""
-    proto = ClientProtocol(
-        parse_uri(f"ws://127.0.0.1:{port}/ws"), subprotocols=[Subprotocol("rt.v1.json")]
-    )
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    proto.send_request(proto.connect())
-    sock.sendall(b"".join(proto.data_to_send()))
-    while proto.state is not State.OPEN:
-        proto.receive_data(sock.recv(65536))
-        assert proto.handshake_exc is None, proto.handshake_exc
-    proto.send_text(json.dumps({"id": 1, "op": "auth", "token": token}).encode())
-    proto.send_text(json.dumps({"id": 2, "op": "subscribe", "channel": channel}).encode())
-    sock.sendall(b"".join(proto.data_to_send()))
-    replies = 0
-    while replies < 2:
-        proto.receive_data(sock.recv(65536))
-        for event in proto.events_received():
-            if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
-                assert json.loads(event.data)["ok"], event.data
-                replies += 1
-    return sock, proto
 
 
 def read_close_code(

@@ -45,7 +45,7 @@ from websockets.uri import parse_uri
 
 from realtime.protocol import ERROR_CODES
 
-from ..support import free_port, pct, proc_stats, wait_port
+from ..support import free_port, pct, proc_stats, stalled_subscriber, wait_port
 from .hostile import DOCUMENTED_CLOSES, JSON_PROTO, PROTOS, Hostile, RandomChooser, hostile_frame
 from .report import FaultResult, Scenario
 
@@ -698,31 +698,6 @@ def slowloris(scale: float, *, handshake_s: float = 10.0, auth_s: float = 10.0) 
 # --- never-reads -------------------------------------------------------------------------
 
 
-def _stalled(port: int, token: str, channel: str) -> socket.socket:
-    """Authenticate and subscribe with a small receive buffer, then never read again."""
-    proto = ClientProtocol(
-        parse_uri(f"ws://127.0.0.1:{port}/ws"), subprotocols=[Subprotocol(JSON_PROTO)]
-    )
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    proto.send_request(proto.connect())
-    sock.sendall(b"".join(proto.data_to_send()))
-    while proto.state is not State.OPEN:
-        proto.receive_data(sock.recv(65536))
-    proto.send_text(json.dumps({"id": 1, "op": "auth", "token": token}).encode())
-    proto.send_text(json.dumps({"id": 2, "op": "subscribe", "channel": channel}).encode())
-    sock.sendall(b"".join(proto.data_to_send()))
-    replies = 0
-    while replies < 2:
-        proto.receive_data(sock.recv(65536))
-        replies += sum(
-            1 for e in proto.events_received() if isinstance(e, Frame) and e.opcode is Opcode.TEXT
-        )
-    return sock
-
-
 def _drain(sock: socket.socket) -> str:
     """Read what the server left for a stalled client: its close code, or how it ended."""
     proto = ClientProtocol(parse_uri("ws://x/ws"), state=State.OPEN, max_size=None)
@@ -767,12 +742,15 @@ def never_reads(scale: float, *, ping_s: float = 5.0) -> FaultResult:
         async def main() -> dict[str, Any]:
             base_files = node.open_files()
             with RssSampler(node) as rss:
-                socks = await asyncio.gather(
+                stalled = await asyncio.gather(
                     *(
-                        asyncio.to_thread(_stalled, node.port, node.token(f"r{i}"), channel)
+                        asyncio.to_thread(
+                            stalled_subscriber, node.port, node.token(f"r{i}"), channel, rcvbuf=8192
+                        )
                         for i in range(readers)
                     )
                 )
+                socks = [sock for sock, _ in stalled]
                 pub = await WireClient.open(node.port)
                 await pub.command({"id": 0, "op": "auth", "token": node.token("pub")})
                 text = "x" * 4096
