@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any, Final
 
-from realtime.protocol import ProtocolError
+from protocol import ProtocolError
 
 KINDS: Final = frozenset({"sos", "medical", "fire", "harassment", "other"})
 OUTCOMES: Final = frozenset({"safe", "false_alarm", "handled"})

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from realtime.protocol import ProtocolError
+from protocol import ProtocolError
 from storage import DocStore
 
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push

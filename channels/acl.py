@@ -18,8 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import Enum
 
-from realtime.auth import Identity
-from realtime.protocol import ProtocolError
+from protocol import Identity, ProtocolError
 from storage import MembershipStore, StoreUnavailable
 
 from .names import ChannelName

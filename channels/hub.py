@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from realtime.protocol import Codec, wire_frame
+from protocol import Codec, wire_frame
 from storage import Message, MessageStore
 
 from .broker import Broker, BrokerUnavailable

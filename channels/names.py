@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from realtime.protocol import ProtocolError
+from protocol import ProtocolError
 
 NAMESPACES: Final = frozenset({"room", "public", "user", "alert"})
 _NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,255}")

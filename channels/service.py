@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from realtime.protocol import ProtocolError
+from protocol import ProtocolError
 from storage import Appended, Message, Store, StoreUnavailable
 
 from .broker import BrokerUnavailable

@@ -15,7 +15,7 @@ import msgpack
 import nacl.exceptions
 from nacl.signing import VerifyKey
 
-from realtime.protocol import Codec, ProtocolError
+from protocol import Codec, ProtocolError
 from storage import Device, KeyStore, Message
 
 from .e2ee import device_statement, frank_commitment, message_statement

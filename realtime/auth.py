@@ -7,32 +7,13 @@ and algorithm-confusion tokens are rejected. Required claims: `sub`, `exp`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from protocol import ROLES, Identity, ProtocolError, valid_user_id
+
 from .config import Settings
-from .protocol import ProtocolError
-
-ROLES = frozenset({"user", "moderator", "responder"})
-_USER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-")
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    user: str
-    roles: frozenset[str]
-    expires_at: float
-    device: str | None = None
-
-    @property
-    def is_moderator(self) -> bool:
-        return "moderator" in self.roles
-
-
-def valid_user_id(user: object) -> bool:
-    return isinstance(user, str) and 1 <= len(user) <= 128 and set(user) <= _USER_CHARS
 
 
 class TokenVerifier:

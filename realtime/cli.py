@@ -16,11 +16,12 @@ from pathlib import Path
 
 import uvicorn
 
+from protocol import ROLES, valid_user_id
 from storage import StoreUnavailable, open_store
 from storage.backup import ImportError_, export_store, import_store
 
 from . import config, logs
-from .auth import ROLES, issue_token, valid_user_id
+from .auth import issue_token
 from .node import Node, StartupError
 from .server import create_app
 from .websocket import RealtimeWebSocketProtocol, handshake_protocol

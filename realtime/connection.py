@@ -28,17 +28,14 @@ from channels.body import ALG_ENVELOPE, parse_body
 from channels.hub import Frame, message_frame, message_item
 from channels.names import ChannelName, parse_channel
 from channels.service import Replay
-from storage import Report
-
-from .auth import Identity
-from .logs import CONNECTION
-from .protocol import (
+from protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
     CLOSE_BANNED,
     CLOSE_POLICY,
     CLOSE_UNDECODABLE,
     Codec,
+    Identity,
     ProtocolError,
     UndecodableFrame,
     arg_int,
@@ -47,6 +44,9 @@ from .protocol import (
     require_str,
     wire_frame,
 )
+from storage import Report
+
+from .logs import CONNECTION
 from .websocket import direct_writer
 
 if TYPE_CHECKING:

@@ -23,9 +23,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from channels.names import parse_channel
+from protocol import CLOSE_BANNED, ProtocolError
 from storage import DocStore
-
-from .protocol import CLOSE_BANNED, ProtocolError
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -114,7 +113,7 @@ class Moderation:
     # --- bans -------------------------------------------------------------------------
 
     async def ban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
-        from .auth import valid_user_id
+        from protocol import valid_user_id
 
         user = frame.get("user")
         if not valid_user_id(user):

@@ -25,13 +25,13 @@ from channels.service import ChannelService
 from crypto.directory import KeyDirectory
 from presence.store import MemoryPresence, PresenceStore, RedisPresence
 from presence.tracker import PresenceTracker
+from protocol import CLOSE_GOING_AWAY
 from storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
 from .moderation import Moderation
-from .protocol import CLOSE_GOING_AWAY
 
 if TYPE_CHECKING:
     from .connection import Connection

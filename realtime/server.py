@@ -24,12 +24,19 @@ from channels.body import parse_body
 from channels.hub import message_item
 from channels.names import parse_channel
 from channels.service import SERVER_USER
+from protocol import (
+    CLOSE_GOING_AWAY,
+    JSON,
+    ProtocolError,
+    arg_int,
+    choose_codec,
+    require_str,
+    valid_user_id,
+)
 
-from .auth import valid_user_id
 from .connection import Connection
 from .metrics import CONTENT_TYPE
 from .node import Node
-from .protocol import CLOSE_GOING_AWAY, JSON, ProtocolError, arg_int, choose_codec, require_str
 
 log = logging.getLogger("realtime.server")
 

@@ -3,7 +3,7 @@ frame writes offered to the app as the ASGI extension `rt.direct`.
 
 A fan-out writes one message to thousands of sockets. Through plain ASGI every copy costs a
 task switch and five awaits (Starlette, uvicorn, websockets framing). Here the push is framed
-once (`realtime.protocol.wire_frame`: a server frame is never masked, so the same bytes are
+once (`protocol.wire_frame`: a server frame is never masked, so the same bytes are
 valid on every connection) and written straight to each transport while it is writable. When it
 is not (the peer reads slowly, the transport's buffer is over its high-water mark) the app
 queues and goes through the normal ASGI `send`, which waits for the buffer to drain.
@@ -46,7 +46,7 @@ class DirectWriter(Protocol):
         ...
 
     def write_frame(self, wire: bytes) -> None:
-        """Write a frame from `realtime.protocol.wire_frame` (after `can_write()` said yes)."""
+        """Write a frame from `protocol.wire_frame` (after `can_write()` said yes)."""
         ...
 
 

@@ -66,7 +66,7 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "presence": (["presence/*.py"], ["tests/test_presence.py"]),
     "storage": (["storage/*.py"], ["tests/test_storage.py", "tests/test_durability.py"]),
     "session": (
-        ["realtime/connection.py", "realtime/moderation.py", "realtime/protocol.py"],
+        ["realtime/connection.py", "realtime/moderation.py", "protocol/*.py"],
         [
             "tests/test_codec.py",
             "tests/test_outgoing.py",

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from channels.body import parse_body
 from channels.names import NAMESPACES, parse_channel
-from realtime.protocol import (
+from protocol import (
     JSON,
     MAX_COMMAND_ID,
     MAX_NESTING,

@@ -13,9 +13,9 @@ from conftest import SECRET, base_env, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocol import ProtocolError
 from realtime import config
 from realtime.auth import TokenVerifier
-from realtime.protocol import ProtocolError
 
 
 def run_cli(

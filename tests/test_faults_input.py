@@ -14,7 +14,7 @@ from wire import Raw
 
 from loadtests.faults import badinput
 from loadtests.faults.hostile import DOCUMENTED_CLOSES, Hostile, hostile_frames
-from realtime.protocol import ERROR_CODES, JSON, MAX_NESTING, MSGPACK, UndecodableFrame
+from protocol import ERROR_CODES, JSON, MAX_NESTING, MSGPACK, UndecodableFrame
 
 # --- the generator, through Hypothesis -----------------------------------------------------
 

@@ -29,10 +29,9 @@ from wire import Raw, plain
 from channels.broker import RedisBroker
 from channels.hub import CHANNEL_TOPIC, Frame, Hub, pack_message
 from channels.service import ChannelService
-from realtime.auth import Identity
+from protocol import JSON, Identity
 from realtime.config import Limits
 from realtime.connection import Connection
-from realtime.protocol import JSON
 from realtime.websocket import EXTENSION
 from storage import Message
 from storage.mongo import MongoStore

@@ -12,10 +12,10 @@ from typing import Any
 from wire import until
 
 from channels.hub import Frame
+from protocol import JSON, wire_frame
 from realtime.config import Limits
 from realtime.connection import Connection
 from realtime.metrics import NodeMetrics
-from realtime.protocol import JSON, wire_frame
 from realtime.websocket import EXTENSION
 
 

@@ -43,7 +43,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from realtime.protocol import ERROR_CODES
+from protocol import ERROR_CODES
 
 from ..support import free_port, pct, proc_stats, stalled_subscriber, wait_port
 from .hostile import DOCUMENTED_CLOSES, JSON_PROTO, PROTOS, Hostile, RandomChooser, hostile_frame
