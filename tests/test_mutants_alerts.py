@@ -106,3 +106,38 @@ async def test_an_unacknowledged_alert_is_resent_to_its_tier_before_the_next_tie
         await ulla.close()
     finally:
         node.stop()
+
+
+async def test_without_credentials_the_outbox_holds_the_sms_a_provider_would_get(
+    tmp_path: Path,
+) -> None:
+    """The development outbox (no Twilio/FCM credentials) records the SMS exactly as it would
+    be sent: the number and the text with the map link (mutant: alerts/providers.py, the
+    outbox's SMS record)."""
+    import json
+
+    data = tmp_path / "o"
+    node = Node(base_env(data), "outbox")  # no provider credentials at all
+    node.start()
+    try:
+        phone = "+15550606"
+        owner = f"oli-{uuid.uuid4().hex[:5]}"
+        node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": phone}]})
+        oli = await Raw.open(node.url, token(owner))
+        await oli.ok("alert.trigger", kind="fire", location=HERE, client_alert_id="o1")
+        outbox = data / "outbox.jsonl"
+
+        def sms() -> list[dict[str, str]]:
+            if not outbox.exists():
+                return []
+            lines = [json.loads(line) for line in outbox.read_text().splitlines() if line]
+            return [line for line in lines if line["route"] == "sms"]
+
+        await until(sms, 10)
+        (record,) = sms()
+        assert record["to"] == phone
+        assert record["body"].startswith(f"EMERGENCY (fire): {owner} needs help.")
+        assert "https://maps.google.com/?q=52.520000,13.405000" in record["body"]
+        await oli.close()
+    finally:
+        node.stop()
