@@ -23,7 +23,6 @@ write that changes the alert, so they follow the same rule.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,14 +34,20 @@ from storage import DocStore
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
 from .metrics import AlertMetrics
 from .model import KINDS, MAX_NOTE, OUTCOMES, now_ms, parse_location
+from .plan import (
+    TRIGGER_WINDOW_MS,
+    alert_id_for,
+    due,
+    plan,
+    trail_key,
+)
 from .providers import PushProvider, SmsProvider
 from .queue import JobQueue
+from .reconcile import Reconciler
 from .records import Deliveries, finished, job_key, new_delivery
 from .responders import Responders
 
 log = logging.getLogger("realtime.alerts")
-
-TRIGGER_WINDOW_MS = 600_000  # the trigger limit counts alerts of the last 10 minutes
 
 
 def _no_fault(step: str) -> None:
@@ -58,26 +63,6 @@ class AlertSettings:
     trigger_limit: int = 5  # per user per 10 minutes, across the cluster
     reconcile_s: float = 10.0  # how long a plan may sit unfinished before any node re-queues it
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
-
-
-def alert_id_for(owner: str, client_alert_id: str) -> str:
-    """The alert id is a function of who triggered it and the client's idempotency key, so
-    that every retry, on any node, names the same alert."""
-    return hashlib.sha256(f"{owner}\x00{client_alert_id}".encode()).hexdigest()[:32]
-
-
-def plan(contacts: list[dict[str, Any]], responders: list[str], purpose: str) -> list[list[str]]:
-    """[route, to, purpose] per recipient and route: users by WebSocket and push, phones by
-    SMS; each (route, to) once."""
-    targets: list[tuple[str, str]] = []
-    for c in contacts:
-        if "user" in c:
-            targets += [("ws", c["user"]), ("push", c["user"])]
-        elif "phone" in c:
-            targets.append(("sms", c["phone"]))
-    for user in responders:
-        targets += [("ws", user), ("push", user)]
-    return [[route, to, purpose] for route, to in dict.fromkeys(targets)]
 
 
 class AlertService:
@@ -118,13 +103,13 @@ class AlertService:
             self.metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.reconciler = Reconciler(self)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self._tasks += self.delivery.tasks()
-        self._tasks.append(asyncio.create_task(self._ticker(), name="alert-reconcile"))
-        self._tasks.append(asyncio.create_task(self._janitor(), name="alert-trail-retention"))
+        self._tasks += self.reconciler.tasks()
         for provider, what in (
             (self.delivery.push, "push notifications"),
             (self.delivery.sms, "SMS"),
@@ -159,7 +144,7 @@ class AlertService:
         doc = await self.docs.get("alerts", alert_id)
         return doc is not None and (user == doc["owner"] or user in doc["users"])
 
-    async def _update(
+    async def update(
         self, alert_id: str, change: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         """Compare-and-set loop: apply `change` to the freshest copy."""
@@ -178,19 +163,9 @@ class AlertService:
     async def set_contacts(self, owner: str, contacts: list[dict[str, Any]]) -> None:
         await self.docs.put("contacts", owner, {"contacts": contacts})
 
-    def _due(self, doc: dict[str, Any], *, pending: bool) -> int | None:
-        """When a node must next look at the alert: to re-queue an unfinished plan (after
-        `reconcile_s`) or to escalate, whichever is first; None when neither."""
-        times = []
-        if pending:
-            times.append(now_ms() + int(self.settings.reconcile_s * 1000))
-        if doc["state"] == "active" and not doc["acked_by"] and doc.get("next_escalation"):
-            times.append(doc["next_escalation"])
-        return min(times) if times else None
-
     # --- the plan and its queue -------------------------------------------------------
 
-    async def _materialize(self, alert: dict[str, Any]) -> bool:
+    async def materialize(self, alert: dict[str, Any]) -> bool:
         """Make the queue match the plan: every unfinished job put on its route's queue (a
         no-op for a job still queued). Idempotent; True when every planned job is finished.
         (A recipient's delivery record is written by its first outcome; until then the plan
@@ -218,7 +193,7 @@ class AlertService:
         """After a commit: queue the plan now rather than at the next reconcile. A failure
         here only delays delivery (the alert is due for reconciling), so it is logged."""
         try:
-            await self._materialize(alert)
+            await self.materialize(alert)
         except Exception as exc:
             log.warning(
                 "alerts: %s stored, queueing deferred to the reconciler (%s)",
@@ -280,7 +255,7 @@ class AlertService:
             "next_escalation": now + int(self.settings.escalate_s * 1000),
             "jobs": plan(tier1, responders, "alert"),
         }
-        alert["due"] = self._due(alert, pending=True)
+        alert["due"] = due(alert, self.settings.reconcile_s)
         raced = await self.docs.insert("alerts", alert_id, alert, ix=alert["due"])
         if raced is not None:  # a concurrent retry committed first: its alert stands
             await self._finish(raced, "retried alert")
@@ -291,7 +266,7 @@ class AlertService:
         await self._finish(alert, "alert")
         self.checkpoint("trigger:queued")
         try:  # the first point is also the alert's own location: the trail may miss it
-            await self.docs.put("alert_trail", _trail_key(alert_id, location), location, ix=now)
+            await self.docs.put("alert_trail", trail_key(alert_id, location), location, ix=now)
         except Exception as exc:
             log.warning("alerts: first trail point not stored (%s)", type(exc).__name__)
         if not alert["jobs"]:
@@ -347,9 +322,9 @@ class AlertService:
 
         # The trail point's key is a function of the point: a retry writes it again, not twice.
         await self.docs.put(
-            "alert_trail", _trail_key(alert["id"], location), location, ix=location["ts"]
+            "alert_trail", trail_key(alert["id"], location), location, ix=location["ts"]
         )
-        await self._update(alert["id"], change)
+        await self.update(alert["id"], change)
         await self._publish(
             f"alert:{alert['id']}",
             {"push": "alert.location", "alert_id": alert["id"], "location": location},
@@ -369,7 +344,7 @@ class AlertService:
         def acked(doc: dict[str, Any]) -> None:
             doc["status"] = "acked"
 
-        alert = await self._update(alert["id"], change)
+        alert = await self.update(alert["id"], change)
         planned = {(route, to) for route, to, _ in alert.get("jobs", [])}
         for route in ("ws", "push"):
             if (route, user) in planned:
@@ -407,9 +382,9 @@ class AlertService:
                 next_escalation=None,
                 jobs=[*doc.get("jobs", []), *([r, t, "resolve"] for r, t in routes)],
             )
-            doc["due"] = self._due(doc, pending=True)
+            doc["due"] = due(doc, self.settings.reconcile_s)
 
-        alert = await self._update(alert["id"], change)
+        alert = await self.update(alert["id"], change)
         self.checkpoint("resolve:stored")
         await self._finish(alert, "resolve")
         push = {"push": "alert.resolved", "alert_id": alert["id"], "outcome": alert["outcome"]}
@@ -471,83 +446,3 @@ class AlertService:
 
     async def provider_status(self, provider_id: str, status: str) -> bool:
         return await self.delivery.provider_status(provider_id, status)
-
-    # --- the reconciler: unfinished plans and escalation --------------------------------
-
-    async def _ticker(self) -> None:
-        pause = min(1.0, self.settings.reconcile_s / 2, self.settings.escalate_s / 4)
-        while True:
-            try:
-                await self.reconcile_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("alerts: reconcile pass failed (%s); retrying", type(exc).__name__)
-            await asyncio.sleep(pause)
-
-    async def reconcile_due(self) -> None:
-        """Every alert that is due: claim it (compare-and-set, so one node at a time), take
-        the escalation step if one is due, and re-queue whatever of its plan is unfinished."""
-        for alert_id, doc in await self.docs.below("alerts", now_ms(), 50):
-            await self._visit(alert_id, doc)
-
-    async def _visit(self, alert_id: str, doc: dict[str, Any]) -> None:
-        claimed = dict(doc)
-        escalating = (
-            doc["state"] == "active"
-            and not doc["acked_by"]
-            and doc.get("next_escalation") is not None
-            and doc["next_escalation"] <= now_ms()
-        )
-        if escalating:
-            claimed.update(await self._escalation(doc))
-        claimed["due"] = self._due(claimed, pending=True)
-        if not await self.docs.put(
-            "alerts", alert_id, claimed, ix=claimed["due"], version=doc["_v"]
-        ):
-            return  # another node has it
-        claimed["_v"] = doc["_v"] + 1
-        if escalating:
-            self.checkpoint("escalate:stored")
-            log.info("alerts: escalated an alert (step %d)", claimed["escalations"])
-        if not await self._materialize(claimed):
-            return  # due again after reconcile_s
-        planned = len(claimed.get("jobs", []))
-
-        def settle(fresh: dict[str, Any]) -> None:
-            if len(fresh.get("jobs", [])) == planned:  # nothing new was planned meanwhile
-                fresh["due"] = self._due(fresh, pending=False)
-
-        await self._update(alert_id, settle)
-
-    async def _escalation(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """The next step of an unacknowledged alert: first a resend to the same people, then
-        each time the next tier of contacts."""
-        step = doc["escalations"] + 1
-        contacts = await self.contacts(doc["owner"])
-        tier = doc["tier"] if step == 1 else doc["tier"] + 1
-        tier_contacts = [c for c in contacts if c.get("tier", 1) == tier]
-        more = any(c.get("tier", 1) > tier for c in contacts)
-        nxt = now_ms() + int(self.settings.escalate_s * 1000) if (more or step == 1) else None
-        responders = doc["responders"] if step == 1 else []
-        return {
-            "escalations": step,
-            "tier": tier,
-            "next_escalation": nxt,
-            "users": sorted(set(doc["users"]) | {c["user"] for c in tier_contacts if "user" in c}),
-            "jobs": [*doc.get("jobs", []), *plan(tier_contacts, responders, f"escalate{step}")],
-        }
-
-    async def _janitor(self) -> None:
-        while True:
-            await asyncio.sleep(60)
-            cutoff = now_ms() - int(self.settings.trail_days * 86_400_000)
-            try:
-                await self.docs.delete_below("alert_trail", cutoff)
-            except Exception as exc:
-                log.warning("alerts: trail retention failed: %s", exc)
-
-
-def _trail_key(alert_id: str, location: dict[str, Any]) -> str:
-    digest = hashlib.sha256(repr(sorted(location.items())).encode()).hexdigest()[:8]
-    return f"{alert_id}|{location['ts']:015d}|{digest}"

@@ -385,7 +385,7 @@ async def test_a_refused_trigger_stays_refused_on_retry(
 ) -> None:
     """The limit is checked before anything is written: retrying a refused trigger with the
     same client_alert_id is refused again, never an ok for an alert that does not exist."""
-    from alerts.service import alert_id_for
+    from alerts.plan import alert_id_for
 
     node = Node(base_env(tmp_path / "q", RT_ALERT_TRIGGER_LIMIT="1", **fakes.env(tmp_path)), "q")
     node.start()
@@ -416,7 +416,7 @@ async def test_the_client_keeps_an_sos_until_the_server_promises_it(
     """realtime.client.Client.trigger_alert against a node killed right after it stored the
     alert (before it could answer): the client reconnects to the restarted node, sends the
     same client_alert_id again and gets the same alert; its SMS goes out once."""
-    from alerts.service import alert_id_for
+    from alerts.plan import alert_id_for
     from realtime.client import Client
 
     env = base_env(tmp_path / "k", RT_ALERT_RECONCILE_S="30", **fakes.env(tmp_path))

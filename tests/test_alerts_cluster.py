@@ -123,7 +123,7 @@ async def test_concurrent_reconcile_passes_take_each_escalation_step_once(tmp_pa
         )["alert_id"]
         for step in (1, 2):
             await asyncio.sleep(0.01)  # past the (1 ms) escalation deadline: both see it due
-            await asyncio.gather(a.reconcile_due(), b.reconcile_due())
+            await asyncio.gather(a.reconciler.reconcile_due(), b.reconciler.reconcile_due())
             doc = await store.docs.get("alerts", alert_id)
             assert doc is not None and doc["escalations"] == step
             purposes = [purpose for _, _, purpose in doc["jobs"]]

@@ -29,7 +29,7 @@ import redis
 from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw
 
-from alerts.service import alert_id_for
+from alerts.plan import alert_id_for
 from loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}

@@ -30,7 +30,7 @@ import jwt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from alerts.service import alert_id_for
+from alerts.plan import alert_id_for
 
 from ..fakeproviders import FakeProviders
 from ..support import free_port
