@@ -76,3 +76,29 @@ async def test_a_node_declared_dead_while_paused_puts_its_members_back(
     assert await bea.ok("ping")  # her connection was never closed
     for r in (watcher, bea):
         await r.close()
+
+
+async def test_members_restored_after_a_redis_restart_leave_when_their_node_dies(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """After Redis lost its data, each node puts its members back; they must also be back in
+    the node's index, or a later death of that node leaves them "online" for good (mutant:
+    presence/store.py, `restore` joining without indexing)."""
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    ch = chan()
+    watcher = await Raw.open(b.url, token("wanda"))
+    await watcher.ok("subscribe", channel=ch)
+    doomed = await Raw.open(a.url, token("dora"))
+    await doomed.ok("subscribe", channel=ch)
+    redis_server.stop()
+    redis_server.start()  # empty: both nodes restore their entries
+
+    async def listed(users: list[str]) -> bool:
+        reply = await watcher.cmd("presence", channel=ch)
+        return bool(reply["ok"]) and sorted(m["user"] for m in reply["members"]) == users
+
+    await until(lambda: listed(["dora", "wanda"]), 15, what="presence to be restored")
+    a.kill()  # SIGKILL: node b must reap dora, from the restored index
+    await until(lambda: listed(["wanda"]), 20, what="dora to leave after her node died")
+    await watcher.close()
