@@ -141,3 +141,24 @@ async def test_without_credentials_the_outbox_holds_the_sms_a_provider_would_get
         await oli.close()
     finally:
         node.stop()
+
+
+async def test_moderators_list_active_alerts_until_they_are_resolved(alert_node: Node) -> None:
+    """`mod.alerts` lists an alert from its trigger until its resolve, with its recipients
+    (mutant: alerts/service.py, the `active_alerts` record the list reads)."""
+    owner = f"ali-{uuid.uuid4().hex[:5]}"
+    alert_node.api(
+        "PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": "+15550707"}]}
+    )
+    ali = await Raw.open(alert_node.url, token(owner))
+    mod = await Raw.open(alert_node.url, token("mona", roles=["user", "moderator"]))
+    alert_id = (await ali.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="m"))[
+        "alert_id"
+    ]
+    listed = {a["alert_id"]: a for a in (await mod.ok("mod.alerts"))["alerts"]}
+    assert listed[alert_id]["owner"] == owner and listed[alert_id]["kind"] == "sos"
+    assert [r["to"] for r in listed[alert_id]["recipients"]] == ["+15550707"]
+    await ali.ok("alert.resolve", alert_id=alert_id, outcome="safe")
+    assert alert_id not in {a["alert_id"] for a in (await mod.ok("mod.alerts"))["alerts"]}
+    await ali.close()
+    await mod.close()
