@@ -23,6 +23,7 @@ import httpx
 import jwt
 import pytest
 
+from loadtests.fakeproviders import FakeProviders
 from loadtests.support import redis_command
 
 SECRET = "test-secret-" + "x" * 40
@@ -364,6 +365,28 @@ def single_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         ),
         "single",
     )
+    node.start()
+    yield node
+    node.stop()
+
+
+# --- alerts: the fake providers and a node wired to them ---------------------------------
+
+
+@pytest.fixture
+def fakes() -> Iterator[FakeProviders]:
+    """Local fake token/FCM/Twilio servers, reached by the nodes through the real SDKs."""
+    with FakeProviders() as f:
+        yield f
+
+
+@pytest.fixture
+def alert_node(tmp_path: Path, fakes: FakeProviders) -> Iterator[Node]:
+    """One embedded node whose alerts go to `fakes` (fast retries, status callbacks)."""
+    node = Node(
+        base_env(tmp_path / "n", RT_ALERT_RETRY_BASE_S="0.05", **fakes.env(tmp_path)), "alerts"
+    )
+    node.env["RT_PUBLIC_URL"] = node.http
     node.start()
     yield node
     node.stop()

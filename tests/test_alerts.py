@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from conftest import Node, base_env, token
 from wire import Raw, until
 
@@ -19,24 +17,6 @@ from loadtests.fakeproviders import TWILIO_TOKEN, FakeProviders
 HERE = {"lat": 52.5200, "lon": 13.4050, "accuracy_m": 12.0}
 NEARBY = {"lat": 52.5210, "lon": 13.4060}  # ~130 m away
 FAR = {"lat": 48.1351, "lon": 11.5820}  # Munich
-
-
-@pytest.fixture
-def fakes() -> Iterator[FakeProviders]:
-    f = FakeProviders()
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def alert_node(tmp_path: Path, fakes: FakeProviders) -> Iterator[Node]:
-    node = Node(
-        base_env(tmp_path / "n", RT_ALERT_RETRY_BASE_S="0.05", **fakes.env(tmp_path)), "alerts"
-    )
-    node.env["RT_PUBLIC_URL"] = node.http
-    node.start()
-    yield node
-    node.stop()
 
 
 def setup_people(node: Node, owner: str, phone: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import Node, RedisServer, base_env, token, unique_db
 from pymongo import MongoClient
 from wire import Raw
@@ -18,12 +17,6 @@ from wire import Raw
 from loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
-
-
-@pytest.fixture
-def fakes() -> Any:
-    with FakeProviders() as f:
-        yield f
 
 
 async def test_two_nodes_escalate_each_step_once(

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 import redis
 from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw
@@ -33,13 +32,6 @@ from alerts.plan import alert_id_for
 from loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
-
-
-@pytest.fixture
-def fakes() -> Iterator[FakeProviders]:
-    f = FakeProviders()
-    yield f
-    f.close()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,12 +21,6 @@ from wire import Raw, plain
 from loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
-
-
-@pytest.fixture
-def fakes() -> Any:
-    with FakeProviders() as f:
-        yield f
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,7 +5,6 @@ every request."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,6 @@ from wire import Raw, until
 from loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.5200, "lon": 13.4050}
-
-
-@pytest.fixture
-def fakes() -> Iterator[FakeProviders]:
-    f = FakeProviders()
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def alert_node(tmp_path: Path, fakes: FakeProviders) -> Iterator[Node]:
-    node = Node(
-        base_env(tmp_path / "n", RT_ALERT_RETRY_BASE_S="0.05", **fakes.env(tmp_path)), "alerts"
-    )
-    node.start()
-    yield node
-    node.stop()
 
 
 async def test_the_alert_push_carries_where_and_who(alert_node: Node, fakes: FakeProviders) -> None:
