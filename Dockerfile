@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY protocol protocol
 COPY realtime realtime
 COPY channels channels
 COPY storage storage

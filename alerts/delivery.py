@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from storage import DocStore, StoreUnavailable
+from realtime_safety.storage import DocStore, StoreUnavailable
 
 from .metrics import AlertMetrics
 from .model import now_ms

@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any, Final
 
-from protocol import ProtocolError
+from realtime_safety.protocol import ProtocolError
 
 KINDS: Final = frozenset({"sos", "medical", "fire", "harassment", "other"})
 OUTCOMES: Final = frozenset({"safe", "false_alarm", "handled"})

@@ -27,7 +27,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from storage import DocStore
+from realtime_safety.storage import DocStore
 
 
 @dataclass

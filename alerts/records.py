@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from storage import DocStore, StoreUnavailable
+from realtime_safety.storage import DocStore, StoreUnavailable
 
 COLL = "deliveries"
 MARKS = ("sent", "dead", "skipped")

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import ProtocolError
-from storage import DocStore
+from realtime_safety.protocol import ProtocolError
+from realtime_safety.storage import DocStore
 
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
 from .metrics import AlertMetrics

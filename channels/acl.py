@@ -18,8 +18,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import Enum
 
-from protocol import Identity, ProtocolError
-from storage import MembershipStore, StoreUnavailable
+from realtime_safety.protocol import Identity, ProtocolError
+from realtime_safety.storage import MembershipStore, StoreUnavailable
 
 from .names import ChannelName
 

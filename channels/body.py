@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import Codec, ProtocolError
+from realtime_safety.protocol import Codec, ProtocolError
 
 ALG_ENVELOPE = "xchacha20poly1305"
 ALG_PLAIN = "none"

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import msgpack
 
-from protocol import Codec, wire_frame
-from storage import Message, MessageStore
+from realtime_safety.protocol import Codec, wire_frame
+from realtime_safety.storage import Message, MessageStore
 
 from .broker import Broker, BrokerUnavailable
 from .metrics import ChannelMetrics

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from protocol import ProtocolError
+from realtime_safety.protocol import ProtocolError
 
 NAMESPACES: Final = frozenset({"room", "public", "user", "alert"})
 _NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,255}")

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from protocol import ProtocolError
-from storage import Appended, Message, Store, StoreUnavailable
+from realtime_safety.protocol import ProtocolError
+from realtime_safety.storage import Appended, Message, Store, StoreUnavailable
 
 from .broker import BrokerUnavailable
 from .hub import Hub

@@ -15,8 +15,8 @@ import msgpack
 import nacl.exceptions
 from nacl.signing import VerifyKey
 
-from protocol import Codec, ProtocolError
-from storage import Device, KeyStore, Message
+from realtime_safety.protocol import Codec, ProtocolError
+from realtime_safety.storage import Device, KeyStore, Message
 
 from .e2ee import device_statement, frank_commitment, message_statement
 

@@ -1,4 +1,4 @@
-"""Benchmarks: measured, never asserted (`python -m loadtests --help`).
+"""Benchmarks: measured, never asserted (`python -m realtime_safety.loadtests --help`).
 
 Offers:
 - `loadtests.compare` — fan-out and idle, ours vs the python-socketio + Redis peer vs the raw

@@ -1,4 +1,4 @@
-"""python -m loadtests compare | fanout | chat | idle | store | presence | alerts | faults
+"""python -m realtime_safety.loadtests compare | fanout | chat | idle | store | presence | alerts | faults
 (see --help)"""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests")
+    parser = argparse.ArgumentParser(prog="python -m realtime_safety.loadtests")
     sub = parser.add_subparsers(dest="scenario", required=True)
     out = Path("loadtests/results")
 

@@ -1,6 +1,6 @@
 """Alert latency: from `alert.trigger` sent to the first provider request received.
 
-    python -m loadtests alerts --alerts 200 --rate 20 [--topology redis|embedded]
+    python -m realtime_safety.loadtests alerts --alerts 200 --rate 20 [--topology redis|embedded]
 
 Starts a node (the Redis deployment by default: its own redis-server, and MongoDB from
 MONGODB_URI or else a local SecantusDB), local fake FCM/token/Twilio servers reached through

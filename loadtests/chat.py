@@ -4,7 +4,7 @@
 the peer, which skips the sender). Measures what a chat user feels: publish -> deliver
 latency, publish -> acknowledgement latency, and whether every post reached every member.
 
-    python -m loadtests chat --clients 2000 --room-size 10 --intervals 5,2,1
+    python -m realtime_safety.loadtests chat --clients 2000 --room-size 10 --intervals 5,2,1
 
 Each interval is one load level (posts/s = clients / interval); the plot shows latency
 percentiles against it, ours next to the peer.

@@ -1,8 +1,8 @@
 """Side-by-side benchmarks on one machine: our server, the python-socketio + Redis peer, and
 the raw `websockets` broadcast ceiling, driven by the same client code.
 
-    python -m loadtests compare --subscribers 1000,5000 --messages 100 --rate 100
-    python -m loadtests idle --connections 5000
+    python -m realtime_safety.loadtests compare --subscribers 1000,5000 --messages 100 --rate 100
+    python -m realtime_safety.loadtests idle --connections 5000
 
 Scenarios:
 - fan-out: 1 publisher -> 1 channel -> N subscribers, publishing at `rate`/s; every message

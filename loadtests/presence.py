@@ -1,7 +1,7 @@
 """Presence benchmark: the cost of join/leave at a given rate, on a channel that already holds
 many members, through the real tracker and a real redis-server.
 
-    python -m loadtests presence --rate 1000 --seconds 5 --members 10000
+    python -m realtime_safety.loadtests presence --rate 1000 --seconds 5 --members 10000
 
 Starts its own redis-server on a free loopback port (or uses --redis-url), fills one channel
 with `--members` users, then performs joins and leaves at `--rate` per second for `--seconds`
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from presence.store import RedisPresence
-from presence.tracker import PresenceTracker
+from realtime_safety.presence.store import RedisPresence
+from realtime_safety.presence.tracker import PresenceTracker
 
 from .support import free_port, pct, redis_command, wait_port
 

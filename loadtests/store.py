@@ -1,6 +1,6 @@
 """Storage benchmark: what one publish costs in the store, with and without group commit.
 
-    python -m loadtests store --backend sqlite --publishers 1,8,64 --messages 2000
+    python -m realtime_safety.loadtests store --backend sqlite --publishers 1,8,64 --messages 2000
 
 Each publisher appends to its own channel as fast as the store acknowledges (durably: SQLite
 `synchronous=FULL`; MongoDB with the configured write concern). Reports appends/s and
@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from storage.mongo import MongoStore
-from storage.sqlite import SqliteStore
+from realtime_safety.storage.mongo import MongoStore
+from realtime_safety.storage.sqlite import SqliteStore
 
 ENVELOPE = {
     "v": 1,

@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 
-from protocol import ROLES, Identity, ProtocolError, valid_user_id
+from realtime_safety.protocol import ROLES, Identity, ProtocolError, valid_user_id
 
 from .config import Settings
 

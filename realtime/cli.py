@@ -16,9 +16,9 @@ from pathlib import Path
 
 import uvicorn
 
-from protocol import ROLES, valid_user_id
-from storage import StoreUnavailable, open_store
-from storage.backup import ImportError_, export_store, import_store
+from realtime_safety.protocol import ROLES, valid_user_id
+from realtime_safety.storage import StoreUnavailable, open_store
+from realtime_safety.storage.backup import ImportError_, export_store, import_store
 
 from . import config, logs
 from .auth import issue_token

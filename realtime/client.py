@@ -25,7 +25,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol import CODECS, SUBPROTOCOL_JSON, Codec
+from realtime_safety.protocol import CODECS, SUBPROTOCOL_JSON, Codec
 
 log = logging.getLogger("realtime.client")
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import StoreConfig
+from realtime_safety.storage import StoreConfig
 
 
 class ConfigError(Exception):
@@ -312,7 +312,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
 
 def _retention(raw: str) -> dict[str, float]:
     """`room=forever,public=30d,user=90` -> {"public": 30.0, "user": 90.0}."""
-    from channels.names import NAMESPACES
+    from realtime_safety.channels.names import NAMESPACES
 
     days: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):

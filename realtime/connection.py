@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from channels.acl import Action
-from channels.body import ALG_ENVELOPE, parse_body
-from channels.hub import Frame, message_frame, message_item
-from channels.names import ChannelName, parse_channel
-from channels.service import Replay
-from protocol import (
+from realtime_safety.channels.acl import Action
+from realtime_safety.channels.body import ALG_ENVELOPE, parse_body
+from realtime_safety.channels.hub import Frame, message_frame, message_item
+from realtime_safety.channels.names import ChannelName, parse_channel
+from realtime_safety.channels.service import Replay
+from realtime_safety.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
     CLOSE_BANNED,
@@ -44,7 +44,7 @@ from protocol import (
     require_str,
     wire_frame,
 )
-from storage import Report
+from realtime_safety.storage import Report
 
 from .logs import CONNECTION
 from .websocket import direct_writer

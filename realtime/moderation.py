@@ -22,9 +22,9 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from channels.names import parse_channel
-from protocol import CLOSE_BANNED, ProtocolError
-from storage import DocStore
+from realtime_safety.channels.names import parse_channel
+from realtime_safety.protocol import CLOSE_BANNED, ProtocolError
+from realtime_safety.storage import DocStore
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -113,7 +113,7 @@ class Moderation:
     # --- bans -------------------------------------------------------------------------
 
     async def ban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
-        from protocol import valid_user_id
+        from realtime_safety.protocol import valid_user_id
 
         user = frame.get("user")
         if not valid_user_id(user):

@@ -11,22 +11,22 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from alerts.delivery import ROUTES, DeliverySettings
-from alerts.metrics import AlertMetrics
-from alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
-from alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
-from alerts.responders import Responders
-from alerts.service import AlertService, AlertSettings
-from channels.acl import AccessControl, MembershipCache
-from channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
-from channels.hub import Hub
-from channels.metrics import ChannelMetrics
-from channels.service import ChannelService
-from crypto.directory import KeyDirectory
-from presence.store import MemoryPresence, PresenceStore, RedisPresence
-from presence.tracker import PresenceTracker
-from protocol import CLOSE_GOING_AWAY
-from storage import Store, StoreUnavailable, open_store
+from realtime_safety.alerts.delivery import ROUTES, DeliverySettings
+from realtime_safety.alerts.metrics import AlertMetrics
+from realtime_safety.alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
+from realtime_safety.alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
+from realtime_safety.alerts.responders import Responders
+from realtime_safety.alerts.service import AlertService, AlertSettings
+from realtime_safety.channels.acl import AccessControl, MembershipCache
+from realtime_safety.channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
+from realtime_safety.channels.hub import Hub
+from realtime_safety.channels.metrics import ChannelMetrics
+from realtime_safety.channels.service import ChannelService
+from realtime_safety.crypto.directory import KeyDirectory
+from realtime_safety.presence.store import MemoryPresence, PresenceStore, RedisPresence
+from realtime_safety.presence.tracker import PresenceTracker
+from realtime_safety.protocol import CLOSE_GOING_AWAY
+from realtime_safety.storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
 from .config import Settings

@@ -20,11 +20,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from channels.body import parse_body
-from channels.hub import message_item
-from channels.names import parse_channel
-from channels.service import SERVER_USER
-from protocol import (
+from realtime_safety.channels.body import parse_body
+from realtime_safety.channels.hub import message_item
+from realtime_safety.channels.names import parse_channel
+from realtime_safety.channels.service import SERVER_USER
+from realtime_safety.protocol import (
     CLOSE_GOING_AWAY,
     JSON,
     ProtocolError,

@@ -4,13 +4,13 @@ the tree, judged by the test files mapped to the mutated package.
 Why not mutmut 3: it selects the active mutant with MUTANT_UNDER_TEST and trampolines, which a
 server subprocess would inherit, but it decides *which tests run against a mutant* from the
 trampoline hits recorded in the pytest process only (mutmut/stats.py, record_trampoline_hit):
-code run only by the `python -m realtime serve` subprocesses is never recorded, so its mutants
+code run only by the `python -m realtime_safety.realtime serve` subprocesses is never recorded, so its mutants
 end up "no tests" and are never run. Here every mutant of a package is run against the whole
 list of test files mapped to that package, and the mutated file is real source on disk.
 
 How the mutant reaches the server subprocesses: the tests run with cwd = the copy
 (`python -m pytest`), so `tests/conftest.py` computes ROOT = the copy and starts
-`python -m realtime serve` / `python -m loadtests.faults.node` with cwd = the copy; `-m`
+`python -m realtime_safety.realtime serve` / `python -m realtime_safety.loadtests.faults.node` with cwd = the copy; `-m`
 puts the cwd first on sys.path, ahead of the editable install's finder (which points at the
 original checkout), so both the pytest process and every server import the mutated source.
 No bytecode is written in the copy (PYTHONDONTWRITEBYTECODE=1, no __pycache__ copied), so a
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "realtime_safety"  # the one import package the distribution installs (pyproject)
+FOLDERS = ("protocol", "realtime", "channels", "alerts", "crypto", "presence", "storage", "loadtests")
 REASONS_FILE = ROOT / "docs" / "mutation-reasons.json"
 DOC = ROOT / "docs" / "mutation.md"
 
@@ -394,6 +396,10 @@ def copy_tree(dest: Path) -> None:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
+    # the installed layout: realtime_safety.<folder> is the copy's <folder>
+    (dest / NAMESPACE).mkdir()
+    for folder in FOLDERS:
+        (dest / NAMESPACE / folder).symlink_to(Path("..") / folder, target_is_directory=True)
 
 
 def test_env() -> dict[str, str]:
@@ -457,9 +463,8 @@ def first_failure(output: str) -> str:
 def check_imports(tree: Path) -> None:
     """The copy, not the editable install's checkout, is what `python -m` imports there."""
     code = (
-        "import realtime, channels, alerts, crypto, presence, storage, loadtests;"
-        "print('\\n'.join(m.__file__ for m in "
-        "(realtime, channels, alerts, crypto, presence, storage, loadtests)))"
+        f"import importlib; ms = [importlib.import_module('{NAMESPACE}.' + f) for f in {FOLDERS!r}];"
+        "print('\\n'.join(m.__file__ for m in ms))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tree, env=test_env(), capture_output=True, text=True,

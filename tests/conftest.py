@@ -23,8 +23,8 @@ import httpx
 import jwt
 import pytest
 
-from loadtests.fakeproviders import FakeProviders
-from loadtests.support import redis_command
+from realtime_safety.loadtests.fakeproviders import FakeProviders
+from realtime_safety.loadtests.support import redis_command
 
 SECRET = "test-secret-" + "x" * 40
 API_KEY = "test-api-key-0123456789"

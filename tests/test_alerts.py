@@ -12,7 +12,7 @@ import httpx
 from conftest import Node, base_env, token
 from wire import Raw, until
 
-from loadtests.fakeproviders import TWILIO_TOKEN, FakeProviders
+from realtime_safety.loadtests.fakeproviders import TWILIO_TOKEN, FakeProviders
 
 HERE = {"lat": 52.5200, "lon": 13.4050, "accuracy_m": 12.0}
 NEARBY = {"lat": 52.5210, "lon": 13.4060}  # ~130 m away
@@ -352,7 +352,7 @@ async def test_cluster_alert_survives_a_worker_killed_mid_delivery(
 def test_the_fake_twilio_also_serves_the_sync_client(fakes: FakeProviders) -> None:
     from twilio.rest import Client
 
-    from loadtests.fakeproviders import TWILIO_FROM, TWILIO_SID
+    from realtime_safety.loadtests.fakeproviders import TWILIO_FROM, TWILIO_SID
 
     client = Client(TWILIO_SID, TWILIO_TOKEN)
     client.api.base_url = fakes.url
@@ -365,7 +365,7 @@ async def test_a_refused_trigger_stays_refused_on_retry(
 ) -> None:
     """The limit is checked before anything is written: retrying a refused trigger with the
     same client_alert_id is refused again, never an ok for an alert that does not exist."""
-    from alerts.plan import alert_id_for
+    from realtime_safety.alerts.plan import alert_id_for
 
     node = Node(base_env(tmp_path / "q", RT_ALERT_TRIGGER_LIMIT="1", **fakes.env(tmp_path)), "q")
     node.start()
@@ -396,11 +396,11 @@ async def test_the_client_keeps_an_sos_until_the_server_promises_it(
     """realtime.client.Client.trigger_alert against a node killed right after it stored the
     alert (before it could answer): the client reconnects to the restarted node, sends the
     same client_alert_id again and gets the same alert; its SMS goes out once."""
-    from alerts.plan import alert_id_for
-    from realtime.client import Client
+    from realtime_safety.alerts.plan import alert_id_for
+    from realtime_safety.realtime.client import Client
 
     env = base_env(tmp_path / "k", RT_ALERT_RECONCILE_S="30", **fakes.env(tmp_path))
-    node = Node({**env, "RT_FAULT_KILL_AT": "trigger:stored"}, "k", "loadtests.faults.node")
+    node = Node({**env, "RT_FAULT_KILL_AT": "trigger:stored"}, "k", "realtime_safety.loadtests.faults.node")
     node.start()
     phone = "+15550777"
     try:

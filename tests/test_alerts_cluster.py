@@ -14,7 +14,7 @@ from conftest import Node, RedisServer, base_env, token, unique_db
 from pymongo import MongoClient
 from wire import Raw
 
-from loadtests.fakeproviders import FakeProviders
+from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
 
@@ -79,12 +79,12 @@ async def test_concurrent_reconcile_passes_take_each_escalation_step_once(tmp_pa
     at every await: both read the due alert before either writes, yet one step is taken (the
     compare-and-set refuses the second; and the step is a function of the alert, so even a
     second write would plan the same jobs under the same job keys)."""
-    from alerts.delivery import ROUTES
-    from alerts.providers import OutboxPush, OutboxSms
-    from alerts.queue import StoreJobQueue
-    from alerts.responders import Responders
-    from alerts.service import AlertService, AlertSettings
-    from storage.sqlite import SqliteStore
+    from realtime_safety.alerts.delivery import ROUTES
+    from realtime_safety.alerts.providers import OutboxPush, OutboxSms
+    from realtime_safety.alerts.queue import StoreJobQueue
+    from realtime_safety.alerts.responders import Responders
+    from realtime_safety.alerts.service import AlertService, AlertSettings
+    from realtime_safety.storage.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path)
     await store.open()

@@ -28,8 +28,8 @@ import redis
 from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw
 
-from alerts.plan import alert_id_for
-from loadtests.fakeproviders import FakeProviders
+from realtime_safety.alerts.plan import alert_id_for
+from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
 
@@ -106,7 +106,7 @@ async def test_a_retry_finishes_a_trigger_and_a_resolve_that_were_cut_short(
     with running(
         tmp_path,
         fakes,
-        "loadtests.faults.node",
+        "realtime_safety.loadtests.faults.node",
         RT_ALERT_RECONCILE_S="600",
         RT_ALERT_TRIGGER_LIMIT="1",
         RT_FAULT_KILL_AT="trigger:stored",
@@ -294,7 +294,7 @@ async def test_the_status_of_a_stored_alert_lists_its_whole_plan(
     with running(
         tmp_path,
         fakes,
-        "loadtests.faults.node",
+        "realtime_safety.loadtests.faults.node",
         RT_ALERT_RECONCILE_S="600",
         RT_FAULT_KILL_AT="trigger:stored",
     ) as node:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from channels.body import parse_body
-from channels.names import NAMESPACES, parse_channel
-from protocol import (
+from realtime_safety.channels.body import parse_body
+from realtime_safety.channels.names import NAMESPACES, parse_channel
+from realtime_safety.protocol import (
     JSON,
     MAX_COMMAND_ID,
     MAX_NESTING,

@@ -13,9 +13,9 @@ from conftest import SECRET, base_env, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import ProtocolError
-from realtime import config
-from realtime.auth import TokenVerifier
+from realtime_safety.protocol import ProtocolError
+from realtime_safety.realtime import config
+from realtime_safety.realtime.auth import TokenVerifier
 
 
 def run_cli(
@@ -25,7 +25,7 @@ def run_cli(
     for key in [k for k, v in env.items() if v == ""]:
         full.pop(key, None)
     return subprocess.run(
-        [sys.executable, "-m", "realtime", *args],
+        [sys.executable, "-m", "realtime_safety.realtime", *args],
         env=full,
         capture_output=True,
         text=True,

@@ -19,8 +19,8 @@ import pytest
 from conftest import Node, base_env, token
 from wire import AppDevice, Raw, b64, plain
 
-from crypto.e2ee import message_statement
-from loadtests.fakeproviders import FakeProviders
+from realtime_safety.crypto.e2ee import message_statement
+from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 RECOVERY_LIMIT = 3
 MAX_SUBSCRIPTIONS = 4

@@ -180,7 +180,7 @@ async def test_retention_deletes_old_messages_but_never_reuses_seqs(node_factory
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "realtime", *args],
+        [sys.executable, "-m", "realtime_safety.realtime", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -14,8 +14,8 @@ import pytest
 from conftest import Node, base_env, token
 from wire import AppDevice, Raw, b64
 
-from crypto.client import Decrypted, SecureClient
-from crypto.e2ee import DeviceKeys, encrypt, new_channel_key
+from realtime_safety.crypto.client import Decrypted, SecureClient
+from realtime_safety.crypto.e2ee import DeviceKeys, encrypt, new_channel_key
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ async def test_device_keys_at_rest_need_the_passphrase() -> None:
     again = DeviceKeys.load(blob, "correct horse")
     assert again.identity_public == keys.identity_public
     assert again.signing_public == keys.signing_public
-    from crypto.e2ee import CryptoError
+    from realtime_safety.crypto.e2ee import CryptoError
 
     with pytest.raises(CryptoError, match="wrong passphrase"):
         DeviceKeys.load(blob, "wrong")

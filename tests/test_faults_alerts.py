@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.faults.alerts import KILL_STEPS, SCENARIOS, kill_steps
-from loadtests.faults.report import FaultResult
+from realtime_safety.loadtests.faults.alerts import KILL_STEPS, SCENARIOS, kill_steps
+from realtime_safety.loadtests.faults.report import FaultResult
 
 
 def run(name: str) -> FaultResult:

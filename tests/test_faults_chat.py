@@ -2,12 +2,12 @@
 suite and the tests): real nodes, a real Redis and MongoDB stand-in, real SIGKILL and
 SIGSTOP/SIGCONT under publish load. Behaviour only: nothing acknowledged is lost or doubled,
 order holds, clients resume by themselves. The figures are measured by
-`python -m loadtests faults`, never asserted."""
+`python -m realtime_safety.loadtests faults`, never asserted."""
 
 from __future__ import annotations
 
-from loadtests.faults.chat import SCENARIOS
-from loadtests.faults.report import FaultResult
+from realtime_safety.loadtests.faults.chat import SCENARIOS
+from realtime_safety.loadtests.faults.report import FaultResult
 
 SCALE = 0.1  # 4 subscribers, 20 msg/s, pauses of 2 s: each scenario well under 30 s
 

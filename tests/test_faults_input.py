@@ -12,9 +12,9 @@ from conftest import Node, token
 from hypothesis import given, settings
 from wire import Raw
 
-from loadtests.faults import badinput
-from loadtests.faults.hostile import DOCUMENTED_CLOSES, Hostile, hostile_frames
-from protocol import ERROR_CODES, JSON, MAX_NESTING, MSGPACK, UndecodableFrame
+from realtime_safety.loadtests.faults import badinput
+from realtime_safety.loadtests.faults.hostile import DOCUMENTED_CLOSES, Hostile, hostile_frames
+from realtime_safety.protocol import ERROR_CODES, JSON, MAX_NESTING, MSGPACK, UndecodableFrame
 
 # --- the generator, through Hypothesis -----------------------------------------------------
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from conftest import RedisServer
 
-from channels.broker import BrokerUnavailable, RedisBroker
-from channels.hub import Frame, Hub
-from channels.service import ChannelService
-from storage.sqlite import SqliteStore
+from realtime_safety.channels.broker import BrokerUnavailable, RedisBroker
+from realtime_safety.channels.hub import Frame, Hub
+from realtime_safety.channels.service import ChannelService
+from realtime_safety.storage.sqlite import SqliteStore
 
 
 class CutOff(RedisBroker):

@@ -1,5 +1,5 @@
 """A tiny run of every benchmark scenario, so the harness cannot rot. Behaviour only: the
-numbers are measured by `python -m loadtests`, never asserted."""
+numbers are measured by `python -m realtime_safety.loadtests`, never asserted."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.bench
 def test_fanout_comparison_smoke(tmp_path: Path) -> None:
     """Every target of the comparison, tiny: the harness and the peers cannot rot. (The
     Django Channels peer builds its own virtualenv on first use.)"""
-    from loadtests import compare
+    from realtime_safety.loadtests import compare
 
     rows = [
         asdict(compare.fanout(kind, 20, 5, 50, clients=1, timeout_s=60, topology="embedded"))
@@ -31,7 +31,7 @@ def test_fanout_comparison_smoke(tmp_path: Path) -> None:
 
 
 def test_idle_smoke() -> None:
-    from loadtests import compare
+    from realtime_safety.loadtests import compare
 
     row = compare.idle("realtime", 20)
     assert row["held"] == 20 and row["server_kb_per_connection"] > 0
@@ -40,7 +40,7 @@ def test_idle_smoke() -> None:
 @pytest.mark.timeout(900)  # as above, whichever of the two runs first
 def test_chat_smoke(tmp_path: Path) -> None:
     """Rooms of a few members, everyone posting, for every target."""
-    from loadtests import chat, compare
+    from realtime_safety.loadtests import chat, compare
 
     rows = [
         asdict(chat.run(kind, 20, 5, 0.5, 1.0, topology="embedded", timeout_s=60))
@@ -54,7 +54,7 @@ def test_chat_smoke(tmp_path: Path) -> None:
 
 
 def test_store_smoke() -> None:
-    from loadtests import store
+    from realtime_safety.loadtests import store
 
     results = store.run("sqlite", [1, 4], 40)
     assert len(results) == 4 and all(r.appends == 40 for r in results)
@@ -62,14 +62,14 @@ def test_store_smoke() -> None:
 
 
 def test_presence_smoke(redis_server: object) -> None:
-    from loadtests import presence
+    from realtime_safety.loadtests import presence
 
     result = presence.run(rate=100, seconds=0.3, members=50, redis_url=redis_server.url)  # type: ignore[attr-defined]
     assert result.operations == 60 and result.members_before == 50
 
 
 def test_alerts_smoke() -> None:
-    from loadtests import alerts
+    from realtime_safety.loadtests import alerts
 
     result = alerts.run(alerts=5, rate=20, topology="embedded")
     assert result.missing == 0 and result.latency_ms_max > 0
@@ -78,7 +78,7 @@ def test_alerts_smoke() -> None:
 @pytest.mark.timeout(300)
 def test_two_node_fanout_smoke() -> None:
     """Subscribers split over two nodes on one Redis, for ours and for the peer."""
-    from loadtests import compare
+    from realtime_safety.loadtests import compare
 
     for kind in ("realtime", "socketio"):
         row = compare.fanout(kind, 20, 5, 50, clients=2, timeout_s=90, nodes=2)

@@ -18,7 +18,7 @@ from conftest import Node, base_env, token
 from prometheus_client.parser import text_string_to_metric_families
 from wire import Raw, plain
 
-from loadtests.fakeproviders import FakeProviders
+from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import Node, base_env, token
 from wire import Raw, until
 
-from loadtests.fakeproviders import FakeProviders
+from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.5200, "lon": 13.4050}
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from conftest import RedisServer
 
-from channels.broker import RedisBroker
-from channels.hub import REPAIR_PAGE, Frame, Hub
-from storage.sqlite import SqliteStore
+from realtime_safety.channels.broker import RedisBroker
+from realtime_safety.channels.hub import REPAIR_PAGE, Frame, Hub
+from realtime_safety.storage.sqlite import SqliteStore
 
 
 class Inbox:

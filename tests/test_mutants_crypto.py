@@ -13,9 +13,9 @@ from conftest import Node, base_env, token
 from nacl.signing import SigningKey
 from wire import Raw, b64
 
-from crypto.client import SecureClient
-from crypto.directory import MAX_LOOKUP_USERS
-from crypto.e2ee import CryptoError, DeviceKeys, decrypt, encrypt, new_channel_key
+from realtime_safety.crypto.client import SecureClient
+from realtime_safety.crypto.directory import MAX_LOOKUP_USERS
+from realtime_safety.crypto.e2ee import CryptoError, DeviceKeys, decrypt, encrypt, new_channel_key
 
 
 @pytest.fixture(scope="module")

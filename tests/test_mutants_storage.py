@@ -10,9 +10,9 @@ import pytest
 from conftest import unique_db
 from pymongo import MongoClient
 
-from storage import Report, Store
-from storage.mongo import MongoStore
-from storage.sqlite import SqliteStore
+from realtime_safety.storage import Report, Store
+from realtime_safety.storage.mongo import MongoStore
+from realtime_safety.storage.sqlite import SqliteStore
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])

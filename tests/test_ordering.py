@@ -26,16 +26,16 @@ import pytest
 from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw, plain
 
-from channels.broker import RedisBroker
-from channels.hub import CHANNEL_TOPIC, Frame, Hub, pack_message
-from channels.service import ChannelService
-from protocol import JSON, Identity
-from realtime.config import Limits
-from realtime.connection import Connection
-from realtime.websocket import EXTENSION
-from storage import Message
-from storage.mongo import MongoStore
-from storage.sqlite import SqliteStore
+from realtime_safety.channels.broker import RedisBroker
+from realtime_safety.channels.hub import CHANNEL_TOPIC, Frame, Hub, pack_message
+from realtime_safety.channels.service import ChannelService
+from realtime_safety.protocol import JSON, Identity
+from realtime_safety.realtime.config import Limits
+from realtime_safety.realtime.connection import Connection
+from realtime_safety.realtime.websocket import EXTENSION
+from realtime_safety.storage import Message
+from realtime_safety.storage.mongo import MongoStore
+from realtime_safety.storage.sqlite import SqliteStore
 
 
 def chan() -> str:

@@ -11,12 +11,12 @@ from typing import Any
 
 from wire import until
 
-from channels.hub import Frame
-from protocol import JSON, wire_frame
-from realtime.config import Limits
-from realtime.connection import Connection
-from realtime.metrics import NodeMetrics
-from realtime.websocket import EXTENSION
+from realtime_safety.channels.hub import Frame
+from realtime_safety.protocol import JSON, wire_frame
+from realtime_safety.realtime.config import Limits
+from realtime_safety.realtime.connection import Connection
+from realtime_safety.realtime.metrics import NodeMetrics
+from realtime_safety.realtime.websocket import EXTENSION
 
 
 class Socket:

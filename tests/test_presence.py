@@ -11,7 +11,7 @@ import redis
 from conftest import Node, RedisServer, token, unique_db
 from wire import Raw, sentinel, until
 
-from presence.store import NODES
+from realtime_safety.presence.store import NODES
 
 
 def chan() -> str:

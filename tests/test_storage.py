@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from conftest import unique_db
 
-from storage import Store
-from storage.mongo import MongoStore
-from storage.sqlite import SqliteStore
+from realtime_safety.storage import Store
+from realtime_safety.storage.mongo import MongoStore
+from realtime_safety.storage.sqlite import SqliteStore
 
 ENVELOPE = {
     "v": 1,
@@ -182,7 +182,7 @@ async def test_mongodb_documents_hold_ciphertext_as_sent(mongo_uri: str) -> None
 async def test_unreachable_mongodb_is_unavailable_not_a_hang() -> None:
     from conftest import free_port
 
-    from storage import StoreUnavailable
+    from realtime_safety.storage import StoreUnavailable
 
     store = MongoStore(
         f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", "x", timeout_s=0.5
@@ -222,7 +222,7 @@ async def test_schema_version_is_recorded_and_newer_databases_are_refused(
         await store._writer.run(lambda db: db.execute(f"PRAGMA user_version={version + 1}"))
     else:
         await store._db["meta"].update_one({"_id": "schema"}, {"$set": {"version": version + 1}})
-    from storage import StoreUnavailable
+    from realtime_safety.storage import StoreUnavailable
 
     with pytest.raises(StoreUnavailable, match="newer than this server"):
         await factory()
@@ -240,7 +240,7 @@ async def test_dump_and_load_round_trip_between_backends(
     await source.messages.purge("public", before_ts=10)
     await source.memberships.add("room:a", "alice", 7)
     await source.read_markers.set("room:a", "alice", 2)
-    from storage import RECORD_KINDS
+    from realtime_safety.storage import RECORD_KINDS
 
     dumped = {kind: [r async for r in source.dump(kind)] for kind in RECORD_KINDS}
     assert len(dumped["messages"]) == 3 and dumped["messages"][0]["body"] == ENVELOPE
@@ -284,7 +284,7 @@ async def test_concurrent_appends_are_grouped_and_stay_exact(factory: Any) -> No
 
 
 async def test_key_directory(factory: Any) -> None:
-    from storage import Device
+    from realtime_safety.storage import Device
 
     keys = (await factory()).keys
     phone = Device("phone-1", "alice", b"i" * 32, b"s" * 32, 1)
@@ -304,7 +304,7 @@ async def test_key_directory(factory: Any) -> None:
 
 
 async def test_reports(factory: Any) -> None:
-    from storage import Report
+    from realtime_safety.storage import Report
 
     reports = (await factory()).reports
     await reports.add(Report("r1", "room:a", 3, "bob", "alice", "abuse", 5, "bad words", True))
@@ -337,7 +337,7 @@ async def test_docs(factory: Any) -> None:
 
 
 async def test_redact_and_resolve(factory: Any) -> None:
-    from storage import Report
+    from realtime_safety.storage import Report
 
     store = await factory()
     await store.messages.append("room:m", "alice", None, "c1", ENVELOPE, 1)

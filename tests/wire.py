@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Opcode
 from websockets.frames import Frame as WsFrame
 
-from loadtests.support import stalled_subscriber as stalled_subscriber  # for the tests
+from realtime_safety.loadtests.support import stalled_subscriber as stalled_subscriber  # for the tests
 
 
 def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[str, Any]:
@@ -218,7 +218,7 @@ class AppDevice:
     """A device with real keys, as an app would have, for tests that publish envelopes."""
 
     def __init__(self, device: str, key: bytes | None = None) -> None:
-        from crypto.e2ee import DeviceKeys, new_channel_key
+        from realtime_safety.crypto.e2ee import DeviceKeys, new_channel_key
 
         self.keys = DeviceKeys.generate(device)
         self.channel_key = key or new_channel_key()
@@ -230,7 +230,7 @@ class AppDevice:
     def envelope(
         self, channel: str, client_msg_id: str, text: str = "secret", *, json: bool = True
     ) -> dict[str, Any]:
-        from crypto.e2ee import encrypt
+        from realtime_safety.crypto.e2ee import encrypt
 
         body = encrypt(self.keys, channel, client_msg_id, "k1", self.channel_key, text)
         return b64(body) if json else body

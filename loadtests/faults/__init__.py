@@ -1,9 +1,9 @@
 """The fault suite: real faults injected into real processes on loopback, each bounded in time,
 each reporting what was sent, acknowledged, delivered, lost and duplicated.
 
-    python -m loadtests faults list            # the scenarios
-    python -m loadtests faults <name> [...]    # one (or several) of them
-    python -m loadtests faults all
+    python -m realtime_safety.loadtests faults list            # the scenarios
+    python -m realtime_safety.loadtests faults <name> [...]    # one (or several) of them
+    python -m realtime_safety.loadtests faults all
 
 Scenarios live with their topic: `chat` (node and Redis/store faults under publish load),
 `badinput` (generated hostile frames, resource attacks), `alerts` (trigger crashes, lost jobs,

@@ -30,7 +30,7 @@ import jwt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from alerts.plan import alert_id_for
+from realtime_safety.alerts.plan import alert_id_for
 
 from ..fakeproviders import FakeProviders
 from ..support import free_port
@@ -117,7 +117,7 @@ def _env(work: Path, fakes: FakeProviders, **extra: str) -> dict[str, str]:
 
 def _node(work: Path, env: dict[str, str], name: str = "node") -> Proc:
     port = free_port()
-    cmd = [sys.executable, "-m", "loadtests.faults.node", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "realtime_safety.loadtests.faults.node", "serve", "--port", str(port)]
     return Proc(name, [*cmd, "--log-level", "warning"], port, work / f"{name}.log", env)
 
 

@@ -43,7 +43,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from protocol import ERROR_CODES
+from realtime_safety.protocol import ERROR_CODES
 
 from ..support import free_port, pct, proc_stats, stalled_subscriber, wait_port
 from .hostile import DOCUMENTED_CLOSES, JSON_PROTO, PROTOS, Hostile, RandomChooser, hostile_frame
@@ -72,7 +72,7 @@ class EmbeddedNode:
 
     def __enter__(self) -> EmbeddedNode:
         log = open(self.work / "node.log", "wb")
-        cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "realtime_safety.realtime", "serve", "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [*cmd, "--log-level", "warning"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )

@@ -36,12 +36,12 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from realtime.client import Client, ConnectionLost, ServerError
+from realtime_safety.realtime.client import Client, ConnectionLost, ServerError
 
 from .cluster import Cluster, Proc
 from .report import FaultResult, Scenario
 
-log = logging.getLogger("loadtests.faults.chat")
+log = logging.getLogger("realtime_safety.loadtests.faults.chat")
 
 
 @dataclass(frozen=True)

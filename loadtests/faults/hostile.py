@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import msgpack
 from hypothesis import strategies as st
 
-from protocol import MAX_NESTING
+from realtime_safety.protocol import MAX_NESTING
 
 JSON_PROTO = "rt.v1.json"
 MSGPACK_PROTO = "rt.v1.msgpack"

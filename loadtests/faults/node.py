@@ -1,4 +1,4 @@
-"""`python -m loadtests.faults.node serve ...`: `realtime serve` with the fault suite's kill
+"""`python -m realtime_safety.loadtests.faults.node serve ...`: `realtime serve` with the fault suite's kill
 switch. With RT_FAULT_KILL_AT=<step> the process SIGKILLs itself the first time the alert
 service reaches that step (`AlertService.checkpoint`: trigger:reserved, trigger:stored,
 trigger:queued, resolve:stored, escalate:stored, deliver:sent). Only the fault suite and the
@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-from alerts.service import AlertService
-from realtime.cli import main
+from realtime_safety.alerts.service import AlertService
+from realtime_safety.realtime.cli import main
 
 
 def _kill_at(step: str) -> None:

@@ -2,7 +2,7 @@
 "sub ROOM" joins a room; "pub ROOM PAYLOAD" sends PAYLOAD to everyone in the room (the
 sender too, if it joined).
 
-    python -m loadtests.peers.raw_server PORT
+    python -m realtime_safety.loadtests.peers.raw_server PORT
 """
 
 from __future__ import annotations
