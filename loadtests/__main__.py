@@ -1,5 +1,5 @@
-"""python -m realtime_safety.loadtests compare | fanout | chat | idle | store | presence | alerts | faults
-(see --help)"""
+"""python -m realtime_safety.loadtests compare | fanout | chat | idle | store | presence | alerts
+| faults (see --help)"""
 
 from __future__ import annotations
 

@@ -138,7 +138,9 @@ class SocketIO(Target):
     echo = False  # emit(..., skip_sid=sender)
 
     def command(self, port: int) -> list[str]:
-        return uvicorn_peer(sys.executable, "realtime_safety.loadtests.peers.socketio_server:app", port)
+        return uvicorn_peer(
+            sys.executable, "realtime_safety.loadtests.peers.socketio_server:app", port
+        )
 
     def url(self, port: int) -> str:
         return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from realtime_safety.alerts.delivery import ROUTES, DeliverySettings
 from realtime_safety.alerts.metrics import AlertMetrics
-from realtime_safety.alerts.providers import FcmPush, OutboxPush, OutboxSms, PushProvider, SmsProvider, TwilioSms
+from realtime_safety.alerts.providers import (
+    FcmPush,
+    OutboxPush,
+    OutboxSms,
+    PushProvider,
+    SmsProvider,
+    TwilioSms,
+)
 from realtime_safety.alerts.queue import JobQueue, RedisJobQueue, StoreJobQueue
 from realtime_safety.alerts.responders import Responders
 from realtime_safety.alerts.service import AlertService, AlertSettings

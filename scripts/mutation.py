@@ -4,15 +4,17 @@ the tree, judged by the test files mapped to the mutated package.
 Why not mutmut 3: it selects the active mutant with MUTANT_UNDER_TEST and trampolines, which a
 server subprocess would inherit, but it decides *which tests run against a mutant* from the
 trampoline hits recorded in the pytest process only (mutmut/stats.py, record_trampoline_hit):
-code run only by the `python -m realtime_safety.realtime serve` subprocesses is never recorded, so its mutants
-end up "no tests" and are never run. Here every mutant of a package is run against the whole
+code run only by the server subprocesses is never recorded, so its mutants end up "no tests"
+and are never run. Here every mutant of a package is run against the whole
 list of test files mapped to that package, and the mutated file is real source on disk.
 
 How the mutant reaches the server subprocesses: the tests run with cwd = the copy
 (`python -m pytest`), so `tests/conftest.py` computes ROOT = the copy and starts
-`python -m realtime_safety.realtime serve` / `python -m realtime_safety.loadtests.faults.node` with cwd = the copy; `-m`
-puts the cwd first on sys.path, ahead of the editable install's finder (which points at the
-original checkout), so both the pytest process and every server import the mutated source.
+`python -m realtime_safety.realtime serve` / `python -m realtime_safety.loadtests.faults.node`
+with cwd = the copy. The copy holds a `realtime_safety/` folder of symlinks to its package
+folders (what the installed distribution maps), and `-m` puts the cwd first on sys.path, ahead
+of the editable install's finder (which points at the original checkout), so both the pytest
+process and every server import the mutated source.
 No bytecode is written in the copy (PYTHONDONTWRITEBYTECODE=1, no __pycache__ copied), so a
 same-size mutation written within the same second can never be masked by a stale .pyc.
 
@@ -40,7 +42,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "realtime_safety"  # the one import package the distribution installs (pyproject)
-FOLDERS = ("protocol", "realtime", "channels", "alerts", "crypto", "presence", "storage", "loadtests")
+FOLDERS = (
+    "protocol",
+    "realtime",
+    "channels",
+    "alerts",
+    "crypto",
+    "presence",
+    "storage",
+    "loadtests",
+)
 REASONS_FILE = ROOT / "docs" / "mutation-reasons.json"
 DOC = ROOT / "docs" / "mutation.md"
 
@@ -463,7 +474,8 @@ def first_failure(output: str) -> str:
 def check_imports(tree: Path) -> None:
     """The copy, not the editable install's checkout, is what `python -m` imports there."""
     code = (
-        f"import importlib; ms = [importlib.import_module('{NAMESPACE}.' + f) for f in {FOLDERS!r}];"
+        f"import importlib; ms = [importlib.import_module('{NAMESPACE}.' + f)"
+        f" for f in {FOLDERS!r}];"
         "print('\\n'.join(m.__file__ for m in ms))"
     )
     out = subprocess.run(

@@ -400,7 +400,9 @@ async def test_the_client_keeps_an_sos_until_the_server_promises_it(
     from realtime_safety.realtime.client import Client
 
     env = base_env(tmp_path / "k", RT_ALERT_RECONCILE_S="30", **fakes.env(tmp_path))
-    node = Node({**env, "RT_FAULT_KILL_AT": "trigger:stored"}, "k", "realtime_safety.loadtests.faults.node")
+    node = Node(
+        {**env, "RT_FAULT_KILL_AT": "trigger:stored"}, "k", "realtime_safety.loadtests.faults.node"
+    )
     node.start()
     phone = "+15550777"
     try:

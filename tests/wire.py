@@ -20,7 +20,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Opcode
 from websockets.frames import Frame as WsFrame
 
-from realtime_safety.loadtests.support import stalled_subscriber as stalled_subscriber  # for the tests
+from realtime_safety.loadtests.support import (
+    stalled_subscriber as stalled_subscriber,  # for the tests
+)
 
 
 def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[str, Any]:

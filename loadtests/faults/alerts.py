@@ -117,7 +117,14 @@ def _env(work: Path, fakes: FakeProviders, **extra: str) -> dict[str, str]:
 
 def _node(work: Path, env: dict[str, str], name: str = "node") -> Proc:
     port = free_port()
-    cmd = [sys.executable, "-m", "realtime_safety.loadtests.faults.node", "serve", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "realtime_safety.loadtests.faults.node",
+        "serve",
+        "--port",
+        str(port),
+    ]
     return Proc(name, [*cmd, "--log-level", "warning"], port, work / f"{name}.log", env)
 
 

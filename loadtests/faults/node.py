@@ -1,6 +1,6 @@
-"""`python -m realtime_safety.loadtests.faults.node serve ...`: `realtime serve` with the fault suite's kill
-switch. With RT_FAULT_KILL_AT=<step> the process SIGKILLs itself the first time the alert
-service reaches that step (`AlertService.checkpoint`: trigger:reserved, trigger:stored,
+"""`python -m realtime_safety.loadtests.faults.node serve ...`: `realtime serve` with the fault
+suite's kill switch. With RT_FAULT_KILL_AT=<step> the process SIGKILLs itself the first time
+the alert service reaches that step (`AlertService.checkpoint`: trigger:reserved, trigger:stored,
 trigger:queued, resolve:stored, escalate:stored, deliver:sent). Only the fault suite and the
 tests start nodes this way; `realtime serve` never installs the switch."""
 
