@@ -8,6 +8,7 @@ COPY storage storage
 COPY alerts alerts
 COPY presence presence
 COPY crypto crypto
+COPY moderation moderation
 COPY loadtests loadtests
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 realtime
 USER realtime

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from realtime_safety.protocol import Codec, wire_frame
+from realtime_safety.protocol import Frame
 from realtime_safety.storage import Message, MessageStore
 
 from .broker import Broker, BrokerUnavailable
@@ -33,30 +33,6 @@ CONTROL_TOPIC = "rt:ctl"
 MOD_TOPIC = "rt:mod"  # every message once more, for moderators watching patterns
 GAP_WAIT_S = 0.05
 REPAIR_PAGE = 500
-
-
-class Frame:
-    """A push, encoded lazily and at most once per codec: as the codec's payload, and as a
-    complete WebSocket frame to write to every socket as is."""
-
-    __slots__ = ("_encoded", "_wire", "push")
-
-    def __init__(self, push: dict[str, Any]) -> None:
-        self.push = push
-        self._encoded: dict[str, str | bytes] = {}
-        self._wire: dict[str, bytes] = {}
-
-    def encoded(self, codec: Codec) -> str | bytes:
-        data = self._encoded.get(codec.name)
-        if data is None:
-            data = self._encoded[codec.name] = codec.encode(self.push)
-        return data
-
-    def wire(self, codec: Codec) -> bytes:
-        data = self._wire.get(codec.name)
-        if data is None:
-            data = self._wire[codec.name] = wire_frame(self.encoded(codec), codec.binary)
-        return data
 
 
 def message_item(m: Message) -> dict[str, Any]:

@@ -13,6 +13,13 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class ChannelMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = registry if registry is not None else CollectorRegistry()
+        self.published = 0  # messages stored and fanned out, duplicates not counted (a counter)
+        self.publish_seconds = Histogram(
+            "rt_publish_seconds",
+            "A publish command from its frame to its acknowledgement (store and fan-out)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.backend_seconds = Histogram(
             "rt_backend_call_seconds",
             "A store or broker call made for a client command, by command (timeouts included)",

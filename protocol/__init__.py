@@ -1,7 +1,9 @@
 """The wire vocabulary every package speaks (docs/protocol.md): the two codecs and complete
-WebSocket frames, close codes, error codes and `ProtocolError`, argument checks, and the
-caller's `Identity`. The ground floor: it imports nothing of this project, and every feature
-package (channels, presence, crypto, alerts) and the server build on it.
+WebSocket frames and `Frame` (a push encoded once for every socket), close codes, error codes
+and `ProtocolError`, argument checks, the caller's `Identity`, and the session interface every
+feature's ops are written against (`Session`, `Op`, `Feature`, `Sessions`). The ground floor:
+it imports nothing of this project, and every feature package (channels, presence, crypto,
+alerts, moderation) and the server build on it.
 """
 
 from .frames import (
@@ -22,6 +24,7 @@ from .frames import (
     SUBPROTOCOL_MSGPACK,
     SUBPROTOCOLS,
     Codec,
+    Frame,
     JsonCodec,
     MsgpackCodec,
     ProtocolError,
@@ -34,6 +37,7 @@ from .frames import (
     wire_frame,
 )
 from .identity import ROLES, Identity, valid_user_id
+from .session import Feature, Op, Reply, Session, Sessions, moderator
 
 __all__ = [
     "CLOSE_AUTH_FAILED",
@@ -54,15 +58,22 @@ __all__ = [
     "SUBPROTOCOL_JSON",
     "SUBPROTOCOL_MSGPACK",
     "Codec",
+    "Feature",
+    "Frame",
     "Identity",
     "JsonCodec",
     "MsgpackCodec",
+    "Op",
     "ProtocolError",
+    "Reply",
+    "Session",
+    "Sessions",
     "UndecodableFrame",
     "arg_int",
     "arg_str",
     "choose_codec",
     "command_id",
+    "moderator",
     "require_str",
     "valid_user_id",
     "wire_frame",

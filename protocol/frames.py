@@ -258,3 +258,27 @@ def require_str(frame: Mapping[str, Any], name: str, *, max_len: int = 255) -> s
     value = arg_str(frame, name, max_len=max_len)
     assert value is not None
     return value
+
+
+class Frame:
+    """A push, encoded lazily and at most once per codec: as the codec's payload, and as a
+    complete WebSocket frame to write to every socket as is."""
+
+    __slots__ = ("_encoded", "_wire", "push")
+
+    def __init__(self, push: dict[str, Any]) -> None:
+        self.push = push
+        self._encoded: dict[str, str | bytes] = {}
+        self._wire: dict[str, bytes] = {}
+
+    def encoded(self, codec: Codec) -> str | bytes:
+        data = self._encoded.get(codec.name)
+        if data is None:
+            data = self._encoded[codec.name] = codec.encode(self.push)
+        return data
+
+    def wire(self, codec: Codec) -> bytes:
+        data = self._wire.get(codec.name)
+        if data is None:
+            data = self._wire[codec.name] = wire_frame(self.encoded(codec), codec.binary)
+        return data

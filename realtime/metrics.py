@@ -11,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from realtime_safety.channels.metrics import LATENCY_BUCKETS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,24 +25,18 @@ class Gauges:
     connections: Callable[[], int]
     channels: Callable[[], int]
     queued_frames: Callable[[], int]
+    published: Callable[[], int]  # a counter, read at scrape time like the gauges
 
 
 @dataclass
 class NodeMetrics:
     frames_in: int = 0
     frames_out: int = 0
-    published: int = 0
     slow_consumers: int = 0
     flood_closes: int = 0
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self.publish_seconds = Histogram(
-            "rt_publish_seconds",
-            "A publish command from its frame to its acknowledgement (store and fan-out)",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
         ProcessCollector(registry=self.registry)
 
     def watch(self, gauges: Gauges) -> None:
@@ -67,7 +59,7 @@ class _Collector(Collector):
             (
                 "rt_messages_published",
                 "Messages stored and fanned out (not duplicates)",
-                m.published,
+                g.published(),
             ),
             (
                 "rt_slow_consumer_closes",

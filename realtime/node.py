@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from realtime_safety.alerts.delivery import ROUTES, DeliverySettings
 from realtime_safety.alerts.metrics import AlertMetrics
+from realtime_safety.alerts.ops import AlertOps
 from realtime_safety.alerts.providers import (
     FcmPush,
     OutboxPush,
@@ -28,20 +29,21 @@ from realtime_safety.channels.acl import AccessControl, MembershipCache
 from realtime_safety.channels.broker import Broker, BrokerUnavailable, InProcessBroker, RedisBroker
 from realtime_safety.channels.hub import Hub
 from realtime_safety.channels.metrics import ChannelMetrics
+from realtime_safety.channels.ops import ChannelLimits, ChannelOps
 from realtime_safety.channels.service import ChannelService
 from realtime_safety.crypto.directory import KeyDirectory
+from realtime_safety.crypto.ops import KeyOps
+from realtime_safety.moderation.ops import ModerationOps
+from realtime_safety.moderation.service import Moderation
+from realtime_safety.presence.ops import PresenceOps
 from realtime_safety.presence.store import MemoryPresence, PresenceStore, RedisPresence
 from realtime_safety.presence.tracker import PresenceTracker
-from realtime_safety.protocol import CLOSE_GOING_AWAY
+from realtime_safety.protocol import CLOSE_GOING_AWAY, Feature, Op, Session
 from realtime_safety.storage import Store, StoreUnavailable, open_store
 
 from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
-from .moderation import Moderation
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("realtime.node")
 
@@ -64,15 +66,19 @@ class Node:
             )
         self.broker = broker
         self.metrics = NodeMetrics()
-        self.hub = Hub(
-            broker,
-            self.store.messages,
-            self._on_control,
-            metrics=ChannelMetrics(self.metrics.registry),
-        )
+        channel_metrics = ChannelMetrics(self.metrics.registry)
+        self.hub = Hub(broker, self.store.messages, self._on_control, metrics=channel_metrics)
         self.memberships = MembershipCache(self.store.memberships)
         self.alerts = self._alert_service(settings)
-        self.moderation = Moderation(self, self.store.docs)
+        self.moderation = Moderation(
+            self.store.docs,
+            self.store.messages,
+            self.hub,
+            self,
+            kick=self._kick,
+            broadcast=self.broadcast,
+            spawn=self.spawn,
+        )
         self.hub.on_mod = self.moderation.on_stream
         self.acl = AccessControl(self.memberships, self.alerts.can_see, self.moderation.banned)
         self.keys = KeyDirectory(self.store.keys, settings.franking_key)
@@ -100,16 +106,52 @@ class Node:
             node_timeout_s=settings.presence_node_timeout_s,
             push_limit=settings.presence_push_limit,
         )
-        self._typing_at: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.verifier = TokenVerifier(settings)
-        self.connections: set[Connection] = set()
-        self._by_user: dict[str, set[Connection]] = {}
+        self.connections: set[Session] = set()
+        self._by_user: dict[str, set[Session]] = {}
+        limits = settings.limits
+        self.channel_ops = ChannelOps(
+            acl=self.acl,
+            hub=self.hub,
+            service=self.channels,
+            roster=self.presence,
+            sessions=self,
+            verify_envelope=self.keys.verify_envelope,
+            limits=ChannelLimits(
+                max_subscriptions=limits.max_subscriptions,
+                max_body_bytes=limits.max_body_bytes,
+                max_pending=limits.send_queue_frames,
+                plaintext_namespaces=settings.plaintext_namespaces,
+            ),
+            metrics=channel_metrics,
+            spawn=self.spawn,
+        )
+        # Every feature's part of the protocol, and the one op table the connections dispatch on.
+        self.features: list[Feature] = [
+            self.channel_ops,
+            PresenceOps(self.presence, self.acl),
+            KeyOps(self.keys, self.store.keys, self.acl),
+            AlertOps(self.alerts),
+            ModerationOps(
+                self.moderation,
+                acl=self.acl,
+                messages=self.store.messages,
+                reports=self.store.reports,
+                keys=self.keys,
+            ),
+        ]
+        self.ops: dict[str, Op] = {}
+        for feature in self.features:
+            clash = self.ops.keys() & feature.ops.keys()
+            assert not clash, f"ops declared twice: {sorted(clash)}"
+            self.ops.update(feature.ops)
         self.metrics.watch(
             Gauges(
                 connections=lambda: len(self.connections),
                 channels=lambda: self.hub.channel_count,
                 queued_frames=lambda: sum(c.queued for c in self.connections),
+                published=lambda: channel_metrics.published,
             )
         )
         self.draining = False
@@ -199,40 +241,50 @@ class Node:
         except BrokerUnavailable as exc:
             log.warning("presence %s of %s on %s not pushed: %s", kind, user, channel, exc)
 
-    def typing_allowed(self, user: str, channel: str) -> float:
-        """0 if `user` may send a typing notice on `channel` now (one per second per user and
-        channel on this node), else seconds to wait."""
-        now = time.monotonic()
-        wait = 1.0 - (now - self._typing_at.get((user, channel), -1.0))
-        if wait > 0:
-            return wait
-        if len(self._typing_at) > 100_000:
-            self._typing_at = {k: v for k, v in self._typing_at.items() if now - v < 1.0}
-        self._typing_at[(user, channel)] = now
-        return 0.0
-
     async def ready(self) -> dict[str, bool]:
         store_ok, broker_ok = await asyncio.gather(self.store.ping(), self.broker.ping())
         return {"store": store_ok, "broker": broker_ok, "accepting": not self.draining}
 
     # --- connections ------------------------------------------------------------------
 
-    def register(self, conn: Connection) -> None:
-        self.connections.add(conn)
-        self._by_user.setdefault(conn.user, set()).add(conn)
+    def register(self, session: Session) -> None:
+        self.connections.add(session)
+        self._by_user.setdefault(session.identity.user, set()).add(session)
 
-    def unregister(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+    def unregister(self, session: Session) -> None:
         self._idle.set()
-        if conn.identity is not None:
-            conns = self._by_user.get(conn.identity.user)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del self._by_user[conn.identity.user]
+        if session not in self.connections:
+            return
+        self.connections.discard(session)
+        user = session.identity.user
+        sessions = self._by_user.get(user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_user[user]
 
-    def connections_of(self, user: str) -> list[Connection]:
+    # `protocol.Sessions`: what features may do with the node's sessions
+    def of_user(self, user: str) -> list[Session]:
         return list(self._by_user.get(user, ()))
+
+    def every(self) -> list[Session]:
+        return list(self.connections)
+
+    async def session_started(self, session: Session) -> None:
+        for feature in self.features:
+            await feature.started(session)
+
+    async def session_ended(self, session: Session) -> None:
+        """Every feature lets go of the session (each one even if another fails)."""
+        done = await asyncio.gather(
+            *(f.ended(session) for f in self.features), return_exceptions=True
+        )
+        for feature, result in zip(self.features, done, strict=True):
+            if isinstance(result, Exception):
+                log.warning("%s: session end failed: %r", type(feature).__name__, result)
+
+    def _kick(self, user: str, channel: str, reason: str, *, push: str = "unsubscribed") -> None:
+        self.channel_ops.kick(user, channel, reason, push=push)
 
     async def broadcast(self, event: dict[str, Any]) -> None:
         """A control event for every node, this one included (at once)."""
@@ -333,9 +385,9 @@ class Node:
             if event.get("from") == self.settings.node_id:
                 return  # delivered locally already
             frame = self.hub.frame(event["p"])
-            for conn in list(self.connections):
-                if conn.identity is not None and conn.identity.is_moderator:
-                    conn.push(frame)
+            for session in list(self.connections):
+                if session.identity.is_moderator:
+                    session.push(frame)
         elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()
@@ -345,5 +397,4 @@ class Node:
                 return
             self.memberships.invalidate(channel, user)
             if not event.get("added"):
-                for conn in list(self._by_user.get(user, ())):
-                    conn.kick(channel, "removed")
+                self.channel_ops.kick(user, channel, "removed")

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "realtime_safety"  # the one import package the distribution installs (pyproject)
 FOLDERS = (
     "protocol",
+    "moderation",
     "realtime",
     "channels",
     "alerts",
@@ -78,8 +79,12 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "crypto": (["crypto/*.py"], ["tests/test_e2ee.py"]),
     "presence": (["presence/*.py"], ["tests/test_presence.py"]),
     "storage": (["storage/*.py"], ["tests/test_storage.py", "tests/test_durability.py"]),
+    "moderation": (
+        ["moderation/*.py"],
+        ["tests/test_moderation.py", "tests/test_protocol.py"],
+    ),
     "session": (
-        ["realtime/connection.py", "realtime/moderation.py", "protocol/*.py"],
+        ["realtime/connection.py", "realtime/node.py", "protocol/*.py"],
         [
             "tests/test_codec.py",
             "tests/test_outgoing.py",

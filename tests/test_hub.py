@@ -10,8 +10,9 @@ from pathlib import Path
 from conftest import RedisServer
 
 from realtime_safety.channels.broker import BrokerUnavailable, RedisBroker
-from realtime_safety.channels.hub import Frame, Hub
+from realtime_safety.channels.hub import Hub
 from realtime_safety.channels.service import ChannelService
+from realtime_safety.protocol import Frame
 from realtime_safety.storage.sqlite import SqliteStore
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from conftest import RedisServer
 
 from realtime_safety.channels.broker import RedisBroker
-from realtime_safety.channels.hub import REPAIR_PAGE, Frame, Hub
+from realtime_safety.channels.hub import REPAIR_PAGE, Hub
+from realtime_safety.protocol import Frame
 from realtime_safety.storage.sqlite import SqliteStore
 
 

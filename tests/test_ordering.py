@@ -5,9 +5,9 @@ driven step by step instead of raced:
   that died between store and publish) reaches subscribers, before the next one, once;
 - the hub (channels/hub.py) fed messages before its initialisation ends, out of order and
   twice, on a real redis-server and a real SQLite store;
-- the replay/live merge of `subscribe {since_seq}` (realtime/connection.py): live messages
-  that arrive while the replay is read wait, and the message at the boundary (the replay's
-  `last_seq`, which may also arrive live) is pushed once.
+- the replay/live merge of `subscribe {since_seq}` (channels/ops.py, channels/subscriptions.py):
+  live messages that arrive while the replay is read wait, and the message at the boundary
+  (the replay's `last_seq`, which may also arrive live) is pushed once.
 """
 
 from __future__ import annotations
@@ -20,19 +20,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from unittest.mock import MagicMock
 
 import pytest
 from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw, plain
 
 from realtime_safety.channels.broker import RedisBroker
-from realtime_safety.channels.hub import CHANNEL_TOPIC, Frame, Hub, pack_message
+from realtime_safety.channels.hub import CHANNEL_TOPIC, Hub, pack_message
+from realtime_safety.channels.metrics import ChannelMetrics
+from realtime_safety.channels.ops import ChannelLimits, ChannelOps
 from realtime_safety.channels.service import ChannelService
-from realtime_safety.protocol import JSON, Identity
+from realtime_safety.protocol import JSON, Frame, Identity
 from realtime_safety.realtime.config import Limits
-from realtime_safety.realtime.connection import Connection
-from realtime_safety.realtime.websocket import EXTENSION
 from realtime_safety.storage import Message
 from realtime_safety.storage.mongo import MongoStore
 from realtime_safety.storage.sqlite import SqliteStore
@@ -307,20 +306,41 @@ async def test_hub_second_subscriber_shares_the_channel_state(parts: Any) -> Non
 # --- the replay/live merge of one connection, step by step --------------------------------
 
 
-class Socket:
-    """A connection's socket: frames written straight to it, decoded, in order."""
+class Session:
+    """The session an op sees (`protocol.Session`): what it pushes, decoded, in order; the
+    `after_reply` callbacks run when the test sends the reply, as the connection does."""
 
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
-        self.scope = {"extensions": {EXTENSION: {"writer": self}}}
+        self.identity = Identity(
+            user="carol", roles=frozenset({"user"}), expires_at=time.time() + 60
+        )
+        self.codec = JSON
+        self.id = "s1"
+        self.queued = 0
+        self._then: list[Any] = []
 
-    def can_write(self) -> bool:
-        return True
+    def send(self, obj: dict[str, Any]) -> None:
+        self.frames.append(json.loads(JSON.encode(obj)))
 
-    def write_frame(self, wire: bytes) -> None:
-        length = wire[1] & 0x7F
-        start = 2 if length < 126 else 4 if length == 126 else 10
-        self.frames.append(json.loads(wire[start:]))
+    def push(self, frame: Frame) -> None:
+        self.frames.append(json.loads(frame.encoded(JSON)))
+
+    def close(self, code: int, reason: str = "") -> None:
+        raise AssertionError(f"closed {code} {reason}")
+
+    async def bounded(self, call: Any) -> Any:
+        return await call
+
+    def after_reply(self, then: Any) -> None:
+        self._then.append(then)
+
+    def reply(self, result: dict[str, Any]) -> None:
+        """The `ok` reply, then what the op asked to run right after it."""
+        self.send({"id": 1, "ok": True, **result})
+        then, self._then = self._then, []
+        for callback in then:
+            callback()
 
     def seqs(self) -> list[int]:
         return [f["seq"] for f in self.frames if f.get("push") == "message"]
@@ -339,18 +359,24 @@ class NoPresence:
         return None
 
 
-def connection(sock: Socket, hub: Hub, store: Any) -> Connection:
-    node = SimpleNamespace(
-        settings=SimpleNamespace(limits=Limits()),
-        metrics=MagicMock(),  # counters and timers, whatever the node keeps
-        acl=AllowAll(),
+def channel_ops(hub: Hub, store: Any) -> ChannelOps:
+    limits = Limits()
+    return ChannelOps(
+        acl=AllowAll(),  # type: ignore[arg-type]
         hub=hub,
-        channels=ChannelService(store, hub, timeout_s=5, recovery_limit=100),
-        presence=NoPresence(),
+        service=ChannelService(store, hub, timeout_s=5, recovery_limit=100),
+        roster=NoPresence(),
+        sessions=SimpleNamespace(of_user=lambda user: []),  # type: ignore[arg-type]
+        verify_envelope=AllowAll().check,  # type: ignore[arg-type]
+        limits=ChannelLimits(
+            max_subscriptions=limits.max_subscriptions,
+            max_body_bytes=limits.max_body_bytes,
+            max_pending=limits.send_queue_frames,
+            plaintext_namespaces=("public",),
+        ),
+        metrics=ChannelMetrics(),
+        spawn=lambda coro, name: coro.close(),
     )
-    conn = Connection(sock, node, JSON)  # type: ignore[arg-type]
-    conn.identity = Identity(user="carol", roles=frozenset({"user"}), expires_at=time.time() + 60)
-    return conn
 
 
 async def test_replay_live_merge_boundary_is_pushed_once(parts: Any) -> None:
@@ -367,12 +393,12 @@ async def test_replay_live_merge_boundary_is_pushed_once(parts: Any) -> None:
     m = {n: await store_message(store, ch, n) for n in (1, 2, 3)}
     other = Inbox()
     await hub.add(ch, other)  # the node already receives the channel: expects 4
-    sock = Socket()
-    conn = connection(sock, hub, SimpleNamespace(messages=gated))
+    sock = Session()
+    ops = channel_ops(hub, SimpleNamespace(messages=gated))
     gated.read_first = False
     gated.last_gate = read_last = asyncio.Event()
     gated.after_gate = read_after = asyncio.Event()
-    subscribing = asyncio.create_task(conn._op_subscribe({"channel": ch, "since_seq": 1}))
+    subscribing = asyncio.create_task(ops.subscribe(sock, {"channel": ch, "since_seq": 1}))
     async with asyncio.timeout(5):
         await gated.waiting.wait()  # registered with the hub, about to read last_seq
     gated.waiting.clear()
@@ -387,18 +413,18 @@ async def test_replay_live_merge_boundary_is_pushed_once(parts: Any) -> None:
     read_after.set()
     result = await subscribing
     assert result == {"channel": ch, "last_seq": 4, "recovered": True}
-    conn.send({"id": 1, "ok": True, **result})  # as the command loop does
-    conn._flush_after_reply()
+    sock.reply(result)  # as the connection's command loop does
     assert sock.frames[0] == {"id": 1, "ok": True, **result}
     assert sock.seqs() == [2, 3, 4, 5]
     m[6] = await store_message(store, ch, 6)
     arrive(hub, m[6])
     assert sock.seqs() == [2, 3, 4, 5, 6]
-    conn.deliver(ch, 5, Frame({"push": "message", "channel": ch, "seq": 5}))  # a repeat
-    conn.deliver(ch, 6, Frame({"push": "message", "channel": ch, "seq": 6}))
+    subs = ops.of(sock)
+    subs.deliver(ch, 5, Frame({"push": "message", "channel": ch, "seq": 5}))  # a repeat
+    subs.deliver(ch, 6, Frame({"push": "message", "channel": ch, "seq": 6}))
     assert sock.seqs() == [2, 3, 4, 5, 6]
     assert other.seqs == [4, 5, 6]
-    hub.remove(ch, conn)
+    hub.remove(ch, subs)
     hub.remove(ch, other)
 
 
@@ -410,11 +436,11 @@ async def test_replay_live_merge_when_live_overtakes_the_whole_replay(parts: Any
     m = {n: await store_message(store, ch, n) for n in (1, 2)}
     other = Inbox()
     await hub.add(ch, other)  # expects 3
-    sock = Socket()
-    conn = connection(sock, hub, SimpleNamespace(messages=gated))
+    sock = Session()
+    ops = channel_ops(hub, SimpleNamespace(messages=gated))
     gated.read_first = False
     gated.last_gate = read_last = asyncio.Event()
-    subscribing = asyncio.create_task(conn._op_subscribe({"channel": ch, "since_seq": 0}))
+    subscribing = asyncio.create_task(ops.subscribe(sock, {"channel": ch, "since_seq": 0}))
     async with asyncio.timeout(5):
         await gated.waiting.wait()
     for n in (3, 4):
@@ -426,9 +452,8 @@ async def test_replay_live_merge_when_live_overtakes_the_whole_replay(parts: Any
     result = await subscribing
     m[5] = await store_message(store, ch, 5)
     arrive(hub, m[5])  # still before the reply is sent: pending
-    conn.send({"id": 1, "ok": True, **result})
-    conn._flush_after_reply()
+    sock.reply(result)
     assert result["last_seq"] == 4
     assert sock.seqs() == [1, 2, 3, 4, 5]
-    hub.remove(ch, conn)
+    hub.remove(ch, ops.of(sock))
     hub.remove(ch, other)

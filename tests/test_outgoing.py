@@ -11,8 +11,7 @@ from typing import Any
 
 from wire import until
 
-from realtime_safety.channels.hub import Frame
-from realtime_safety.protocol import JSON, wire_frame
+from realtime_safety.protocol import JSON, Frame, wire_frame
 from realtime_safety.realtime.config import Limits
 from realtime_safety.realtime.connection import Connection
 from realtime_safety.realtime.metrics import NodeMetrics
@@ -52,7 +51,9 @@ class Socket:
 
 def connection(sock: Socket, queue: int = 8) -> Connection:
     node = SimpleNamespace(
-        settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)), metrics=NodeMetrics()
+        settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)),
+        metrics=NodeMetrics(),
+        ops={},
     )
     return Connection(sock, node, JSON)  # type: ignore[arg-type]
 

@@ -20,18 +20,26 @@ import fnmatch
 import time
 import uuid
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from realtime_safety.channels.hub import Hub
 from realtime_safety.channels.names import parse_channel
-from realtime_safety.protocol import CLOSE_BANNED, ProtocolError
-from realtime_safety.storage import DocStore
+from realtime_safety.channels.ops import Spawn
+from realtime_safety.protocol import (
+    CLOSE_BANNED,
+    Frame,
+    ProtocolError,
+    Session,
+    Sessions,
+    valid_user_id,
+)
+from realtime_safety.storage import DocStore, MessageStore
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .node import Node
-
-MOD_TOPIC = "rt:mod"
 MAX_PATTERNS = 20
+
+# (user, channel, reason, push): end the user's subscriptions to the channel on this node
+Kick = Callable[..., None]
 
 
 def _now() -> int:
@@ -39,10 +47,25 @@ def _now() -> int:
 
 
 class Moderation:
-    def __init__(self, node: Node, docs: DocStore) -> None:
-        self._node = node
+    def __init__(
+        self,
+        docs: DocStore,
+        messages: MessageStore,
+        hub: Hub,
+        sessions: Sessions,
+        *,
+        kick: Kick,
+        broadcast: Callable[[dict[str, Any]], Awaitable[None]],
+        spawn: Spawn,
+    ) -> None:
         self._docs = docs
-        self._watchers: dict[Connection, list[str]] = {}
+        self._messages = messages
+        self._hub = hub
+        self._sessions = sessions
+        self._kick = kick
+        self._broadcast = broadcast
+        self._spawn = spawn
+        self._watchers: dict[Session, list[str]] = {}
         # (user, channel or "*") -> (banned until ms or None, reason, cached until monotonic)
         self._bans: OrderedDict[tuple[str, str], tuple[int | None, str, float]] = OrderedDict()
 
@@ -65,32 +88,32 @@ class Moderation:
 
     # --- watching ---------------------------------------------------------------------
 
-    async def watch(self, conn: Connection, pattern: object) -> list[str]:
+    async def watch(self, session: Session, pattern: object) -> list[str]:
         if not isinstance(pattern, str) or not 1 <= len(pattern) <= 255:
             raise ProtocolError("bad_request", "'pattern' must be a glob such as room:*")
-        patterns = self._watchers.get(conn, [])
+        patterns = self._watchers.get(session, [])
         if pattern not in patterns:
             if len(patterns) >= MAX_PATTERNS:
                 raise ProtocolError("too_large", f"at most {MAX_PATTERNS} patterns")
             first = not self._watchers
-            self._watchers[conn] = [*patterns, pattern]
+            self._watchers[session] = [*patterns, pattern]
             if first:
-                await self._node.hub.watch(True)
-        return self._watchers[conn]
+                await self._hub.watch(True)
+        return self._watchers[session]
 
-    async def unwatch(self, conn: Connection, pattern: object | None) -> list[str]:
-        patterns = [p for p in self._watchers.get(conn, []) if pattern not in (None, p)]
+    async def unwatch(self, session: Session, pattern: object | None) -> list[str]:
+        patterns = [p for p in self._watchers.get(session, []) if pattern not in (None, p)]
         if patterns:
-            self._watchers[conn] = patterns
-        elif self._watchers.pop(conn, None) is not None and not self._watchers:
-            await self._node.hub.watch(False)
+            self._watchers[session] = patterns
+        elif self._watchers.pop(session, None) is not None and not self._watchers:
+            await self._hub.watch(False)
         return patterns
 
-    def on_stream(self, channel: str, frame: Any) -> None:
+    def on_stream(self, channel: str, frame: Frame) -> None:
         """A message or deletion from the moderation stream: to matching local watchers."""
-        for conn, patterns in list(self._watchers.items()):
+        for session, patterns in list(self._watchers.items()):
             if any(fnmatch.fnmatchcase(channel, p) for p in patterns):
-                conn.push(frame)
+                session.push(frame)
 
     # --- delete -----------------------------------------------------------------------
 
@@ -103,18 +126,16 @@ class Moderation:
         if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
             raise ProtocolError("bad_request", "'reason' must be 1-500 characters")
         tombstone = {"v": 1, "alg": "deleted", "reason": reason, "by": actor, "ts": _now()}
-        if not await self._node.store.messages.redact(ch.name, seq, tombstone):
+        if not await self._messages.redact(ch.name, seq, tombstone):
             raise ProtocolError("not_found", f"no message {seq} in {ch.name}")
         await self.audit(actor, "delete", channel=ch.name, seq=seq, reason=reason)
-        await self._node.hub.publish_event(ch.name, "deleted", s=seq)
-        await self._node.hub.publish_mod({"push": "deleted", "channel": ch.name, "seq": seq})
+        await self._hub.publish_event(ch.name, "deleted", s=seq)
+        await self._hub.publish_mod({"push": "deleted", "channel": ch.name, "seq": seq})
         return {"channel": ch.name, "seq": seq}
 
     # --- bans -------------------------------------------------------------------------
 
     async def ban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
-        from realtime_safety.protocol import valid_user_id
-
         user = frame.get("user")
         if not valid_user_id(user):
             raise ProtocolError("bad_request", "'user' must be a user id")
@@ -140,7 +161,7 @@ class Moderation:
             ix=until,
         )
         await self.audit(actor, "ban", user=user, channel=channel, until=until, reason=reason)
-        await self._node.broadcast({"t": "ban", "u": user, "c": channel, "reason": reason})
+        await self._broadcast({"t": "ban", "u": user, "c": channel, "reason": reason})
         return {"user": user, "channel": channel, "until": until}
 
     async def unban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +172,7 @@ class Moderation:
             channel = parse_channel(channel).name
         removed = await self._docs.delete("bans", f"{user}|{channel or '*'}")
         await self.audit(actor, "unban", user=user, channel=channel)
-        await self._node.broadcast({"t": "unban", "u": user, "c": channel})
+        await self._broadcast({"t": "unban", "u": user, "c": channel})
         return {"user": user, "channel": channel, "removed": removed}
 
     async def banned(self, user: str, channel: str | None) -> str | None:
@@ -177,12 +198,13 @@ class Moderation:
         self._bans.pop((user, channel or "*"), None)
         if event.get("t") != "ban":
             return
-        for conn in self._node.connections_of(user):
-            if channel is None:
-                conn.close(CLOSE_BANNED, "banned")
-            elif channel in conn.subs:
-                conn.kick(channel, "banned", push="kicked")
+        if channel is not None:
+            self._kick(user, channel, "banned", push="kicked")
+            return
+        for session in self._sessions.of_user(user):
+            session.close(CLOSE_BANNED, "banned")
 
-    def forget(self, conn: Connection) -> None:
-        if conn in self._watchers:
-            self._node.spawn(self.unwatch(conn, None), "mod-unwatch")
+    def forget(self, session: Session) -> None:
+        """A watcher's session ended: its patterns go (and the stream, if it was the last)."""
+        if session in self._watchers:
+            self._spawn(self.unwatch(session, None), "mod-unwatch")

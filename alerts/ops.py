@@ -1,0 +1,52 @@
+"""The alert ops (docs/protocol.md, "Safety alerts"): alert.trigger, alert.location,
+alert.ack, alert.resolve, alert.status, location.share (responders) and mod.alerts
+(moderators). Every one is a bounded backend call: a store that does not answer is
+`unavailable`, never a hang."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realtime_safety.protocol import Feature, ProtocolError, Reply, Session, moderator
+
+from .service import AlertService
+
+
+class AlertOps(Feature):
+    def __init__(self, service: AlertService) -> None:
+        self._svc = service
+        self.ops = {
+            "alert.trigger": self.trigger,
+            "alert.location": self.location,
+            "alert.ack": self.ack,
+            "alert.resolve": self.resolve,
+            "alert.status": self.status,
+            "location.share": self.share_location,
+            "mod.alerts": self.active,
+        }
+
+    async def trigger(self, session: Session, frame: dict[str, Any]) -> Reply:
+        return await session.bounded(self._svc.trigger(session.identity.user, frame))
+
+    async def location(self, session: Session, frame: dict[str, Any]) -> Reply:
+        return await session.bounded(self._svc.location(session.identity.user, frame))
+
+    async def ack(self, session: Session, frame: dict[str, Any]) -> Reply:
+        return await session.bounded(self._svc.ack(session.identity.user, frame))
+
+    async def resolve(self, session: Session, frame: dict[str, Any]) -> Reply:
+        who = session.identity
+        return await session.bounded(self._svc.resolve(who.user, who.is_moderator, frame))
+
+    async def status(self, session: Session, frame: dict[str, Any]) -> Reply:
+        who = session.identity
+        return await session.bounded(self._svc.status(who.user, who.is_moderator, frame))
+
+    async def share_location(self, session: Session, frame: dict[str, Any]) -> Reply:
+        if "responder" not in session.identity.roles:
+            raise ProtocolError("forbidden", "only responders share their location")
+        return await session.bounded(self._svc.share_location(session.identity.user, frame))
+
+    async def active(self, session: Session, frame: dict[str, Any]) -> Reply:
+        moderator(session)
+        return {"alerts": await session.bounded(self._svc.active())}
