@@ -9,6 +9,7 @@ COPY alerts alerts
 COPY presence presence
 COPY crypto crypto
 COPY moderation moderation
+COPY client client
 COPY loadtests loadtests
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 realtime
 USER realtime

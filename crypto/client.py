@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from realtime_safety.client import Client, ServerError
 from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
-from realtime_safety.realtime.client import Client, ServerError
 
 from .e2ee import (
     ALG,

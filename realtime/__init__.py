@@ -8,11 +8,15 @@ Offers:
   `protocol`);
 - `realtime.metrics`, `realtime.logs` — Prometheus metrics and log lines (text or JSON);
 - `realtime.server` — the ASGI app (`create_app`): `/ws`, the server API, health, metrics;
-- `realtime.node` — a node: store, broker, hub, access control, connections;
-- `realtime.connection` — one socket: auth, commands, bounded outgoing queue, rate limits;
+- `realtime.node` — a node: assembles the features (each feature package's `ops`: channels,
+  presence, crypto, alerts, moderation) into one op table, and keeps the open sessions;
+- `realtime.connection` — one socket, the `protocol.Session` the ops see: auth and refresh,
+  the command loop and its dispatch, rate limits, the bounded outgoing queue;
 - `realtime.websocket` — the uvicorn WebSocket protocol the node runs on (direct frame
-  writes for fan-out, small per-connection footprint);
-- `realtime.client` — the Python client library (reconnects and resumes with `since_seq`).
+  writes for fan-out, small per-connection footprint).
+
+Nothing below imports this package: the features are written against `protocol.Session`.
+The Python client library is the package `client`.
 """
 
 __version__ = "0.1.0"

@@ -45,6 +45,7 @@ NAMESPACE = "realtime_safety"  # the one import package the distribution install
 FOLDERS = (
     "protocol",
     "moderation",
+    "client",
     "realtime",
     "channels",
     "alerts",

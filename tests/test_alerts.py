@@ -393,11 +393,11 @@ async def test_a_refused_trigger_stays_refused_on_retry(
 async def test_the_client_keeps_an_sos_until_the_server_promises_it(
     tmp_path: Path, fakes: FakeProviders
 ) -> None:
-    """realtime.client.Client.trigger_alert against a node killed right after it stored the
+    """client.Client.trigger_alert against a node killed right after it stored the
     alert (before it could answer): the client reconnects to the restarted node, sends the
     same client_alert_id again and gets the same alert; its SMS goes out once."""
     from realtime_safety.alerts.plan import alert_id_for
-    from realtime_safety.realtime.client import Client
+    from realtime_safety.client import Client
 
     env = base_env(tmp_path / "k", RT_ALERT_RECONCILE_S="30", **fakes.env(tmp_path))
     node = Node(

@@ -11,7 +11,7 @@ from typing import Any
 from conftest import Node, RedisServer, token, unique_db
 from wire import plain
 
-from realtime_safety.realtime.client import Client
+from realtime_safety.client import Client
 
 ROUNDS = 5
 PER_ROUND = 12

@@ -11,7 +11,7 @@ import pytest
 from conftest import Node, RedisServer, token, unique_db
 from wire import Raw, plain, sentinel, until
 
-from realtime_safety.realtime.client import Client
+from realtime_safety.client import Client
 
 
 @pytest.fixture

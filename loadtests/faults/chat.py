@@ -1,7 +1,7 @@
 """Fault scenarios: chat (see loadtests/faults/__init__.py).
 
 Every scenario runs the same load on a real cluster (loadtests/faults/cluster.py: two nodes,
-one Redis, one MongoDB): subscribers split across the nodes, each a `realtime.client.Client`
+one Redis, one MongoDB): subscribers split across the nodes, each a `client.Client`
 subscribed to three channels; a publisher posting on the first at a steady rate; and, once
 the fault is on, two "last words" after which their channels stay quiet (no later message can
 repair a gap there): one from a user who posted in that channel before the fault, one from a
@@ -36,7 +36,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from realtime_safety.realtime.client import Client, ConnectionLost, ServerError
+from realtime_safety.client import Client, ConnectionLost, ServerError
 
 from .cluster import Cluster, Proc
 from .report import FaultResult, Scenario

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime_safety.protocol import CODECS, SUBPROTOCOL_JSON, Codec
 
-log = logging.getLogger("realtime.client")
+log = logging.getLogger("realtime_safety.client")
 
 
 class ServerError(Exception):
