@@ -12,8 +12,9 @@ from conftest import Node, token
 from hypothesis import given, settings
 from wire import Raw
 
-from realtime_safety.loadtests.faults import badinput
+from realtime_safety.loadtests.faults import badinput, exhaustion
 from realtime_safety.loadtests.faults.hostile import DOCUMENTED_CLOSES, Hostile, hostile_frames
+from realtime_safety.loadtests.faults.wireclient import Closed, WireClient
 from realtime_safety.protocol import ERROR_CODES, JSON, MAX_NESTING, MSGPACK, UndecodableFrame
 
 # --- the generator, through Hypothesis -----------------------------------------------------
@@ -114,10 +115,10 @@ async def test_unknown_op_error_is_bounded(single_node: Node) -> None:
 
 async def test_invalid_utf8_text_closes_1007_without_an_error_log(single_node: Node) -> None:
     before = single_node.log().count("Invalid UTF-8")
-    client = await badinput.WireClient.open(single_node.port)
+    client = await WireClient.open(single_node.port)
     await client.command({"id": 1, "op": "auth", "token": token("alice")})
     client.send(b'{"id":2,"op":"\xff"}', text=True)
-    with pytest.raises(badinput.Closed) as closed:
+    with pytest.raises(Closed) as closed:
         await client.next_frame(10)
     assert closed.value.code == 1007
     client.close()
@@ -139,7 +140,7 @@ def test_bad_input_scenario_small() -> None:
 
 
 def test_conn_flood_scenario_small() -> None:
-    result = badinput.conn_flood(0.05, limit=10)  # 100 attempts by one user
+    result = exhaustion.conn_flood(0.05, limit=10)  # 100 attempts by one user
     assert result.extra["accepted"] == 10
     refused = result.sent - 10
     assert result.extra["outcome"]["refused too_large"] == refused
@@ -150,7 +151,7 @@ def test_conn_flood_scenario_small() -> None:
 
 
 def test_slowloris_scenario_small() -> None:
-    result = badinput.slowloris(0.02, handshake_s=1.0, auth_s=1.0)  # 3 x 6 sockets
+    result = exhaustion.slowloris(0.02, handshake_s=1.0, auth_s=1.0)  # 3 x 6 sockets
     assert result.extra["real_client_ok"]
     assert result.extra["outcome"].get("held", 0) == 0
     assert result.extra["outcome"]["close 4001"] == 6
@@ -160,7 +161,7 @@ def test_slowloris_scenario_small() -> None:
 
 
 def test_never_reads_scenario_small() -> None:
-    result = badinput.never_reads(0.05, ping_s=1.0)  # 5 readers, 300 messages of 4 KB
+    result = exhaustion.never_reads(0.05, ping_s=1.0)  # 5 readers, 300 messages of 4 KB
     ends = result.extra["reader_ends"]
     assert set(ends) <= {"close 4008", "close 1011", "dropped", "silent"}, ends
     assert sum(ends.values()) == 5

@@ -3,6 +3,7 @@ redis-server and MongoDB."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -102,3 +103,46 @@ async def test_members_restored_after_a_redis_restart_leave_when_their_node_dies
     a.kill()  # SIGKILL: node b must reap dora, from the restored index
     await until(lambda: listed(["wanda"]), 20, what="dora to leave after her node died")
     await watcher.close()
+
+
+async def test_presence_calls_queued_behind_a_failed_one_are_answered_and_reconciled(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """Joins and leaves are written in batches; when one batch fails (Redis does not answer),
+    every command waiting on it must still be answered (the entry is reconciled later), and
+    so must the batch of the other kind queued behind it. Once Redis answers again the node
+    makes the store hold what its sockets hold. (Mutants: presence/tracker.py, the failed
+    batch's `if not fut.done(): fut.set_exception(exc)` without `not` or without the call,
+    which leaves the waiting commands unanswered for good; and its `continue` as `break`,
+    which strands the batch queued behind.)"""
+    node: Node = node_factory("p", RT_NODE_ID="p", RT_STORE_TIMEOUT_S="1", **presence_env)
+    ch = chan()
+    ann = await Raw.open(node.url, token("ann"))
+    bob = await Raw.open(node.url, token("bob"))
+    carl = await Raw.open(node.url, token("carl"))
+    await ann.ok("subscribe", channel=ch)
+    await bob.ok("subscribe", channel=ch)  # the node now receives ch: no Redis call to add
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # each store call now waits out its timeout
+    try:
+        # ann's leave and carl's join are made while the first of them is failing (for at
+        # least the 1 s store timeout), so the other one is queued behind it
+        left, joined = await asyncio.gather(
+            ann.cmd("unsubscribe", channel=ch, timeout=30),
+            carl.cmd("subscribe", channel=ch, timeout=30),
+        )
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert left["ok"], left
+    assert joined["ok"], joined
+
+    async def listed() -> bool:
+        reply = await bob.cmd("presence", channel=ch)
+        return bool(reply["ok"]) and sorted(m["user"] for m in reply["members"]) == [
+            "bob",
+            "carl",
+        ]
+
+    await until(listed, 15, what="the node to reconcile: ann gone, carl there")
+    for r in (ann, bob, carl):
+        await r.close()

@@ -6,9 +6,10 @@ each reporting what was sent, acknowledged, delivered, lost and duplicated.
     python -m realtime_safety.loadtests faults all
 
 Scenarios live with their topic: `chat` (node and Redis/store faults under publish load),
-`badinput` (generated hostile frames, resource attacks), `alerts` (trigger crashes, lost jobs,
-provider faults). Each module offers `SCENARIOS: dict[str, Scenario]`; tests in
-`tests/test_faults_*.py` run the same scenarios small.
+`badinput` (generated hostile frames), `exhaustion` (resource attacks: connection floods,
+slowloris, readers that never read), `alerts` (trigger crashes, lost jobs, provider faults).
+Each module offers `SCENARIOS: dict[str, Scenario]`; tests in `tests/test_faults_*.py` run the
+same scenarios small.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ __all__ = ["FaultResult", "Scenario", "scenarios"]
 
 
 def scenarios() -> dict[str, Scenario]:
-    from . import alerts, badinput, chat
+    from . import alerts, badinput, chat, exhaustion
 
     found: dict[str, Scenario] = {}
-    for module in (chat, badinput, alerts):
+    for module in (chat, badinput, exhaustion, alerts):
         found.update(module.SCENARIOS)
     return found
