@@ -32,7 +32,7 @@ from .subscriptions import Subscription, Subscriptions
 # signature does not verify against the sender's registered device (crypto.KeyDirectory)
 EnvelopeCheck = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
 # runs a coroutine as a background task owned by the node (logged if it fails)
-Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+Spawn = Callable[[Coroutine[Any, Any, object], str], None]
 
 
 class Roster(Protocol):
