@@ -1,17 +1,24 @@
 """Gaps found by mutation testing (scripts/mutate channels): the hub's catch-up after a broker
-reconnect, on a real redis-server and a real SQLite store."""
+reconnect, the delivery-lag metric, and how the broker reports a pub/sub outage, on a real
+redis-server and a real SQLite store."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis.asyncio as aioredis
 from conftest import RedisServer
+from prometheus_client import CollectorRegistry
+from wire import until
 
 from realtime_safety.channels.broker import RedisBroker
 from realtime_safety.channels.hub import REPAIR_PAGE, Hub
+from realtime_safety.channels.metrics import ChannelMetrics
 from realtime_safety.protocol import Frame
 from realtime_safety.storage.sqlite import SqliteStore
 
@@ -74,3 +81,84 @@ async def test_after_a_broker_reconnect_everything_stored_meanwhile_arrives(
     finally:
         await hub.close()
         await store.close()
+
+
+async def test_the_delivery_lag_is_the_age_of_the_message_when_it_is_fanned_out(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`rt_delivery_lag_seconds` observes, per message fanned out on this node, the time since
+    the message was stored (its `ts`), not anything else (mutant: channels/hub.py,
+    `time.time() - m.ts / 1000` with `+`)."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    registry = CollectorRegistry()
+    hub = Hub(
+        RedisBroker(redis_server.url, timeout_s=2),
+        store.messages,
+        lambda event: None,
+        metrics=ChannelMetrics(registry),
+    )
+    await hub.start()
+    try:
+        inbox = Inbox()
+        await hub.add("public:lag", inbox)
+        body = {"v": 1, "alg": "none", "text": "hi"}
+        stored_at = int(time.time() * 1000) - 3000  # stored 3 s ago, fanned out now
+        appended = await store.messages.append("public:lag", "ann", None, "m1", body, stored_at)
+        before = time.time()
+        await hub.publish(appended.message)
+        await inbox.holds([1])
+        age = time.time() - stored_at / 1000
+        assert registry.get_sample_value("rt_delivery_lag_seconds_count") == 1
+        lag = registry.get_sample_value("rt_delivery_lag_seconds_sum")
+        assert lag is not None and before - stored_at / 1000 <= lag <= age, (lag, age)
+        assert registry.get_sample_value("rt_delivery_lag_seconds_bucket", {"le": "2.5"}) == 0
+        assert registry.get_sample_value("rt_delivery_lag_seconds_bucket", {"le": "5.0"}) == 1
+    finally:
+        await hub.close()
+        await store.close()
+
+
+async def test_a_pub_sub_outage_is_logged_once_and_ends_in_one_resync(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """However many times the broker's reconnect fails during one outage, the outage is one
+    warning, and its end one info and one `on_resync`; the next outage is reported again
+    (mutant: channels/broker.py, `if not self._recovering` without `not`, which stays silent at
+    the first failure and warns at every later one). The failures are real Redis refusals,
+    counted: Redis drops the subscriber when its channel permission is revoked (failure 1),
+    refuses the reconnect's SUBSCRIBE while it stays revoked (failure 2), and the refused
+    connection is then killed (failure 3) after the permission is restored."""
+    caplog.set_level(logging.INFO, logger="realtime.broker")
+    received: list[bytes] = []
+    resyncs: list[float] = []
+    broker = RedisBroker(redis_server.url, timeout_s=2)
+    await broker.start(lambda topic, data: received.append(data), lambda: resyncs.append(1))
+    admin = aioredis.from_url(redis_server.url, decode_responses=True)
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    async def refused_subscriber() -> str | None:
+        clients = await admin.client_list()
+        return next((c["id"] for c in clients if c["cmd"] == "subscribe" and c["sub"] == "0"), None)
+
+    try:
+        await broker.subscribe("rt:outage")
+        await admin.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        refused = await until(refused_subscriber, what="the reconnect's SUBSCRIBE refused")
+        await admin.execute_command("ACL", "SETUSER", "default", "allchannels")
+        assert await admin.client_kill_filter(_id=refused) == 1
+        await until(lambda: resyncs, what="the resync after the outage")
+        assert said("connection lost") == 1
+        assert said("re-subscribed") == 1 and len(resyncs) == 1
+        await admin.publish("rt:outage", b"after")
+        await until(lambda: received == [b"after"], what="a message after the outage")
+
+        # The next outage (the subscriber's connection killed once) is reported too.
+        assert await admin.client_kill_filter(_type="pubsub") == 1
+        await until(lambda: len(resyncs) == 2, what="the resync after the second outage")
+        assert said("connection lost") == 2 and said("re-subscribed") == 2
+    finally:
+        await admin.aclose()
+        await broker.close()
