@@ -89,6 +89,8 @@ class ChannelOps(Feature):
             "read": self.read,
             "members": self.members,
         }
+        # Under overload every channel op waits for better times, except leaving a channel.
+        self.shed = frozenset(self.ops) - {"unsubscribe"}
 
     def of(self, session: Session) -> Subscriptions:
         subs = self._subs.get(session)

@@ -51,8 +51,10 @@ class ChannelService:
         self._tag = tag  # adds the server's franking tag to a franked envelope
         self._timeout = timeout_s
         self._recovery_limit = recovery_limit
+        self.in_flight = 0  # backend calls made for commands, not yet answered (load signal)
 
     async def bounded(self, what: str, call: Awaitable[T]) -> T:
+        self.in_flight += 1
         try:
             with self.metrics.backend_seconds.labels(what).time():
                 async with asyncio.timeout(self._timeout):
@@ -67,6 +69,8 @@ class ChannelService:
         except (BrokerUnavailable, RedisError, OSError) as exc:
             log.warning("%s failed: %s", what, exc)
             raise ProtocolError("unavailable", f"{what}: the broker is unavailable") from None
+        finally:
+            self.in_flight -= 1
 
     async def publish(
         self,

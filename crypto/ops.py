@@ -34,6 +34,7 @@ class KeyOps(Feature):
             "keys.share": self.share,
             "keys.fetch": self.fetch,
         }
+        self.shed = frozenset(self.ops)  # key exchange serves chat
 
     async def register(self, session: Session, frame: dict[str, Any]) -> Reply:
         user = session.identity.user

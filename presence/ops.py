@@ -18,6 +18,7 @@ class PresenceOps(Feature):
         self._tracker = tracker
         self._acl = acl
         self.ops = {"presence": self.presence, "presence.invisible": self.invisible}
+        self.shed = frozenset({"presence"})
 
     async def started(self, session: Session) -> None:
         user = session.identity.user

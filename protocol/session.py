@@ -70,11 +70,13 @@ class Sessions(Protocol):
 
 
 class Feature:
-    """A feature's part of the protocol. Subclasses fill `ops` (op name -> handler) and may
-    act when a session is authenticated (`started`) and when it ends (`ended`, always called,
-    even after a failed start)."""
+    """A feature's part of the protocol. Subclasses fill `ops` (op name -> handler), name the
+    ops an overloaded node refuses first (`shed`: chat work, never safety work), and may act
+    when a session is authenticated (`started`) and when it ends (`ended`, always called, even
+    after a failed start)."""
 
     ops: Mapping[str, Op] = {}
+    shed: frozenset[str] = frozenset()
 
     async def started(self, session: Session) -> None:
         return None

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from realtime_safety.storage import StoreConfig
 
+from .overload import OverloadLimits
+
 
 class ConfigError(Exception):
     """A configuration problem, explained in one line."""
@@ -81,6 +83,7 @@ class Settings:
     ws_deflate: bool = False
     presence_push_limit: int = 200
     limits: Limits = field(default_factory=Limits)
+    overload: OverloadLimits = field(default_factory=OverloadLimits)
 
     @property
     def broker_kind(self) -> str:
@@ -307,6 +310,12 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,
+        overload=OverloadLimits(
+            lag_s=_number(env, "RT_OVERLOAD_LAG_MS", 100.0) / 1000,
+            queued_frames=int(_number(env, "RT_OVERLOAD_QUEUED_FRAMES", 50_000, integer=True)),
+            backend_calls=int(_number(env, "RT_OVERLOAD_BACKEND_CALLS", 2_000, integer=True)),
+            cool_s=_number(env, "RT_OVERLOAD_COOL_S", 1.0),
+        ),
     )
 
 

@@ -89,6 +89,8 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._after_reply: list[Callable[[], None]] = []  # run right after the `ok` reply
         self._ops = node.ops  # every feature's ops (one table for all connections)
+        self._sheddable = node.sheddable
+        self._load = node.load
         self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._rejected = 0
         self._rejected_since = 0.0
@@ -342,6 +344,13 @@ class Connection:
                     raise ProtocolError("bad_request", "'id' must be a non-negative integer")
                 self._rate_limit()
                 op = frame.get("op")
+                if op in self._sheddable and self._load.overloaded:
+                    self._load.shed += 1
+                    raise ProtocolError(
+                        "unavailable",
+                        "the server is overloaded: retry later",
+                        retry_after_ms=self._load.retry_after_ms(),
+                    )
                 handler = self._ops.get(op) if isinstance(op, str) else None
                 if handler is not None:
                     result = await handler(self, frame)

@@ -26,6 +26,9 @@ class Gauges:
     channels: Callable[[], int]
     queued_frames: Callable[[], int]
     published: Callable[[], int]  # a counter, read at scrape time like the gauges
+    overloaded: Callable[[], int]
+    loop_lag_s: Callable[[], float]
+    shed: Callable[[], int]  # a counter
 
 
 @dataclass
@@ -67,11 +70,18 @@ class _Collector(Collector):
                 m.slow_consumers,
             ),
             ("rt_flood_closes", "Connections closed 4008 for flooding", m.flood_closes),
+            ("rt_shed_commands", "Commands refused because the node was overloaded", g.shed()),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         for name, doc, read in (
             ("rt_connections", "Open WebSocket connections on this node", g.connections),
             ("rt_node_channels", "Channels this node receives from the broker", g.channels),
             ("rt_outgoing_queued_frames", "Frames waiting behind full sockets", g.queued_frames),
+            (
+                "rt_overloaded",
+                "1 while the node refuses chat work (overload control)",
+                g.overloaded,
+            ),
+            ("rt_event_loop_lag_seconds", "How late the last event-loop timer fired", g.loop_lag_s),
         ):
             yield GaugeMetricFamily(name, doc, value=read())

@@ -44,6 +44,7 @@ from realtime_safety.storage import Store, StoreUnavailable, open_store
 from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
+from .overload import LoadMonitor
 
 log = logging.getLogger("realtime.node")
 
@@ -146,12 +147,22 @@ class Node:
             clash = self.ops.keys() & feature.ops.keys()
             assert not clash, f"ops declared twice: {sorted(clash)}"
             self.ops.update(feature.ops)
+        # what an overloaded node refuses first (never an alert op)
+        self.sheddable = frozenset().union(*(f.shed for f in self.features))
+        self.load = LoadMonitor(
+            settings.overload,
+            queued_frames=lambda: sum(c.queued for c in self.connections),
+            backend_calls=lambda: self.channels.in_flight,
+        )
         self.metrics.watch(
             Gauges(
                 connections=lambda: len(self.connections),
                 channels=lambda: self.hub.channel_count,
                 queued_frames=lambda: sum(c.queued for c in self.connections),
                 published=lambda: channel_metrics.published,
+                overloaded=lambda: int(self.load.overloaded),
+                loop_lag_s=lambda: self.load.lag_s,
+                shed=lambda: self.load.shed,
             )
         )
         self.draining = False
@@ -175,6 +186,7 @@ class Node:
             raise StartupError(f"broker unavailable: {exc}") from None
         await self.presence.start()
         await self.alerts.start()
+        self.load.start()
         if self.settings.retention_days:
             self._retention = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
@@ -212,6 +224,7 @@ class Node:
             await asyncio.sleep(self.settings.retention_interval_s)
 
     async def stop(self) -> None:
+        await self.load.stop()
         if self._retention is not None:
             self._retention.cancel()
             await asyncio.gather(self._retention, return_exceptions=True)

@@ -1,25 +1,36 @@
-"""The embedded store's plumbing: a SQLite connection owned by one thread, and transactions."""
+"""The embedded store's plumbing: a SQLite connection owned by one thread, and transactions.
+
+Each connection's thread takes calls from two lanes: `urgent` ones (the documents: alerts,
+their delivery jobs, bans) always before the others (chat's messages and its records), so an
+SOS never waits behind a queue of chat writes or reads.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .base import StoreUnavailable
 
 T = TypeVar("T")
+_Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
 class Db:
-    """A connection owned by one thread; every call runs there."""
+    """A connection owned by one thread; every call runs there, urgent calls first."""
 
     def __init__(self, path: Path, name: str) -> None:
         self._path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
+        self._name = name
+        self._lanes: tuple[deque[_Job], deque[_Job]] = (deque(), deque())  # urgent, normal
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
         self._conn: sqlite3.Connection | None = None
 
     def connect(self) -> sqlite3.Connection:
@@ -31,12 +42,41 @@ class Db:
             self._conn = conn
         return self._conn
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._ready:
+            if self._closing:
+                raise StoreUnavailable("sqlite: the store is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name=f"sqlite-{self._name}", daemon=True
+                )
+                self._thread.start()
+            self._lanes[0 if urgent else 1].append((fn, loop, future))
+            self._ready.notify()
         try:
-            return await loop.run_in_executor(self._executor, lambda: fn(self.connect()))
+            return await future
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    def _work(self) -> None:
+        urgent, normal = self._lanes
+        while True:
+            with self._ready:
+                while not urgent and not normal and not self._closing:
+                    self._ready.wait()
+                if not urgent and not normal:
+                    return  # closing, and nothing left to do
+                fn, loop, future = urgent.popleft() if urgent else normal.popleft()
+            if future.cancelled():
+                continue  # its caller gave up (timeout) before it ran
+            try:
+                result: Any = fn(self.connect())
+            except BaseException as exc:  # handed to the caller, whatever it is
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
 
     async def close(self) -> None:
         def _close(_: sqlite3.Connection) -> None:
@@ -44,9 +84,22 @@ class Db:
                 self._conn.close()
                 self._conn = None
 
-        if self._conn is not None:
+        if self._thread is not None:
             await self.run(_close)
-        self._executor.shutdown(wait=True)
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:

@@ -54,6 +54,8 @@ def connection(sock: Socket, queue: int = 8) -> Connection:
         settings=SimpleNamespace(limits=Limits(send_queue_frames=queue)),
         metrics=NodeMetrics(),
         ops={},
+        sheddable=frozenset(),
+        load=None,
     )
     return Connection(sock, node, JSON)  # type: ignore[arg-type]
 

@@ -1,0 +1,164 @@
+"""Overload control (issue 21): an overloaded node refuses chat work at once with `unavailable`
+and a `retry_after_ms`, never an alert op, and takes chat again once the load is gone; the
+embedded store serves the alert documents' lane before chat's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Node, base_env, token
+from wire import Raw, plain, until
+
+from realtime_safety.loadtests.support import stalled_subscriber
+from realtime_safety.realtime.overload import LoadMonitor, OverloadLimits
+from realtime_safety.storage.sqlite_db import Db
+
+# --- the load signal ------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monitor(clock: Clock, queued: list[int]) -> LoadMonitor:
+    limits = OverloadLimits(lag_s=0.1, queued_frames=100, backend_calls=10, cool_s=1.0)
+    return LoadMonitor(limits, lambda: queued[0], lambda: 0, clock=clock)
+
+
+def test_lag_over_the_limit_overloads_and_calm_for_the_cool_down_ends_it() -> None:
+    clock, queued = Clock(), [0]
+    load = monitor(clock, queued)
+    load.sample(0.1)  # at the limit: fine
+    assert not load.overloaded
+    load.sample(0.11)
+    assert load.overloaded and load.reason == "event-loop lag"
+    clock.now += 5
+    load.sample(0.06)  # under the limit but above half of it: still overloaded
+    assert load.overloaded
+    load.sample(0.04)  # calm from now on
+    clock.now += 0.9
+    load.sample(0.0)
+    assert load.overloaded  # not calm for cool_s yet
+    clock.now += 0.1
+    load.sample(0.0)
+    assert not load.overloaded and load.reason == ""
+
+
+def test_a_spike_during_the_cool_down_starts_it_again() -> None:
+    clock, queued = Clock(), [101]
+    load = monitor(clock, queued)
+    load.sample(0.0)
+    assert load.overloaded and load.reason == "send queues"
+    queued[0] = 0
+    load.sample(0.0)
+    clock.now += 0.8
+    queued[0] = 60  # over half the limit
+    load.sample(0.0)
+    clock.now += 0.5
+    queued[0] = 0
+    load.sample(0.0)
+    assert load.overloaded  # the calm period restarted at the spike
+    clock.now += 1.0
+    load.sample(0.0)
+    assert not load.overloaded
+    assert load.retry_after_ms() == 1000
+
+
+# --- the embedded store's lanes -------------------------------------------------------------
+
+
+async def test_urgent_store_calls_overtake_queued_ones(tmp_path: Path) -> None:
+    db = Db(tmp_path / "lanes.db", "lanes")
+    order: list[str] = []
+    gate = threading.Event()
+
+    def step(name: str, *, wait: bool = False) -> object:
+        def run(_: object) -> None:
+            if wait:
+                gate.wait(10)
+            order.append(name)
+
+        return run
+
+    first = asyncio.create_task(db.run(step("first", wait=True)))  # type: ignore[arg-type]
+    await until(lambda: db._thread is not None and not any(db._lanes), what="first running")
+    chat = [asyncio.create_task(db.run(step(f"chat{i}"))) for i in range(3)]  # type: ignore[arg-type]
+    sos = asyncio.create_task(db.run(step("sos"), urgent=True))  # type: ignore[arg-type]
+    await until(lambda: len(db._lanes[1]) == 3 and len(db._lanes[0]) == 1, what="queued")
+    gate.set()
+    await asyncio.gather(first, *chat, sos)
+    assert order == ["first", "sos", "chat0", "chat1", "chat2"]
+    await db.close()
+
+
+# --- a real node -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_node(tmp_path: Path) -> Iterator[Node]:
+    node = Node(
+        base_env(
+            tmp_path,
+            RT_OVERLOAD_QUEUED_FRAMES="8",  # a few frames behind one stalled reader
+            RT_OVERLOAD_COOL_S="0.3",
+            RT_RATE_PER_S="1000",
+            RT_RATE_BURST="1000",
+        ),
+        "overload",
+    ).start()
+    yield node
+    node.stop()
+
+
+def metric(node: Node, name: str) -> float:
+    for line in httpx.get(node.http + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name}")
+
+
+async def test_an_overloaded_node_refuses_chat_and_still_takes_an_sos(small_node: Node) -> None:
+    ch = f"public:{uuid.uuid4().hex[:8]}"
+    stalled = stalled_subscriber(small_node.port, token("stalled"), ch)
+    pub = await Raw.open(small_node.url, token("chatty"))
+    owner = await Raw.open(small_node.url, token("in-danger"))
+    body = plain("z" * 30_000)
+    refused = None
+    for i in range(400):  # frames pile up behind the reader that never reads
+        reply = await pub.cmd("publish", channel=ch, client_msg_id=f"m{i}", body=body)
+        if not reply["ok"]:
+            refused = reply["error"]
+            break
+    assert refused is not None, "never refused"
+    assert refused["code"] == "unavailable" and refused["retry_after_ms"] >= 300
+    # while chat is refused: the SOS, the session's own ops and leaving a channel go through
+    where = {"lat": 52.52, "lon": 13.405}
+    alert = await owner.ok("alert.trigger", kind="sos", client_alert_id="a1", location=where)
+    assert alert["alert_id"]
+    await owner.ok("ping")
+    assert await pub.error("history", channel=ch) == "unavailable"
+    await pub.ok("unsubscribe", channel=ch)
+    assert await asyncio.to_thread(metric, small_node, "rt_overloaded") == 1
+    assert await asyncio.to_thread(metric, small_node, "rt_shed_commands_total") >= 2
+    # the load goes (the stalled reader leaves): chat is taken again after the cool-down
+    stalled[0].close()
+
+    async def accepted() -> bool:
+        cmid = f"after-{uuid.uuid4()}"
+        reply = await pub.cmd("publish", channel=ch, client_msg_id=cmid, body=plain("hi"))
+        return bool(reply["ok"])
+
+    await until(accepted, 15, what="chat accepted again")
+    assert await asyncio.to_thread(metric, small_node, "rt_overloaded") == 0
+    await pub.close()
+    await owner.close()
