@@ -4,13 +4,18 @@ every request."""
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Node, base_env, token
+import redis.asyncio as aioredis
+from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw, until
 
+from realtime_safety.alerts.queue import RedisJobQueue
 from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.5200, "lon": 13.4050}
@@ -144,3 +149,113 @@ async def test_moderators_list_active_alerts_until_they_are_resolved(alert_node:
     assert alert_id not in {a["alert_id"] for a in (await mod.ok("mod.alerts"))["alerts"]}
     await ali.close()
     await mod.close()
+
+
+async def test_an_alert_is_pushed_to_at_most_50_devices_of_a_user(tmp_path: Path) -> None:
+    """A user's push tokens are read 50 at most per alert: a user with 51 registered devices
+    gets the alert on 50 of them, not 51 (mutant: alerts/delivery.py, the `50` of the token
+    lookup as `51`). Read from the development outbox, which records the token list of each
+    push as the provider would get it (the fake FCM does not take 50 concurrent requests)."""
+    import json
+
+    data = tmp_path / "o"
+    node = Node(base_env(data), "outbox").start()  # no provider credentials: the outbox
+    try:
+        owner, carl = f"olga-{uuid.uuid4().hex[:5]}", f"carl-{uuid.uuid4().hex[:5]}"
+        r = node.api(
+            "PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"tier": 1, "user": carl}]}
+        )
+        assert r.status_code == 200, r.text
+        tokens = {f"tok-{carl}-{i:02d}" for i in range(51)}
+        for tok in tokens:
+            r = node.api("PUT", f"/v1/users/{carl}/push-tokens/{tok}", json={})
+            assert r.status_code == 201, r.text
+        olga = await Raw.open(node.url, token(owner))
+        await olga.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="many")
+        outbox = data / "outbox.jsonl"
+
+        def pushes() -> list[dict[str, Any]]:
+            if not outbox.exists():
+                return []
+            lines = [json.loads(line) for line in outbox.read_text().splitlines() if line]
+            return [line for line in lines if line["route"] == "push"]
+
+        await until(pushes, 10, what="the push in the outbox")
+        (record,) = pushes()
+        assert len(record["tokens"]) == len(set(record["tokens"])) == 50
+        assert set(record["tokens"]) <= tokens
+        await olga.close()
+    finally:
+        node.stop()
+
+
+async def test_a_retry_after_beyond_10_minutes_is_honoured_for_10_minutes(
+    node_factory: Any,
+    redis_server: RedisServer,
+    mongo_uri: str,
+    fakes: FakeProviders,
+    tmp_path: Path,
+) -> None:
+    """A 429 with `Retry-After: 3600` is retried after 10 minutes, the longest Retry-After the
+    delivery honours (README, "Providers that misbehave"); the retry's due time is read from
+    the route's delayed-job set in Redis (mutant: alerts/delivery.py, `retry_after_max_s`
+    600 as 601)."""
+    node: Node = node_factory(
+        "ra",
+        RT_REDIS_URL=redis_server.url,
+        RT_MONGODB_URI=mongo_uri,
+        RT_MONGODB_DB=unique_db(),
+        RT_ALERT_RETRY_BASE_S="0.05",
+        **fakes.env(tmp_path),
+    )
+    owner, phone = f"rita-{uuid.uuid4().hex[:5]}", "+15550808"
+    r = node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": phone}]})
+    assert r.status_code == 200, r.text
+    fakes.script.twilio_fail = [429]
+    fakes.script.retry_after = "3600"
+    rita = await Raw.open(node.url, token(owner))
+    before = int(time.time() * 1000)
+    await rita.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="ra")
+    queue = RedisJobQueue(redis_server.url, "sms")  # only for the name of its delayed set
+    client = aioredis.from_url(redis_server.url)
+    try:
+
+        async def delayed() -> tuple[list[tuple[bytes, float]], int] | None:
+            entries = await client.zrange(queue.delayed, 0, -1, withscores=True)
+            seen = int(time.time() * 1000)  # the retry was scheduled before this
+            return (entries, seen) if entries else None
+
+        entries, seen = await until(delayed, 15, what="the SMS retry to be scheduled")
+    finally:
+        await client.aclose()
+        await queue.close()
+    [(_, due)] = entries
+    assert len(fakes.sms) == 1  # one refused attempt, nothing since
+    assert before + 600_000 <= due <= seen + 600_000
+    await rita.close()
+
+
+async def test_a_node_with_alerts_stops_cleanly(alert_node: Node, fakes: FakeProviders) -> None:
+    """SIGTERM on a node that delivered an alert: exit 0, and nothing in its log at warning
+    level or above (every provider, queue and index closes without an error) (mutant:
+    alerts/responders.py, `close` with its `self._redis is not None` negated, which calls
+    None.aclose() on a node without Redis)."""
+    owner = f"stella-{uuid.uuid4().hex[:5]}"
+    r = alert_node.api(
+        "PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": "+15550909"}]}
+    )
+    assert r.status_code == 200, r.text
+    stella = await Raw.open(alert_node.url, token(owner))
+    await stella.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="s")
+    await until(lambda: fakes.sms_to("+15550909"), 10, what="the SMS")
+    await stella.close()
+    start = len(alert_node.log())
+    alert_node.kill(signal.SIGTERM)
+    assert alert_node.wait() == 0
+    noise = [  # from the stop on; load shedding (realtime.overload) is the machine's, not ours
+        line
+        for line in alert_node.log()[start:].splitlines()
+        if any(word in line for word in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback"))
+        and "realtime.overload" not in line
+    ]
+    assert noise == []
