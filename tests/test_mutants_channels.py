@@ -1,24 +1,27 @@
 """Gaps found by mutation testing (scripts/mutate channels): the hub's catch-up after a broker
-reconnect, the delivery-lag metric, and how the broker reports a pub/sub outage, on a real
-redis-server and a real SQLite store."""
+reconnect, the delivery-lag metric, how the broker reports a pub/sub outage, the channel ops'
+replies and a membership's `since`, on a real redis-server, a real SQLite store and a real
+server process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from conftest import Node, RedisServer, token
 from prometheus_client import CollectorRegistry
-from wire import until
+from wire import Raw, plain, until
 
-from realtime_safety.channels.broker import RedisBroker
+from realtime_safety.channels.broker import InProcessBroker, RedisBroker
 from realtime_safety.channels.hub import REPAIR_PAGE, Hub
 from realtime_safety.channels.metrics import ChannelMetrics
+from realtime_safety.channels.service import ChannelService
 from realtime_safety.protocol import Frame
 from realtime_safety.storage.sqlite import SqliteStore
 
@@ -162,3 +165,76 @@ async def test_a_pub_sub_outage_is_logged_once_and_ends_in_one_resync(
     finally:
         await admin.aclose()
         await broker.close()
+
+
+def fields(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply without the envelope every reply has (`id`, `ok`)."""
+    assert reply.pop("ok") is True, reply
+    reply.pop("id")
+    return reply
+
+
+async def test_each_channel_op_replies_with_exactly_its_documented_fields(
+    single_node: Node,
+) -> None:
+    """docs/protocol.md, "Channels": the replies of subscribe, publish (and its retry),
+    history, read, typing, unsubscribe and members, field by field (mutant: channels/ops.py,
+    the `read` reply's "channel" key misspelt)."""
+    ch = f"public:{uuid.uuid4().hex[:10]}"
+    room = f"room:{uuid.uuid4().hex[:10]}"
+    ann = await Raw.open(single_node.url, token("ann"))
+    try:
+        assert fields(await ann.cmd("subscribe", channel=ch)) == {
+            "channel": ch,
+            "last_seq": 0,
+            "recovered": True,
+        }
+        sent = fields(await ann.cmd("publish", channel=ch, client_msg_id="m1", body=plain("hi")))
+        assert set(sent) == {"seq", "ts"} and sent["seq"] == 1
+        again = fields(await ann.cmd("publish", channel=ch, client_msg_id="m1", body=plain("hi")))
+        assert again == {**sent, "duplicate": True}
+        assert (await ann.push())["seq"] == 1
+        history = fields(await ann.cmd("history", channel=ch))
+        assert [m["seq"] for m in history.pop("messages")] == [1]
+        assert history == {"channel": ch, "has_more": False, "read_seq": 0}
+        assert fields(await ann.cmd("read", channel=ch, seq=1)) == {"channel": ch, "read_seq": 1}
+        assert fields(await ann.cmd("history", channel=ch))["read_seq"] == 1
+        assert fields(await ann.cmd("typing", channel=ch)) == {}
+        assert fields(await ann.cmd("unsubscribe", channel=ch)) == {}
+
+        single_node.add_member(room, "ann")
+        single_node.add_member(room, "bob")
+        assert fields(await ann.cmd("members", channel=room, limit=1)) == {
+            "channel": room,
+            "members": ["ann"],
+            "next": "ann",
+        }
+        assert fields(await ann.cmd("members", channel=room, after="ann")) == {
+            "channel": room,
+            "members": ["bob"],
+            "next": None,
+        }
+    finally:
+        await ann.close()
+
+
+async def test_a_membership_records_when_it_began_in_milliseconds(tmp_path: Path) -> None:
+    """A member added through the channel service is stored with `since`, the time it was
+    added in milliseconds since the epoch, as `realtime export` writes it (mutant:
+    channels/service.py, `int(time.time() * 1000)` with another factor)."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    hub = Hub(InProcessBroker(), store.messages, lambda event: None)
+    await hub.start()
+    try:
+        service = ChannelService(store, hub, timeout_s=5, recovery_limit=100)
+        before = int(time.time() * 1000)
+        assert await service.add_member("room:since", "ann")
+        after = int(time.time() * 1000)
+        assert not await service.add_member("room:since", "ann")  # already a member
+        dumped = [r async for r in store.dump("memberships")]
+        assert len(dumped) == 1 and dumped[0]["user"] == "ann"
+        assert before <= dumped[0]["since"] <= after
+    finally:
+        await hub.close()
+        await store.close()
