@@ -89,8 +89,10 @@ class ChannelOps(Feature):
             "read": self.read,
             "members": self.members,
         }
-        # Under overload every channel op waits for better times, except leaving a channel.
-        self.shed = frozenset(self.ops) - {"unsubscribe"}
+        # Under overload the ops that make work for others (a publish fans out to every
+        # member, typing too) or read history wait for better times; subscribing (a
+        # reconnecting phone resuming its rooms), read markers and leaving do not.
+        self.shed = frozenset({"publish", "typing", "history", "members"})
 
     def of(self, session: Session) -> Subscriptions:
         subs = self._subs.get(session)

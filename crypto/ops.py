@@ -34,7 +34,6 @@ class KeyOps(Feature):
             "keys.share": self.share,
             "keys.fetch": self.fetch,
         }
-        self.shed = frozenset(self.ops)  # key exchange serves chat
 
     async def register(self, session: Session, frame: dict[str, Any]) -> Reply:
         user = session.identity.user

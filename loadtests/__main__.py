@@ -1,5 +1,5 @@
 """python -m realtime_safety.loadtests compare | fanout | chat | idle | store | presence | alerts
-| faults (see --help)"""
+| sos-under-load | faults (see --help)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import alerts, chat, compare, presence, store
+from . import alerts, chat, compare, presence, sos, store
 
 TOPOLOGIES = ["redis", "embedded"]
 
@@ -82,6 +82,15 @@ def main() -> int:
     al.add_argument("--alerts", type=int, default=200)
     al.add_argument("--rate", type=float, default=20.0, help="triggers per second")
     al.add_argument("--topology", choices=TOPOLOGIES, default="redis")
+
+    so = sub.add_parser("sos-under-load", help="SOS alert latency while chat floods the node")
+    so.add_argument("--clients", type=int, default=600)
+    so.add_argument("--room-size", type=int, default=10)
+    so.add_argument("--interval", type=float, default=0.1, help="seconds between one's posts")
+    so.add_argument("--seconds", type=float, default=20.0)
+    so.add_argument("--alerts", type=int, default=20, help="alerts during the flood, 1/s")
+    so.add_argument("--idle-alerts", type=int, default=10)
+    so.add_argument("--topology", choices=TOPOLOGIES, default="embedded")
 
     fl = sub.add_parser("faults", help="inject real faults; report sent/acked/delivered/lost")
     fl.add_argument("names", nargs="*", default=["list"], help="scenario names, 'all' or 'list'")
@@ -165,6 +174,28 @@ def main() -> int:
         measured = presence.run(args.rate, args.seconds, args.members, args.redis_url)
         print("\n".join(f"| {k} | {v} |" for k, v in asdict(measured).items()))
         return 0
+    if args.scenario == "sos-under-load":
+        if not (
+            0 < args.clients <= 20000
+            and 2 <= args.room_size <= args.clients
+            and args.clients % args.room_size == 0
+            and 0.05 <= args.interval <= 60
+            and 0 < args.seconds <= 300
+            and 0 < args.alerts <= 1000
+            and 0 < args.idle_alerts <= 1000
+        ):
+            parser.error("clients 1..20000 in rooms of 2.. (a divisor), interval 0.05..60 s")
+        result = sos.run(
+            args.clients,
+            args.room_size,
+            args.interval,
+            args.seconds,
+            args.alerts,
+            args.idle_alerts,
+            topology=args.topology,
+        )
+        print("\n".join(f"| {k} | {v} |" for k, v in asdict(result).items()))
+        return 0 if result.alerts_lost == 0 else 1
     if not (0 < args.alerts <= 5000 and 0 < args.rate <= 1000):
         parser.error("alerts 1..5000, rate 1..1000")
     lat = alerts.run(args.alerts, args.rate, args.topology)

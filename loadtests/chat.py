@@ -78,6 +78,8 @@ async def _chatters(
             sock.counting = True
             members.append((f"chat-{r}", len(tally.sockets) - 1))
     ready.put(len(members))
+    receivers = room_size if target.echo else room_size - 1
+    tally.per_refusal = receivers  # a refused post is delivered to nobody
     await asyncio.to_thread(go.wait)  # every client process is set up
     # Everyone posts every `interval` s, phases spread evenly over the interval.
     start = time.time()
@@ -92,8 +94,7 @@ async def _chatters(
             await asyncio.sleep(delay)
         room, index = members[k]
         tally.sockets[index].publish(room)
-    receivers = room_size if target.echo else room_size - 1
-    tally.expected = len(schedule) * receivers
+    tally.expected = (len(schedule) - tally.refused) * receivers
     tally.check()
     try:
         async with asyncio.timeout(max(0.1, deadline - time.time())):
@@ -105,6 +106,7 @@ async def _chatters(
         {
             "posted": len(schedule),
             "acked": len(tally.ack_latencies),
+            "refused": tally.refused,
             "received": tally.received,
             "expected": tally.expected,
             "latencies": tally.latencies,

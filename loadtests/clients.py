@@ -28,6 +28,8 @@ class Tally:
         self.per_socket = per_socket  # if known: a lost socket no longer counts as expected
         self.sockets: list[BenchSocket] = []
         self.received = 0
+        self.refused = 0  # publishes answered with an error (an overloaded node's `unavailable`)
+        self.per_refusal = 0  # deliveries a refused publish no longer owes (`expected` drops)
         self.gone = 0
         self.latencies: list[float] = []  # sampled publish -> deliver, seconds
         self.ack_latencies: list[float] = []  # publish -> acknowledgement, seconds
@@ -103,7 +105,13 @@ class BenchSocket(WSListener):
             transport.send(WSMsgType.TEXT, answer)
             return
         if self.sent and tally.target.is_ack(payload):
-            tally.ack_latencies.append(time.time() - self.sent.popleft())
+            sent = self.sent.popleft()
+            if b'"ok":false' in payload[:40]:
+                tally.refused += 1
+                tally.expected -= tally.per_refusal
+                tally.check()
+            else:
+                tally.ack_latencies.append(time.time() - sent)
             return
         if b"ts=" not in payload:
             return  # another push (presence, typing): not a benchmark message

@@ -75,7 +75,7 @@ class Ours(Target):
         return [
             sys.executable,
             "-m",
-            "realtime",
+            "realtime_safety.realtime",
             "serve",
             "--port",
             str(port),

@@ -344,8 +344,7 @@ class Connection:
                     raise ProtocolError("bad_request", "'id' must be a non-negative integer")
                 self._rate_limit()
                 op = frame.get("op")
-                if op in self._sheddable and self._load.overloaded:
-                    self._load.shed += 1
+                if op in self._sheddable and self._load.refuse():
                     raise ProtocolError(
                         "unavailable",
                         "the server is overloaded: retry later",

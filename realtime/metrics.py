@@ -26,7 +26,7 @@ class Gauges:
     channels: Callable[[], int]
     queued_frames: Callable[[], int]
     published: Callable[[], int]  # a counter, read at scrape time like the gauges
-    overloaded: Callable[[], int]
+    shed_fraction: Callable[[], float]
     loop_lag_s: Callable[[], float]
     shed: Callable[[], int]  # a counter
 
@@ -77,11 +77,7 @@ class _Collector(Collector):
             ("rt_connections", "Open WebSocket connections on this node", g.connections),
             ("rt_node_channels", "Channels this node receives from the broker", g.channels),
             ("rt_outgoing_queued_frames", "Frames waiting behind full sockets", g.queued_frames),
-            (
-                "rt_overloaded",
-                "1 while the node refuses chat work (overload control)",
-                g.overloaded,
-            ),
+            ("rt_shed_fraction", "Share of chat commands refused now (overload)", g.shed_fraction),
             ("rt_event_loop_lag_seconds", "How late the last event-loop timer fired", g.loop_lag_s),
         ):
             yield GaugeMetricFamily(name, doc, value=read())

@@ -160,7 +160,7 @@ class Node:
                 channels=lambda: self.hub.channel_count,
                 queued_frames=lambda: sum(c.queued for c in self.connections),
                 published=lambda: channel_metrics.published,
-                overloaded=lambda: int(self.load.overloaded),
+                shed_fraction=lambda: self.load.fraction,
                 loop_lag_s=lambda: self.load.lag_s,
                 shed=lambda: self.load.shed,
             )

@@ -2,21 +2,25 @@
 SOS path never waits behind chat (issue 21).
 
 The load signal, sampled every `interval_s` by one task per node:
-- **event-loop lag**: how late a timer fires (everything on the node waits that long);
+- **event-loop lag**: how late a timer fires (every await on any path waits about that long);
 - **send-queue depth**: frames waiting behind full sockets, across the node's connections;
 - **backend calls in flight**: store and broker calls made for commands and not yet answered.
 
-Over any of its limits the node is *overloaded*: the ops that features declare sheddable
-(chat: publish, subscribe, history, typing, ...) are refused with `unavailable` and a
-`retry_after_ms`, cheaply, before any work. Alert ops, moderation, auth and the alert workers
-never are: they are what the capacity is kept for. The node leaves the state once every signal
-has been under half its limit for `cool_s` (hysteresis: no flapping at the edge).
+From it the node keeps a *shed fraction*: the share of sheddable commands (those features
+declare: publish, typing, history, members, presence) it refuses with `unavailable` and a
+`retry_after_ms`, cheaply, before any work. While the lag is over its limit the fraction grows
+by a tenth per sample; while under, it falls back to zero over `cool_s`, so the node settles
+where it accepts what it can deliver in time instead of flapping between all and nothing. A
+queue or backend count over its limit refuses every sheddable command at once. Alert ops,
+moderation, auth, subscribe and the alert workers are never refused: they are what the
+capacity is kept for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +30,11 @@ log = logging.getLogger("realtime.overload")
 
 @dataclass(frozen=True, slots=True)
 class OverloadLimits:
-    lag_s: float = 0.1  # event-loop lag
+    lag_s: float = 0.025  # event-loop lag: every await on the SOS path may wait this long
     queued_frames: int = 50_000  # frames behind full sockets, node-wide
     backend_calls: int = 2_000  # store/broker calls in flight for commands
     interval_s: float = 0.05
-    cool_s: float = 1.0
+    cool_s: float = 1.0  # from refusing all to refusing none, once the load is gone
 
 
 class LoadMonitor:
@@ -46,11 +50,15 @@ class LoadMonitor:
         self._calls = backend_calls
         self._clock = clock
         self.lag_s = 0.0
-        self.overloaded = False
+        self.fraction = 0.0  # of sheddable commands refused now
         self.reason = ""
         self.shed = 0  # commands refused since start (a counter for /metrics)
-        self._calm_since: float | None = None
+        self._random = random.random
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def overloaded(self) -> bool:
+        return self.fraction > 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="overload-monitor")
@@ -71,30 +79,32 @@ class LoadMonitor:
         """One reading of the signals (`lag_s`: how late the last timer fired)."""
         limits = self.limits
         self.lag_s = lag_s
-        readings = (
-            ("event-loop lag", lag_s, limits.lag_s),
-            ("send queues", self._queued(), limits.queued_frames),
-            ("backend calls", self._calls(), limits.backend_calls),
-        )
-        over = next((name for name, value, limit in readings if value > limit), None)
-        now = self._clock()
-        if over is not None:
-            self._calm_since = None
-            if not self.overloaded:
-                log.warning("overloaded (%s): refusing chat work", over)
-            self.overloaded, self.reason = True, over
-            return
-        if not self.overloaded:
-            return
-        if any(value > limit / 2 for _, value, limit in readings):
-            self._calm_since = None
-            return
-        if self._calm_since is None:
-            self._calm_since = now
-        elif now - self._calm_since >= limits.cool_s:
-            self.overloaded, self.reason, self._calm_since = False, "", None
-            log.warning("load back to normal: accepting chat work")
+        was = self.overloaded
+        if self._queued() > limits.queued_frames:
+            self.fraction, self.reason = 1.0, "send queues"
+        elif self._calls() > limits.backend_calls:
+            self.fraction, self.reason = 1.0, "backend calls"
+        elif lag_s > limits.lag_s:
+            self.fraction, self.reason = min(1.0, self.fraction + 0.1), "event-loop lag"
+        else:
+            self.fraction -= limits.interval_s / limits.cool_s
+            if self.fraction < 1e-9:
+                self.fraction = 0.0
+                self.reason = ""
+        if self.overloaded != was:
+            if was:
+                log.warning("load back to normal: accepting chat work")
+            else:
+                log.warning("overloaded (%s): refusing chat work", self.reason)
+
+    def refuse(self) -> bool:
+        """Whether to refuse one sheddable command now (counted when refused)."""
+        fraction = self.fraction
+        if fraction <= 0 or (fraction < 1 and self._random() >= fraction):
+            return False
+        self.shed += 1
+        return True
 
     def retry_after_ms(self) -> int:
-        """What a refused client is told to wait: the cool-down, spread a little by the lag."""
-        return int((self.limits.cool_s + self.lag_s) * 1000)
+        """What a refused client is told to wait: long enough for the fraction to fall."""
+        return int((self.limits.cool_s * self.fraction + self.lag_s) * 1000) + 1

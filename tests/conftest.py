@@ -222,7 +222,9 @@ class Node:
     """A real `realtime serve` process (`module`: loadtests.faults.node for the fault
     suite's kill switch)."""
 
-    def __init__(self, env: dict[str, str], name: str, module: str = "realtime") -> None:
+    def __init__(
+        self, env: dict[str, str], name: str, module: str = "realtime_safety.realtime"
+    ) -> None:
         self.port = free_port()
         self.env = env
         self.name = name

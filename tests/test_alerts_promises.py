@@ -36,7 +36,7 @@ HERE = {"lat": 52.52, "lon": 13.405}
 
 @contextlib.contextmanager
 def running(
-    tmp_path: Path, fakes: FakeProviders, module: str = "realtime", **env: str
+    tmp_path: Path, fakes: FakeProviders, module: str = "realtime_safety.realtime", **env: str
 ) -> Iterator[Node]:
     node = Node(
         base_env(tmp_path / "node", RT_ALERT_RETRY_BASE_S="0.05", **fakes.env(tmp_path), **env),
