@@ -8,6 +8,12 @@ whose result was not yet written (`sent`) when the worker died or the store fail
 when the job is re-run. Neither Twilio's Messages API nor FCM's v1 send takes an idempotency
 key; FCM's collapse key (`alert-<id>`) and APNs' collapse id make a repeated push replace the
 first on the device, a repeated SMS is a second text.
+
+Each route's status says only what the server can prove (`alerts.records.advance`): `sent` when
+the provider (for WebSocket: the broker, while the user had a connection) took it, `outbox`
+when it only went to the development outbox, `delivered` when the app says it has it
+(`alerts.receipts`) or the carrier does (Twilio's callback). A contact with the app and a phone
+whose app has not confirmed in time gets the SMS (`alerts.fallback`).
 """
 
 from __future__ import annotations
@@ -15,17 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from realtime_safety.storage import DocStore, StoreUnavailable
 
+from .fallback import Fallbacks
 from .metrics import AlertMetrics
 from .model import now_ms
-from .providers import ProviderError, PushProvider, SmsProvider
+from .providers import APNS_LEVELS, Notice, ProviderError, PushProvider, SmsProvider
 from .queue import Job, JobQueue
-from .records import Deliveries, finished, mark
+from .receipts import Receipts
+from .records import Deliveries, advance, finished, job_key, mark
 
 log = logging.getLogger("realtime.alerts")
 
@@ -51,6 +60,17 @@ class DeliverySettings:
     workers: int = 4  # per route
     lease_s: float = 30.0
     provider_timeout_s: float = 10.0
+    # A contact with a phone whose app has not confirmed a notice (alert.received, alert.ack)
+    # this long after its first WebSocket/push send gets the SMS; 0 turns the fallback off.
+    fallback_s: float = 30.0
+    # The APNs interruption level of alert notices (see providers.Notice): "active",
+    # "time-sensitive" (needs the app's capability) or "critical" (needs Apple's entitlement).
+    apns_level: str = "time-sensitive"
+    monitor_s: float = 5.0  # how often the queues' backlog is measured for /metrics
+
+    def __post_init__(self) -> None:
+        if self.apns_level not in APNS_LEVELS:
+            raise ValueError(f"apns_level must be one of {', '.join(APNS_LEVELS)}")
 
 
 def alert_push(alert: dict[str, Any], *, with_location: bool = True) -> dict[str, Any]:
@@ -92,17 +112,67 @@ class Deliverer:
         self._node = node_id
         self._checkpoint = checkpoint
         self._wake = {route: asyncio.Event() for route in ROUTES}
+        self.receipts = Receipts(docs, metrics)
+        self.fallbacks = Fallbacks(
+            docs,
+            self._queue_sms,
+            metrics,
+            after_s=settings.fallback_s,
+            lease_s=settings.lease_s,
+        )
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [
-            asyncio.create_task(self._worker(route, f"{self._node}-{route}-{i}"), name=name)
-            for route in ROUTES
-            for i in range(self.settings.workers)
-            for name in (f"alert-{route}-worker-{i}",)
+            *(
+                asyncio.create_task(self._worker(route, f"{self._node}-{route}-{i}"), name=name)
+                for route in ROUTES
+                for i in range(self.settings.workers)
+                for name in (f"alert-{route}-worker-{i}",)
+            ),
+            self.fallbacks.task(),
+            asyncio.create_task(self._monitor(), name="alert-queue-monitor"),
         ]
 
     def wake(self, route: str) -> None:
         self._wake[route].set()
+
+    async def _queue_sms(self, alert_id: str, phone: str, purpose: str) -> None:
+        data = {"alert_id": alert_id, "route": "sms", "to": phone, "purpose": purpose}
+        await self.queues["sms"].put(job_key(alert_id, "sms", phone, purpose), data)
+        self.wake("sms")
+
+    async def ready(self) -> bool:
+        """Whether alerts can be queued now: every route's queue answers."""
+        answers = await asyncio.gather(*(q.ping() for q in self.queues.values()))
+        return all(answers)
+
+    async def measure(self) -> None:
+        """The queues' backlog and reachability into the gauges /metrics shows."""
+        m = self.metrics
+        for route, queue in self.queues.items():
+            up = await queue.ping()
+            m.queue_up.labels(route).set(1 if up else 0)
+            if not up:
+                continue
+            async with asyncio.timeout(5):
+                backlog = await queue.backlog()
+            m.queue_lag_seconds.labels(route).set(backlog.lag_ms / 1000)
+            m.oldest_unsent_seconds.labels(route).set(backlog.oldest_ms / 1000)
+            m.queue_jobs.labels(route).set(backlog.jobs)
+
+    async def _monitor(self) -> None:
+        purged = 0.0
+        while True:
+            try:
+                await self.measure()
+                if time.monotonic() - purged > 3600:  # status callbacks kept for two days
+                    await self.receipts.purge(2 * 86_400_000)
+                    purged = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("alerts: queue measurement failed (%s)", type(exc).__name__)
+            await asyncio.sleep(self.settings.monitor_s)
 
     async def close(self) -> None:
         for closer in (*(q.close for q in self.queues.values()), self.push.close, self.sms.close):
@@ -173,8 +243,8 @@ class Deliverer:
                 doc["error"] = error
             if final:
                 mark(purpose, "dead")(doc)
-                if purpose != "resolve" and not doc.get("sent") and doc["status"] != "acked":
-                    doc["status"] = "failed"
+                if purpose != "resolve" and not doc.get("sent"):
+                    advance(doc, "failed")
 
         await self.deliveries.update(data["alert_id"], data["route"], data["to"], change)
         self.metrics.deliveries.labels(data["route"], "failed" if final else "retry").inc()
@@ -214,7 +284,10 @@ class Deliverer:
                 await self.deliveries.update(alert["id"], route, to, mark(purpose, "skipped"))
                 self.metrics.deliveries.labels(route, "skipped").inc()
                 return  # never reached: no update to give
-        if purpose == "alert" and (delivery is None or not delivery.get("attempts")):
+        if route in ("ws", "push") and purpose != "resolve":
+            await self.fallbacks.arm(alert, to, purpose)  # before the send (see fallback)
+        first = delivery is None or not delivery.get("attempts")
+        if purpose == "alert" and first and not (delivery or {}).get("fallback_for"):
             self.metrics.trigger_to_provider_seconds.labels(route).observe(
                 max(0.0, (now_ms() - alert["created"]) / 1000)
             )
@@ -235,11 +308,12 @@ class Deliverer:
                 doc["error"] = None
                 if provider_id is not None:
                     doc["provider_id"] = provider_id
-                if doc["status"] != "acked":
-                    doc["status"] = status
+                advance(doc, status)
 
         await self.deliveries.update(alert["id"], route, to, change)
         self.metrics.deliveries.labels(route, status).inc()
+        if provider_id is not None and purpose != "resolve":
+            await self.receipts.settle(provider_id)  # a status callback that came first
 
     async def _send(
         self, alert: dict[str, Any], route: str, to: str, purpose: str
@@ -255,10 +329,13 @@ class Deliverer:
                 }
             )
             await self._publish(f"user:{to}", push)
-            return ("delivered" if await self._is_online(to) else "sent"), None
+            # Published on user:<id>: whether a connection there has it, only the app's
+            # receipt says; with no connection at all, nobody does.
+            return ("sent" if await self._is_online(to) else "offline"), None
         if route == "push":
             return await self._send_push(alert, to, purpose), None
-        return "sent", await self._send_sms(alert, to, purpose)
+        provider_id = await self._send_sms(alert, to, purpose)
+        return ("outbox" if self.sms.outbox else "sent"), provider_id
 
     async def _send_push(self, alert: dict[str, Any], user: str, purpose: str) -> str:
         tokens = [d["token"] for d in await self.docs.prefix("push_tokens", f"{user}|", 50)]
@@ -275,19 +352,31 @@ class Deliverer:
         if purpose != "resolve":
             data.update(lat=str(alert["location"]["lat"]), lon=str(alert["location"]["lon"]))
         results = await self.push.send(
-            tokens, data, collapse_key=f"alert-{alert['id']}", ttl_s=self.settings.push_ttl_s
+            tokens,
+            data,
+            collapse_key=f"alert-{alert['id']}",
+            ttl_s=self.settings.push_ttl_s,
+            notice=self._notice(alert, purpose),
         )
         for r in results:
             if r.unregistered:
                 await self.docs.delete("push_tokens", f"{user}|{r.token}")
         if any(r.ok for r in results):
-            return "sent"
+            return "outbox" if self.push.outbox else "sent"
         if all(r.unregistered for r in results):
             raise ProviderError("every push token was unregistered", permanent=True)
         hints = [r.retry_after_s for r in results if r.retry_after_s is not None]
         raise ProviderError(
             f"push failed: {results[0].error}", retry_after_s=max(hints) if hints else None
         )
+
+    def _notice(self, alert: dict[str, Any], purpose: str) -> Notice:
+        """What the phone shows by itself (no location: it is shown on a locked screen)."""
+        if purpose == "resolve":
+            body = f"{alert['owner']}'s alert is resolved ({alert['outcome']})."
+            return Notice("Alert resolved", body, "active")
+        body = f"{alert['owner']} needs help ({alert['kind']}). Open the app to respond."
+        return Notice("Emergency alert", body, self.settings.apns_level)
 
     async def _send_sms(self, alert: dict[str, Any], phone: str, purpose: str) -> str:
         loc = alert["location"]
@@ -306,32 +395,16 @@ class Deliverer:
         )
         return await self.sms.send(phone, body, callback)
 
-    async def provider_status(self, provider_id: str, status: str) -> bool:
-        """A provider's status callback (Twilio): fold it into the delivery record."""
-        mapped = {
-            "delivered": "delivered",
-            "read": "delivered",
-            "failed": "failed",
-            "undelivered": "failed",
-            "sent": "sent",
-        }.get(status)
-        if mapped is None:
-            return True  # queued/accepted/sending: nothing new
-        found = await self.deliveries.by_provider_id(provider_id)
-
-        def change(doc: dict[str, Any]) -> None:
-            if doc["status"] != "acked":
-                doc["status"] = mapped
-
-        for key, doc in found:
-            await self.deliveries.update(key.split("|", 1)[0], doc["route"], doc["to"], change)
-        return bool(found)
+    async def provider_status(
+        self, provider_id: str, status: str, error_code: str | None = None
+    ) -> bool:
+        """A provider's status callback (Twilio), folded into the delivery record."""
+        return await self.receipts.provider_status(provider_id, status, error_code)
 
 
 def _cancelled(purpose: str) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
         mark(purpose, "skipped")(doc)
-        if doc["status"] == "queued":
-            doc["status"] = "cancelled"
+        advance(doc, "cancelled")
 
     return change

@@ -1,7 +1,7 @@
 """The alert ops (docs/protocol.md, "Safety alerts"): alert.trigger, alert.location,
-alert.ack, alert.resolve, alert.status, location.share (responders) and mod.alerts
-(moderators). Every one is a bounded backend call: a store that does not answer is
-`unavailable`, never a hang."""
+alert.ack, alert.received (the recipient's app has it), alert.resolve, alert.status,
+location.share (responders) and mod.alerts (moderators). Every one is a bounded backend
+call: a store that does not answer is `unavailable`, never a hang."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class AlertOps(Feature):
             "alert.trigger": self.trigger,
             "alert.location": self.location,
             "alert.ack": self.ack,
+            "alert.received": self.received,
             "alert.resolve": self.resolve,
             "alert.status": self.status,
             "location.share": self.share_location,
@@ -33,6 +34,10 @@ class AlertOps(Feature):
 
     async def ack(self, session: Session, frame: dict[str, Any]) -> Reply:
         return await session.bounded(self._svc.ack(session.identity.user, frame))
+
+    async def received(self, session: Session, frame: dict[str, Any]) -> Reply:
+        receipts = self._svc.delivery.receipts
+        return await session.bounded(receipts.received(session.identity.user, frame))
 
     async def resolve(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity

@@ -56,11 +56,32 @@ def _headers(error: object) -> Any:
     return getattr(response, "headers", None)
 
 
+APNS_LEVELS = ("active", "time-sensitive", "critical")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What the phone shows on its own (iOS shows the APNs alert without the app): a title, a
+    body and the APNs interruption level, one of APNS_LEVELS (`time-sensitive` needs the app's
+    Time Sensitive Notifications capability, `critical` Apple's critical-alerts entitlement;
+    without them iOS shows the notice at the `active` level)."""
+
+    title: str
+    body: str
+    level: str = "active"
+
+
 class PushProvider(Protocol):
     name: str
+    outbox: bool  # True: nothing leaves the node (no credentials)
 
     async def send(
-        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+        self,
+        tokens: list[str],
+        data: dict[str, str],
+        collapse_key: str,
+        ttl_s: int,
+        notice: Notice,
     ) -> list[PushResult]: ...
 
     async def close(self) -> None: ...
@@ -68,6 +89,7 @@ class PushProvider(Protocol):
 
 class SmsProvider(Protocol):
     name: str
+    outbox: bool
 
     async def send(self, to: str, body: str, status_callback: str | None) -> str:
         """The provider's message id."""
@@ -91,8 +113,41 @@ def apply_fcm_endpoint(endpoint: str) -> None:
     service.FCM_URL = endpoint.rstrip("/") + "/v1/projects/{0}/messages:send"
 
 
+def apns_config(collapse_key: str, ttl_s: int, notice: Notice) -> Any:
+    """The APNs part of an FCM message: a visible alert (a background push is not delivered to
+    an app the user swiped away, and may not be sent at priority 10), at the notice's
+    interruption level; `critical` adds the critical sound, which plays through silent mode
+    and Focus. `mutable-content` lets the app's notification service extension enrich it."""
+    from firebase_admin import messaging
+
+    if notice.level not in APNS_LEVELS:
+        raise ValueError(f"APNs interruption level must be one of {', '.join(APNS_LEVELS)}")
+    sound: Any = (
+        messaging.CriticalSound("default", critical=True, volume=1.0)
+        if notice.level == "critical"
+        else "default"
+    )
+    return messaging.APNSConfig(
+        headers={
+            "apns-priority": "10",
+            "apns-push-type": "alert",
+            "apns-collapse-id": collapse_key[:64],
+            "apns-expiration": str(int(datetime.datetime.now().timestamp()) + ttl_s),
+        },
+        payload=messaging.APNSPayload(
+            aps=messaging.Aps(
+                alert=messaging.ApsAlert(title=notice.title, body=notice.body),
+                sound=sound,
+                mutable_content=True,
+                custom_data={"interruption-level": notice.level},
+            )
+        ),
+    )
+
+
 class FcmPush:
     name = "fcm"
+    outbox = False
 
     def __init__(self, credentials_path: str, endpoint: str | None) -> None:
         import firebase_admin
@@ -106,26 +161,22 @@ class FcmPush:
         )
 
     async def send(
-        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+        self,
+        tokens: list[str],
+        data: dict[str, str],
+        collapse_key: str,
+        ttl_s: int,
+        notice: Notice,
     ) -> list[PushResult]:
         from firebase_admin import exceptions, messaging
 
         ttl = datetime.timedelta(seconds=ttl_s)
+        # Android: a high-priority data message wakes the app (out of Doze) to show its own
+        # full-screen notice; iOS: the APNs alert above, shown by the system.
+        android = messaging.AndroidConfig(priority="high", ttl=ttl, collapse_key=collapse_key)
+        apns = apns_config(collapse_key, ttl_s, notice)
         messages = [
-            messaging.Message(
-                token=token,
-                data=data,
-                android=messaging.AndroidConfig(
-                    priority="high", ttl=ttl, collapse_key=collapse_key
-                ),
-                apns=messaging.APNSConfig(
-                    headers={
-                        "apns-priority": "10",
-                        "apns-collapse-id": collapse_key[:64],
-                        "apns-expiration": str(int(datetime.datetime.now().timestamp()) + ttl_s),
-                    }
-                ),
-            )
+            messaging.Message(token=token, data=data, android=android, apns=apns)
             for token in tokens
         ]
         try:
@@ -157,11 +208,13 @@ class FcmPush:
     async def close(self) -> None:
         import firebase_admin
 
-        firebase_admin.delete_app(self._app)
+        # delete_app closes the SDK's async HTTP client with asyncio.run(): not on our loop.
+        await asyncio.to_thread(firebase_admin.delete_app, self._app)
 
 
 class TwilioSms:
     name = "twilio"
+    outbox = False
 
     def __init__(
         self, account_sid: str, auth_token: str, sender: str, base_url: str | None
@@ -222,10 +275,15 @@ def _twilio_http_client() -> Any:
 
 
 class _Outbox:
-    """No credentials: deliveries are appended to RT_DATA_DIR/outbox.jsonl (development)."""
+    """No credentials: deliveries are appended to RT_DATA_DIR/outbox.jsonl (development).
+    Their status is `outbox`, never `sent`: nobody got them."""
+
+    outbox = True
+    VARIABLES = ""  # what to set to send for real
 
     def __init__(self, path: Path, route: str) -> None:
-        self.name = f"outbox ({path})"
+        # The start-up warning reads "... are written to the <name>".
+        self.name = f"outbox ({path}); set {self.VARIABLES} to send them"
         self._path = path
         self._route = route
         self._lock = asyncio.Lock()
@@ -247,19 +305,34 @@ class _Outbox:
 
 
 class OutboxPush(_Outbox):
+    VARIABLES = "RT_FCM_CREDENTIALS"
+
     def __init__(self, path: Path) -> None:
         super().__init__(path, "push")
 
     async def send(
-        self, tokens: list[str], data: dict[str, str], collapse_key: str, ttl_s: int
+        self,
+        tokens: list[str],
+        data: dict[str, str],
+        collapse_key: str,
+        ttl_s: int,
+        notice: Notice,
     ) -> list[PushResult]:
         await self._write(
-            {"tokens": tokens, "data": data, "collapse_key": collapse_key, "ttl_s": ttl_s}
+            {
+                "tokens": tokens,
+                "data": data,
+                "collapse_key": collapse_key,
+                "ttl_s": ttl_s,
+                "notice": {"title": notice.title, "body": notice.body, "level": notice.level},
+            }
         )
         return [PushResult(t, True) for t in tokens]
 
 
 class OutboxSms(_Outbox):
+    VARIABLES = "RT_TWILIO_ACCOUNT_SID, RT_TWILIO_AUTH_TOKEN and RT_TWILIO_FROM"
+
     def __init__(self, path: Path) -> None:
         super().__init__(path, "sms")
 

@@ -14,10 +14,14 @@ live job is a no-op.
   crashed worker held are reclaimed with XAUTOCLAIM after the lease; delayed retries wait in a
   sorted set until due. Enqueueing is one script (the key's marker and the entry together), and
   a consumer group lost with Redis's data is recreated on the next read.
+
+Both say how far behind they are (`backlog`, for /metrics) and whether they can take jobs at
+all (`ping`, for /readyz).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +40,22 @@ class Job:
     data: dict[str, Any]
     attempts: int = 0
     handle: Any = field(default=None, repr=False)  # the queue's own reference
+    since: int = 0  # ms: when the job was first enqueued (kept across retries)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """How far a queue is behind (ms; 0 when it is empty): `lag`, how long the oldest job that
+    is due has waited for a worker to finish it; `oldest`, how long ago the oldest job still
+    in the queue (due or waiting for its retry) was first enqueued; `jobs`, how many were
+    looked at (at most SCAN)."""
+
+    lag_ms: int
+    oldest_ms: int
+    jobs: int
+
+
+SCAN = 500  # jobs looked at per backlog measurement
 
 
 class JobQueue(Protocol):
@@ -54,7 +74,18 @@ class JobQueue(Protocol):
         False: a job that waited for something else, not one that failed)."""
         ...
 
+    async def ping(self) -> bool:
+        """Whether jobs can be put and taken now."""
+        ...
+
+    async def backlog(self) -> Backlog: ...
+
     async def close(self) -> None: ...
+
+
+def _backlog(now: int, due: list[int], since: list[int], jobs: int) -> Backlog:
+    ready = [d for d in due if d <= now]
+    return Backlog(now - min(ready) if ready else 0, now - min(since) if since else 0, jobs)
 
 
 def _now() -> int:
@@ -67,8 +98,10 @@ class StoreJobQueue:
         self._coll = f"jobs:{route}"
 
     async def put(self, key: str, data: dict[str, Any], due_ms: int = 0) -> bool:
-        doc = {"data": data, "attempts": 0}
-        return await self._docs.insert(self._coll, key, doc, ix=due_ms) is None
+        now = _now()
+        due = max(due_ms, now)  # the index orders jobs by when they are due
+        doc = {"data": data, "attempts": 0, "since": now, "due": due}
+        return await self._docs.insert(self._coll, key, doc, ix=due) is None
 
     async def take(self, consumer: str, n: int, lease_s: float) -> list[Job]:
         now = _now()
@@ -80,7 +113,15 @@ class StoreJobQueue:
             if await self._docs.put(
                 self._coll, key, {**doc, "owner": consumer}, ix=lease, version=doc["_v"]
             ):
-                jobs.append(Job(key, doc["data"], doc["attempts"], handle=doc["_v"] + 1))
+                jobs.append(
+                    Job(
+                        key,
+                        doc["data"],
+                        doc["attempts"],
+                        handle=doc["_v"] + 1,
+                        since=doc.get("since", now),
+                    )
+                )
         return jobs
 
     async def done(self, job: Job) -> None:
@@ -91,8 +132,21 @@ class StoreJobQueue:
 
     async def retry(self, job: Job, due_ms: int, *, count: bool = True) -> None:
         attempts = job.attempts + (1 if count else 0)
-        await self._docs.put(
-            self._coll, job.key, {"data": job.data, "attempts": attempts}, ix=due_ms
+        doc = {"data": job.data, "attempts": attempts, "since": job.since, "due": due_ms}
+        await self._docs.put(self._coll, job.key, doc, ix=due_ms)
+
+    async def ping(self) -> bool:
+        return True  # the store itself is checked by the node's readiness
+
+    async def backlog(self) -> Backlog:
+        now = _now()
+        # Every job not done has an index: when it is due, or (taken) when its lease ends.
+        found = [doc for _, doc in await self._docs.below(self._coll, 2**62, SCAN)]
+        return _backlog(
+            now,
+            [doc.get("due", now) for doc in found],
+            [doc["since"] for doc in found if "since" in doc],
+            len(found),
         )
 
     async def close(self) -> None:
@@ -144,17 +198,19 @@ class RedisJobQueue:
         self._group_ready = True
 
     @staticmethod
-    def _pack(key: str, data: dict[str, Any], attempts: int) -> bytes:
+    def _pack(key: str, data: dict[str, Any], attempts: int, since: int) -> bytes:
         packed: bytes = msgpack.packb(
-            {"k": key, "d": data, "a": attempts, "n": uuid.uuid4().hex}, use_bin_type=True
+            {"k": key, "d": data, "a": attempts, "s": since, "n": uuid.uuid4().hex},
+            use_bin_type=True,
         )
         return packed
 
     async def put(self, key: str, data: dict[str, Any], due_ms: int = 0) -> bool:
         await self._ensure_group()
+        now = _now()
         added = await self._put(
             keys=[f"{self._tag}:job:{key}", self.stream, self.delayed],
-            args=[self._dedupe_ttl, self._pack(key, data, 0), due_ms, _now()],
+            args=[self._dedupe_ttl, self._pack(key, data, 0, now), due_ms, now],
         )
         return bool(added)
 
@@ -189,7 +245,8 @@ class RedisJobQueue:
             if not fields:
                 continue  # deleted meanwhile
             item = msgpack.unpackb(fields[b"j"], raw=False)
-            jobs.append(Job(item["k"], item["d"], item["a"], handle=entry_id))
+            since = item.get("s", _entry_ms(entry_id))
+            jobs.append(Job(item["k"], item["d"], item["a"], handle=entry_id, since=since))
         return jobs
 
     async def done(self, job: Job) -> None:
@@ -201,10 +258,42 @@ class RedisJobQueue:
     async def retry(self, job: Job, due_ms: int, *, count: bool = True) -> None:
         attempts = job.attempts + (1 if count else 0)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.delayed, {self._pack(job.key, job.data, attempts): due_ms})
+            packed = self._pack(job.key, job.data, attempts, job.since)
+            pipe.zadd(self.delayed, {packed: due_ms})
             pipe.xack(self.stream, self.GROUP, job.handle)
             pipe.xdel(self.stream, job.handle)
             await pipe.execute()
 
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(2):
+                return bool(await self._redis.ping())
+        except Exception:
+            return False
+
+    async def backlog(self) -> Backlog:
+        """The stream holds the jobs that are due and not done (taken ones included, each
+        entry's id being when it became due); the sorted set those waiting for a retry (their
+        score the time they are due: one past it counts as lag until a worker moves it)."""
+        now = _now()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(self.stream, count=SCAN)
+            pipe.zrange(self.delayed, 0, SCAN - 1, withscores=True)
+            entries, delayed = await pipe.execute()
+        due = [_entry_ms(entry_id) for entry_id, _ in entries]
+        due += [int(score) for _, score in delayed]
+        since = []
+        for entry_id, fields in entries:
+            item = msgpack.unpackb(fields[b"j"], raw=False) if fields else {}
+            since.append(item.get("s", _entry_ms(entry_id)))
+        since += [msgpack.unpackb(packed, raw=False).get("s", now) for packed, _ in delayed]
+        return _backlog(now, due, since, len(entries) + len(delayed))
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _entry_ms(entry_id: Any) -> int:
+    """A stream entry id's time part (ms): when the entry was added."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(raw.split("-", 1)[0])

@@ -7,6 +7,12 @@ creates the alert, takes an escalation step or resolves it. The `deliveries` rec
 sees), `attempts`, `error`, `provider_id`, and for each purpose whether it is finished —
 `sent`, `dead` (dead-lettered) or `skipped` (not needed any more). A planned job that is not
 finished is put on the queue again by the reconciler, whatever happened to the queue.
+
+A record's `status` only ever moves to what the server can prove (`advance`): `sent` (or
+`outbox`) when a provider accepted it, `delivered` when the recipient's app said it has it
+(`alert.received`) or Twilio's status callback said so, `undelivered` / `failed` from Twilio,
+`acked` when the recipient acknowledged. Callbacks and receipts race the worker's own write,
+and arrive in any order, so a status never goes back to a less certain one.
 """
 
 from __future__ import annotations
@@ -78,6 +84,61 @@ class Deliveries:
 
     async def by_provider_id(self, provider_id: str) -> list[tuple[str, dict[str, Any]]]:
         return await self._docs.find_ix(COLL, provider_id)
+
+
+# How sure each status is that the recipient has the notice: a status replaces another only
+# if it is at least as sure (`advance`), except where noted there.
+STATUS_RANK = {
+    "queued": 0,
+    "cancelled": 0,
+    "failed": 1,  # dead-lettered, or the provider says the message did not arrive
+    "undelivered": 1,  # Twilio: the carrier could not deliver it
+    "offline": 2,  # ws: pushed while the user had no connection anywhere (nobody got it)
+    "outbox": 2,  # no credentials: written to the development outbox
+    "sent": 2,  # the provider (or the broker, for ws) accepted it
+    "delivered": 3,  # the app's receipt, or the carrier's
+    "acked": 4,  # the recipient acknowledged the alert
+}
+RECEIVED = frozenset({"delivered", "acked"})
+
+
+def advance(doc: dict[str, Any], status: str) -> bool:
+    """Set `status` unless it would tell less than what the record knows: nothing replaces
+    `acked`; only `acked` replaces `delivered`; `cancelled` replaces only `queued`. A new
+    send (`sent`) replaces an earlier failure; a provider's failure replaces `sent`."""
+    current: str = doc.get("status", "queued")
+    if status == current:
+        return False
+    if status == "cancelled":
+        allowed = current == "queued"
+    elif status in ("acked", "delivered"):
+        allowed = STATUS_RANK[status] > STATUS_RANK.get(current, 0)
+    else:
+        allowed = STATUS_RANK.get(current, 0) < STATUS_RANK["delivered"]
+    if allowed:
+        doc["status"] = status
+    return allowed
+
+
+def warnings(alert: dict[str, Any]) -> list[str]:
+    """What the owner and moderators must know about an alert's plan: `no_recipients` (no
+    contact, no responder nearby: nobody is being notified)."""
+    return [] if alert.get("jobs") else ["no_recipients"]
+
+
+def recipient_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """One recipient and route as `alert.status` shows it (docs/protocol.md)."""
+    view = {
+        "to": doc["to"],
+        "route": doc["route"],
+        "status": doc["status"],
+        "attempts": doc["attempts"],
+        "error": doc.get("error"),
+    }
+    for extra in ("received_at", "fallback_for"):
+        if doc.get(extra) is not None:
+            view[extra] = doc[extra]
+    return view
 
 
 def mark(purpose: str, how: str) -> Callable[[dict[str, Any]], None]:

@@ -44,7 +44,7 @@ from .plan import (
 from .providers import PushProvider, SmsProvider
 from .queue import JobQueue
 from .reconcile import Reconciler
-from .records import Deliveries, finished, job_key, new_delivery
+from .records import Deliveries, finished, job_key, new_delivery, recipient_view, warnings
 from .responders import Responders
 
 log = logging.getLogger("realtime.alerts")
@@ -227,7 +227,7 @@ class AlertService:
         if existing is not None:  # a retry: finish what the first attempt may not have
             await self._finish(existing, "retried alert")
             self.metrics.triggers.labels("retried").inc()
-            return reply
+            return {**reply, **({"warnings": warnings(existing)} if warnings(existing) else {})}
         try:
             await self._reserve(owner, alert_id)
         except ProtocolError:
@@ -272,7 +272,7 @@ class AlertService:
         if not alert["jobs"]:
             log.warning("alerts: an alert with no recipients (no contacts, no responders)")
         await self._announce("@moderators", alert_push(alert))
-        return reply
+        return {**reply, **({"warnings": warnings(alert)} if warnings(alert) else {})}
 
     async def _responders_near(self, location: dict[str, Any]) -> list[str]:
         """Nearby responders, or none if their index cannot answer: an SOS to the contacts
@@ -405,16 +405,8 @@ class AlertService:
             "alert_id": alert["id"],
             "state": alert["state"],
             "outcome": alert["outcome"],
-            "recipients": [
-                {
-                    "to": d["to"],
-                    "route": d["route"],
-                    "status": d["status"],
-                    "attempts": d["attempts"],
-                    "error": d.get("error"),
-                }
-                for d in deliveries.values()
-            ],
+            "recipients": [recipient_view(d) for d in deliveries.values()],
+            "warnings": warnings(alert),
         }
 
     async def active(self) -> list[dict[str, Any]]:
@@ -435,6 +427,7 @@ class AlertService:
                     "created": doc["created"],
                     "acked_by": doc["acked_by"],
                     "recipients": status["recipients"],
+                    "warnings": status["warnings"],
                 }
             )
         return out

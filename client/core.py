@@ -292,6 +292,13 @@ class Client:
             args["note"] = note
         return await self.retrying("alert.trigger", attempts=None, deadline_s=deadline_s, **args)
 
+    async def alert_received(self, alert_id: str, route: str = "ws") -> dict[str, Any]:
+        """Tell the server this app has the alert (by `route`: "ws" for the `alert` push on
+        `user:<id>`, "push" for the FCM/APNs notification): only then does the owner see it
+        `delivered`, and the SMS fallback stands down. Retried across reconnects (it is
+        idempotent); send it as soon as the alert is shown."""
+        return await self.retrying("alert.received", alert_id=alert_id, route=route)
+
     async def history(
         self, channel: str, before_seq: int | None = None, limit: int | None = None
     ) -> dict[str, Any]:

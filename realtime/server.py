@@ -202,7 +202,8 @@ _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")  # E.164
 
 @api
 async def put_contacts(request: Request, node: Node) -> Response:
-    """Replace a user's emergency contacts: [{tier, user} | {tier, phone}]."""
+    """Replace a user's emergency contacts: [{tier, user, phone?} | {tier, phone}]. A contact
+    with both is alerted in the app, and by SMS if the app does not confirm in time."""
     owner = _user(request)
     data = await _json_body(request)
     contacts = data.get("contacts")
@@ -215,12 +216,15 @@ async def put_contacts(request: Request, node: Node) -> Response:
         tier = c.get("tier", 1)
         if isinstance(tier, bool) or not isinstance(tier, int) or not 1 <= tier <= 5:
             raise ProtocolError("bad_request", "contact tier must be 1-5")
-        if isinstance(c.get("user"), str) and valid_user_id(c["user"]):
-            clean.append({"tier": tier, "user": c["user"]})
-        elif isinstance(c.get("phone"), str) and _PHONE.fullmatch(c["phone"]):
-            clean.append({"tier": tier, "phone": c["phone"]})
-        else:
+        user, phone = c.get("user"), c.get("phone")
+        if user is not None and not (isinstance(user, str) and valid_user_id(user)):
+            raise ProtocolError("bad_request", "a contact's user must be a valid user id")
+        if phone is not None and not (isinstance(phone, str) and _PHONE.fullmatch(phone)):
+            raise ProtocolError("bad_request", "a contact's phone must be an E.164 number")
+        if user is None and phone is None:
             raise ProtocolError("bad_request", "a contact needs a user id or an E.164 phone")
+        contact = {"tier": tier, "user": user, "phone": phone}
+        clean.append({k: v for k, v in contact.items() if v is not None})
     await node.channels.bounded("contacts", node.alerts.set_contacts(owner, clean))
     return ApiResponse({"user": owner, "contacts": clean})
 
@@ -297,7 +301,10 @@ async def twilio_status(request: Request) -> Response:
         return _error(ProtocolError("forbidden", "bad Twilio signature"))
     sid, status = params.get("MessageSid"), params.get("MessageStatus")
     if sid and status:
-        await node.channels.bounded("twilio", node.alerts.provider_status(sid, status))
+        delivery = node.alerts.delivery
+        await node.channels.bounded(
+            "twilio", delivery.provider_status(sid, status, params.get("ErrorCode"))
+        )
     return Response(status_code=204)
 
 
@@ -306,8 +313,12 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when the node can serve: its store and broker answer, it is not draining, and
+    alerts can be queued (every route's delivery queue answers)."""
     node = _node(request)
     checks = await node.ready()
+    if "alert_queue" not in checks:
+        checks["alert_queue"] = await node.alerts.delivery.ready()
     ok = all(checks.values())
     return JSONResponse(
         {"ready": ok, "node": node.settings.node_id, **checks}, status_code=200 if ok else 503

@@ -92,13 +92,27 @@ async def test_console_watch_delete_and_alerts(single_node: Node, page: Any) -> 
     await page.wait_for_selector(f'circle[data-alert="{alert["alert_id"]}"]')
     panel = page.locator(f'div.alert[data-alert="{alert["alert_id"]}"]')
     await panel.wait_for()
-    # per-recipient delivery status follows (the console refreshes every 3 s)
+    # per-recipient delivery status follows (the console refreshes every 3 s): the SMS only
+    # went to the development outbox; sue's app confirms, and only then is she `delivered`
+    await panel.locator("td.status-outbox").first.wait_for(timeout=10_000)
+    assert await panel.locator("td.status-delivered").count() == 0
+    await subscriber.ok("alert.received", alert_id=alert["alert_id"])
     await panel.locator("td.status-delivered").first.wait_for(timeout=10_000)
     await page.click("#refresh-audit")
     text = await panel.inner_text()
     assert owner in text and "MEDICAL" in text and "fell down stairs" in text
     assert "sms" in text and "ws" in text
+    assert await panel.locator("span.warning").count() == 0
+    # an alert that reaches nobody says so
+    alone = await Raw.open(single_node.url, token(f"al-{uuid.uuid4().hex[:4]}"))
+    lonely = await alone.ok(
+        "alert.trigger", kind="sos", location={"lat": 52.53, "lon": 13.41}, client_alert_id="c2"
+    )
+    assert lonely["warnings"] == ["no_recipients"]
+    await page.locator(
+        f'div.alert[data-alert="{lonely["alert_id"]}"] span[data-warning="no_recipients"]'
+    ).wait_for()
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
-    for r in (subscriber, poster, ana):
+    for r in (subscriber, poster, ana, alone):
         await r.close()
