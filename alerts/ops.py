@@ -9,6 +9,8 @@ from typing import Any
 
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session, moderator
 
+from .checkin import CheckinOps
+from .pins import PinOps
 from .service import AlertService
 
 
@@ -24,6 +26,11 @@ class AlertOps(Feature):
             "alert.status": self.status,
             "location.share": self.share_location,
             "mod.alerts": self.active,
+            "alert.cancel": self.cancel,
+            "alert.trail": self.trail,
+            # check-ins and PINs (alerts.checkin, alerts.pins), until the node lists them
+            **CheckinOps(service.checkins).ops,
+            **PinOps(service.pins).ops,
         }
 
     async def trigger(self, session: Session, frame: dict[str, Any]) -> Reply:
@@ -55,3 +62,10 @@ class AlertOps(Feature):
     async def active(self, session: Session, frame: dict[str, Any]) -> Reply:
         moderator(session)
         return {"alerts": await session.bounded(self._svc.active())}
+
+    async def cancel(self, session: Session, frame: dict[str, Any]) -> Reply:
+        return await session.bounded(self._svc.cancel(session.identity.user, frame))
+
+    async def trail(self, session: Session, frame: dict[str, Any]) -> Reply:
+        who = session.identity
+        return await session.bounded(self._svc.trail(who.user, who.is_moderator, frame))

@@ -8,7 +8,8 @@ Records (in the store's small-document collections, so in SQLite or MongoDB):
 - `active_alerts` key alert id (the moderators' list);
 - `alert_trail` key "alert id|ts|digest", ix = ts (purged after RT_ALERT_TRAIL_DAYS);
 - `deliveries` key "alert id|route|to", ix = the provider's message id (status webhooks);
-- `contacts` key owner -> tiers of emergency contacts; `push_tokens` key "user|token".
+- `contacts` key owner -> tiers of emergency contacts; `push_tokens` key "user|token";
+- `pins`, `pin_attempts` (alerts.pins); `checkins`, `checkin_users` (alerts.checkin).
 
 A trigger is all-or-nothing: the alert id is derived from (owner, client_alert_id), the limit is
 checked (and the slot reserved for that id) before anything else is written, and the alert is
@@ -17,7 +18,9 @@ retry finds the stored alert and finishes whatever the first attempt did not (de
 records, queue jobs), and so does any node's reconciler once the alert comes due, so a node
 killed at any step, a store timeout or a queue that lost its data delays a notification but
 never loses it. Escalation steps and resolve append to the plan in the same compare-and-set
-write that changes the alert, so they follow the same rule.
+write that changes the alert, so they follow the same rule. A trigger with `delay_s` holds the
+plan until its countdown ends (alerts.cancel); what the owner may see goes through
+alerts.views.
 """
 
 from __future__ import annotations
@@ -31,20 +34,18 @@ from typing import Any
 from realtime_safety.protocol import ProtocolError
 from realtime_safety.storage import DocStore
 
+from . import cancel, views
+from .checkin import CheckinService, CheckinSettings
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
 from .metrics import AlertMetrics
-from .model import KINDS, MAX_NOTE, OUTCOMES, now_ms, parse_location
-from .plan import (
-    TRIGGER_WINDOW_MS,
-    alert_id_for,
-    due,
-    plan,
-    trail_key,
-)
+from .model import OUTCOMES, now_ms, parse_location
+from .pins import Pins
+from .plan import alert_id_for, due, parse_trigger, plan, trail_key
 from .providers import PushProvider, SmsProvider
 from .queue import JobQueue
+from .quota import Quota
 from .reconcile import Reconciler
-from .records import Deliveries, finished, job_key, new_delivery, recipient_view, warnings
+from .records import Deliveries, finished, job_key
 from .responders import Responders
 
 log = logging.getLogger("realtime.alerts")
@@ -63,6 +64,10 @@ class AlertSettings:
     trigger_limit: int = 5  # per user per 10 minutes, across the cluster
     reconcile_s: float = 10.0  # how long a plan may sit unfinished before any node re-queues it
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    max_delay_s: float = 60.0  # the longest cancel window (`delay_s`)
+    pin_attempts: int = 5  # wrong PINs per user per 10 minutes
+    pin_pepper: bytes = b""  # a server-side secret mixed into PIN hashes (alerts.pins)
+    checkin: CheckinSettings = field(default_factory=CheckinSettings)
 
 
 class AlertService:
@@ -103,13 +108,18 @@ class AlertService:
             self.metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.reconciler = Reconciler(self)
+        self.quota = Quota(docs, settings.trigger_limit)
+        self.pins = Pins(docs, attempts=settings.pin_attempts, pepper=settings.pin_pepper)
+        self.checkins = CheckinService(self, settings.checkin)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self._tasks += self.delivery.tasks()
         self._tasks += self.reconciler.tasks()
+        self._tasks += self.checkins.tasks()
         for provider, what in (
             (self.delivery.push, "push notifications"),
             (self.delivery.sms, "SMS"),
@@ -118,9 +128,10 @@ class AlertService:
                 log.warning("alerts: no credentials: %s are written to the %s", what, provider.name)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        self.reconciler.cancel_timers()
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.delivery.close()
         try:
             await self.responders.close()
@@ -139,10 +150,7 @@ class AlertService:
 
     async def can_see(self, user: str, alert_id: str, moderator: bool) -> bool:
         """Location is for the owner, recipients, acknowledging responders and moderators."""
-        if moderator:
-            return True
-        doc = await self.docs.get("alerts", alert_id)
-        return doc is not None and (user == doc["owner"] or user in doc["users"])
+        return await views.can_see(self, user, alert_id, moderator)
 
     async def update(
         self, alert_id: str, change: Callable[[dict[str, Any]], None]
@@ -169,7 +177,9 @@ class AlertService:
         """Make the queue match the plan: every unfinished job put on its route's queue (a
         no-op for a job still queued). Idempotent; True when every planned job is finished.
         (A recipient's delivery record is written by its first outcome; until then the plan
-        alone says `queued`.)"""
+        alone says `queued`.) A plan held by its countdown is not queued; a cancelled one never."""
+        if alert["state"] in ("countdown", "cancelled"):
+            return bool(alert["state"] == "cancelled")
         deliveries = await self.deliveries.of(alert["id"])
         pending = [
             (route, to, purpose)
@@ -189,7 +199,7 @@ class AlertService:
             await self.docs.delete("active_alerts", alert["id"])
         return not pending
 
-    async def _finish(self, alert: dict[str, Any], what: str) -> None:
+    async def finish(self, alert: dict[str, Any], what: str) -> None:
         """After a commit: queue the plan now rather than at the next reconcile. A failure
         here only delays delivery (the alert is due for reconciling), so it is logged."""
         try:
@@ -201,78 +211,114 @@ class AlertService:
                 type(exc).__name__,
             )
 
-    async def _announce(self, target: str, push: dict[str, Any]) -> None:
+    async def announce(self, target: str, push: dict[str, Any]) -> None:
         """A live push that nothing depends on (the durable routes carry the notice)."""
         try:
             await self._publish(target, push)
         except Exception as exc:
             log.warning("alerts: live push to %s not sent (%s)", target, type(exc).__name__)
 
+    async def live(self, alert: dict[str, Any], push: dict[str, Any], *, owner: bool) -> None:
+        """A live push of the alert: on `alert:<id>` (and to the owner's `user:` channel when
+        `owner`); for an alert whose owner is shown something else (the duress PIN), to the
+        people alerted on their own `user:` channels only."""
+        if alert.get("shown"):
+            targets = [f"user:{u}" for u in alert["users"] if u != alert["owner"]]
+        else:
+            targets = [f"alert:{alert['id']}", *([f"user:{alert['owner']}"] if owner else [])]
+        for target in targets:
+            await self._publish(target, push)
+
+    def background(self, work: Any, name: str) -> None:
+        """Work after an answer (a failure is logged; the `due` index makes up for it)."""
+        task: asyncio.Task[None] = asyncio.create_task(work, name=f"alerts-{name}")
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("alerts: %s failed (%r)", task.get_name(), task.exception())
+
     # --- ops --------------------------------------------------------------------------
 
     async def trigger(self, owner: str, frame: dict[str, Any]) -> dict[str, Any]:
-        kind = frame.get("kind")
-        if kind not in KINDS:
-            raise ProtocolError("bad_request", f"'kind' must be one of {', '.join(sorted(KINDS))}")
-        location = parse_location(frame.get("location"))
-        note = frame.get("note")
-        if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
-            raise ProtocolError("bad_request", f"'note' must be a string of at most {MAX_NOTE}")
-        cid = frame.get("client_alert_id")
-        if not isinstance(cid, str) or not 1 <= len(cid) <= 64:
-            raise ProtocolError("bad_request", "'client_alert_id' must be 1-64 characters")
+        fields, cid, delay = parse_trigger(frame, self.settings.max_delay_s)
         alert_id = alert_id_for(owner, cid)
-        reply = {"alert_id": alert_id, "channel": f"alert:{alert_id}"}
         existing = await self.docs.get("alerts", alert_id)
         if existing is not None:  # a retry: finish what the first attempt may not have
-            await self._finish(existing, "retried alert")
+            await self.finish(existing, "retried alert")
             self.metrics.triggers.labels("retried").inc()
-            return {**reply, **({"warnings": warnings(existing)} if warnings(existing) else {})}
+            return views.trigger_reply(existing)
+        hold = delay > 0 and await self.pins.has_pin(owner)
+        alert = await self.create(owner, alert_id, fields, hold_ms=int(delay * 1000) if hold else 0)
+        reply = views.trigger_reply(alert)
+        if delay > 0 and not hold:
+            # no window without a PIN to close it
+            reply["warnings"] = [*reply.get("warnings", []), "no_pin"]
+        return reply
+
+    async def create(
+        self,
+        owner: str,
+        alert_id: str,
+        fields: dict[str, Any],
+        *,
+        hold_ms: int = 0,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Store a new alert with its whole plan (the commit point), then queue it — or hold it
+        for `hold_ms` (a countdown). `fields`: kind, note, location and any extra. `force`:
+        counted against the owner's limit but never refused (an alert the server raises)."""
         try:
-            await self._reserve(owner, alert_id)
+            await self.quota.reserve(owner, alert_id, force=force)
         except ProtocolError:
             self.metrics.triggers.labels("refused").inc()
             raise
         self.checkpoint("trigger:reserved")
         contacts = await self.contacts(owner)
         tier1 = [c for c in contacts if c.get("tier", 1) == 1]
-        responders = [u for u in await self._responders_near(location) if u != owner]
+        responders = [u for u in await self._responders_near(fields["location"]) if u != owner]
         now = now_ms()
+        notify_at = now + hold_ms
         alert: dict[str, Any] = {
             "id": alert_id,
             "owner": owner,
-            "kind": kind,
-            "note": note,
-            "location": location,
-            "state": "active",
+            **fields,
+            "state": "countdown" if hold_ms else "active",
             "outcome": None,
             "created": now,
+            "notify_at": notify_at,
             "users": sorted({c["user"] for c in tier1 if "user" in c} | set(responders)),
             "responders": responders,
             "acked_by": [],
             "tier": 1,
             "escalations": 0,
-            "next_escalation": now + int(self.settings.escalate_s * 1000),
+            "next_escalation": notify_at + int(self.settings.escalate_s * 1000),
             "jobs": plan(tier1, responders, "alert"),
         }
         alert["due"] = due(alert, self.settings.reconcile_s)
         raced = await self.docs.insert("alerts", alert_id, alert, ix=alert["due"])
         if raced is not None:  # a concurrent retry committed first: its alert stands
-            await self._finish(raced, "retried alert")
+            await self.finish(raced, "retried alert")
             self.metrics.triggers.labels("retried").inc()
-            return reply
+            return raced
         self.metrics.triggers.labels("created").inc()
         self.checkpoint("trigger:stored")
-        await self._finish(alert, "alert")
+        await self.finish(alert, "alert")
         self.checkpoint("trigger:queued")
         try:  # the first point is also the alert's own location: the trail may miss it
-            await self.docs.put("alert_trail", trail_key(alert_id, location), location, ix=now)
+            point = alert["location"]
+            await self.docs.put("alert_trail", trail_key(alert_id, point), point, ix=point["ts"])
         except Exception as exc:
             log.warning("alerts: first trail point not stored (%s)", type(exc).__name__)
         if not alert["jobs"]:
             log.warning("alerts: an alert with no recipients (no contacts, no responders)")
-        await self._announce("@moderators", alert_push(alert))
-        return {**reply, **({"warnings": warnings(alert)} if warnings(alert) else {})}
+        if hold_ms:
+            self.reconciler.at(notify_at, alert_id)
+        else:
+            await self.announce("@moderators", cancel.moderators_push(alert))
+        return alert
 
     async def _responders_near(self, location: dict[str, Any]) -> list[str]:
         """Nearby responders, or none if their index cannot answer: an SOS to the contacts
@@ -283,56 +329,42 @@ class AlertService:
             log.warning("alerts: responder lookup failed (%s); contacts only", type(exc).__name__)
             return []
 
-    async def _reserve(self, owner: str, alert_id: str) -> None:
-        """Count this trigger against the owner's limit, cluster-wide (compare-and-set on
-        the store), before anything of the alert is written. Idempotent per alert id: a retry
-        whose first attempt got this far does not count twice."""
-        limit = self.settings.trigger_limit
-        for _ in range(50):
-            doc = await self.docs.get("alert_quota", owner)
-            now = now_ms()
-            recent = [r for r in (doc or {}).get("recent", []) if now - r[0] < TRIGGER_WINDOW_MS]
-            if any(r[1] == alert_id for r in recent):
-                return
-            if len(recent) >= limit:
-                raise ProtocolError(
-                    "rate_limited",
-                    "too many alerts; call emergency services",
-                    retry_after_ms=TRIGGER_WINDOW_MS - (now - recent[0][0]),
-                )
-            new = {"recent": [*recent, [now, alert_id]]}
-            if doc is None:
-                if await self.docs.insert("alert_quota", owner, new) is None:
-                    return
-            elif await self.docs.put("alert_quota", owner, new, version=doc["_v"]):
-                return
-        raise ProtocolError("unavailable", "too many concurrent alerts, retry")
-
     async def location(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
         if alert["owner"] != user:
             raise ProtocolError("forbidden", "only the alert's owner sends its location")
-        if alert["state"] != "active":
+        view = views.owner_view(alert)
+        if view is None:
+            raise ProtocolError("not_found", "no such alert")
+        if view["state"] == "resolved":
             raise ProtocolError("conflict", "the alert is resolved")
         location = parse_location(frame.get("location"))
+        if alert["state"] in ("countdown", "active"):  # cancelled: kept nowhere (same answer)
+            await self.follow(alert["id"], location)
+        return {"alert_id": alert["id"]}
+
+    async def follow(self, alert_id: str, location: dict[str, Any]) -> None:
+        """A new point of the owner's: on the trail, the alert's location, pushed live."""
 
         def change(doc: dict[str, Any]) -> None:
             if location["ts"] >= doc["location"].get("ts", 0):  # a late retry never rewinds
                 doc["location"] = location
 
+        alert = await self.docs.get("alerts", alert_id)
+        if alert is None or alert["state"] not in ("countdown", "active"):
+            return
         # The trail point's key is a function of the point: a retry writes it again, not twice.
         await self.docs.put(
-            "alert_trail", trail_key(alert["id"], location), location, ix=location["ts"]
+            "alert_trail", trail_key(alert_id, location), location, ix=location["ts"]
         )
-        await self.update(alert["id"], change)
-        await self._publish(
-            f"alert:{alert['id']}",
-            {"push": "alert.location", "alert_id": alert["id"], "location": location},
-        )
-        return {"alert_id": alert["id"]}
+        alert = await self.update(alert_id, change)
+        push = {"push": "alert.location", "alert_id": alert_id, "location": location}
+        await self.live(alert, push, owner=False)
 
     async def ack(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
+        if not views.notified(alert):
+            raise ProtocolError("not_found", "no such alert")  # held or cancelled: not theirs
         if user not in alert["users"]:
             raise ProtocolError("forbidden", "you were not alerted")
 
@@ -350,8 +382,7 @@ class AlertService:
             if (route, user) in planned:
                 await self.deliveries.update(alert["id"], route, user, acked)
         push = {"push": "alert.ack", "alert_id": alert["id"], "user": user}
-        await self._publish(f"user:{alert['owner']}", push)
-        await self._publish(f"alert:{alert['id']}", push)
+        await self.live(alert, push, owner=True)
         return {"alert_id": alert["id"]}
 
     async def resolve(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
@@ -363,9 +394,16 @@ class AlertService:
             raise ProtocolError(
                 "bad_request", f"'outcome' must be one of {', '.join(sorted(OUTCOMES))}"
             )
+        view = alert if moderator else views.owner_view(alert)
+        if view is None:
+            raise ProtocolError("not_found", "no such alert")
+        if view["state"] == "cancelled":
+            return {"alert_id": alert["id"], "state": "cancelled"}
+        if view["state"] == "countdown" and not moderator:
+            raise ProtocolError("conflict", "the alert has not gone out: cancel it (alert.cancel)")
         reply = {"alert_id": alert["id"], "state": "resolved"}
         if alert["state"] == "resolved":  # a retry: finish queueing the notices
-            await self._finish(alert, "resolve")
+            await self.finish(alert, "resolve")
             return reply
 
         def change(doc: dict[str, Any]) -> None:
@@ -386,51 +424,29 @@ class AlertService:
 
         alert = await self.update(alert["id"], change)
         self.checkpoint("resolve:stored")
-        await self._finish(alert, "resolve")
+        await self.finish(alert, "resolve")
         push = {"push": "alert.resolved", "alert_id": alert["id"], "outcome": alert["outcome"]}
-        await self._announce(f"alert:{alert['id']}", push)
-        await self._announce(
+        try:
+            await self.live(alert, push, owner=False)
+        except Exception as exc:
+            log.warning("alerts: live resolve push not sent (%s)", type(exc).__name__)
+        await self.announce(
             "@moderators", {**alert_push(alert, with_location=False), "outcome": alert["outcome"]}
         )
         return reply
 
+    async def cancel(self, owner: str, frame: dict[str, Any]) -> dict[str, Any]:
+        return await cancel.cancel(self, owner, frame)
+
     async def status(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
-        alert = await self.alert(frame.get("alert_id"))
-        if alert["owner"] != user and not moderator:
-            raise ProtocolError("forbidden", "only the owner or a moderator sees the status")
-        deliveries = await self.deliveries.of(alert["id"])
-        for route, to, _ in alert.get("jobs", []):  # planned, no outcome yet
-            deliveries.setdefault((route, to), new_delivery(route, to))
-        return {
-            "alert_id": alert["id"],
-            "state": alert["state"],
-            "outcome": alert["outcome"],
-            "recipients": [recipient_view(d) for d in deliveries.values()],
-            "warnings": warnings(alert),
-        }
+        return await views.status(self, user, moderator, frame)
 
     async def active(self) -> list[dict[str, Any]]:
         """Active alerts with their latest location and delivery status (moderators)."""
-        out = []
-        for key, _ in await self.docs.below("active_alerts", 2**62, 500):
-            doc = await self.docs.get("alerts", key)
-            if doc is None or doc["state"] != "active":
-                continue
-            status = await self.status(doc["owner"], True, {"alert_id": doc["id"]})
-            out.append(
-                {
-                    "alert_id": doc["id"],
-                    "owner": doc["owner"],
-                    "kind": doc["kind"],
-                    "note": doc.get("note"),
-                    "location": doc["location"],
-                    "created": doc["created"],
-                    "acked_by": doc["acked_by"],
-                    "recipients": status["recipients"],
-                    "warnings": status["warnings"],
-                }
-            )
-        return out
+        return await views.active(self)
+
+    async def trail(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
+        return await views.trail(self, user, moderator, frame)
 
     async def share_location(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         location = parse_location(frame.get("location"))
