@@ -248,12 +248,17 @@ class Client:
                 if isinstance(exc, ServerError) and exc.code != "unavailable":
                     raise
                 pause = min(self._max_backoff, 0.05 * 2 ** min(attempt, 10))
+                # an overloaded node says when to come back: never sooner
+                floor = (
+                    exc.error.get("retry_after_ms", 0) / 1000 if isinstance(exc, ServerError) else 0
+                )
+                pause = max(pause, floor)
                 out_of_time = end is not None and loop.time() + pause >= end
                 if attempt == attempts or out_of_time:
                     raise
                 # A lost connection: the next attempt waits for the next one (see _read);
                 # the pause covers a socket that died before its reader noticed.
-                await asyncio.sleep(pause * (0.5 + random.random()))
+                await asyncio.sleep(max(floor, pause * (0.5 + random.random())))
 
     async def publish(
         self,

@@ -15,6 +15,7 @@ import pytest
 from conftest import Node, base_env, token
 from wire import Raw, plain, until
 
+from realtime_safety.client import Client
 from realtime_safety.loadtests.support import stalled_subscriber
 from realtime_safety.realtime.overload import LoadMonitor, OverloadLimits
 from realtime_safety.storage.sqlite_db import Db
@@ -141,14 +142,17 @@ async def test_an_overloaded_node_refuses_chat_and_still_takes_an_sos(small_node
     assert await asyncio.to_thread(metric, small_node, "rt_shed_fraction") == 1
     assert await asyncio.to_thread(metric, small_node, "rt_shed_commands_total") >= 2
     # the load goes (the stalled reader leaves): chat is taken again after the cool-down
-    stalled[0].close()
-
-    async def accepted() -> bool:
-        cmid = f"after-{uuid.uuid4()}"
-        reply = await pub.cmd("publish", channel=ch, client_msg_id=cmid, body=plain("hi"))
-        return bool(reply["ok"])
-
-    await until(accepted, 15, what="chat accepted again")
+    # The Python client retries a refused publish no sooner than it was told to, with the same
+    # client_msg_id; once the load goes (the stalled reader leaves) the publish lands, once.
+    async with Client([small_node.url], token("app")) as app:
+        started = asyncio.get_running_loop().time()
+        publishing = asyncio.create_task(app.publish(ch, plain("hi"), attempts=50))
+        await until(lambda: metric(small_node, "rt_shed_commands_total") >= 3, what="refused")
+        stalled[0].close()
+        reply = await publishing
+        assert asyncio.get_running_loop().time() - started >= refused["retry_after_ms"] / 1000
+        history = await app.request("history", channel=ch, limit=5)
+        assert [m["seq"] for m in history["messages"]].count(reply["seq"]) == 1
     assert await asyncio.to_thread(metric, small_node, "rt_shed_fraction") < 1
     await pub.close()
     await owner.close()
