@@ -1,7 +1,7 @@
 """Gaps found by mutation testing (scripts/mutate channels): the hub's catch-up after a broker
-reconnect, the delivery-lag metric, how the broker reports a pub/sub outage, the channel ops'
-replies and a membership's `since`, on a real redis-server, a real SQLite store and a real
-server process."""
+reconnect, the delivery-lag metric, how the broker reports a pub/sub outage, a failed hub task's
+log, the channel ops' replies and counters, and a membership's `since`, on a real
+redis-server, a real SQLite store and a real server process."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from conftest import Node, RedisServer, token
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from wire import Raw, plain, until
 
 from realtime_safety.channels.broker import InProcessBroker, RedisBroker
@@ -23,6 +25,7 @@ from realtime_safety.channels.hub import REPAIR_PAGE, Hub
 from realtime_safety.channels.metrics import ChannelMetrics
 from realtime_safety.channels.service import ChannelService
 from realtime_safety.protocol import Frame
+from realtime_safety.storage import StoreUnavailable
 from realtime_safety.storage.sqlite import SqliteStore
 
 
@@ -238,3 +241,73 @@ async def test_a_membership_records_when_it_began_in_milliseconds(tmp_path: Path
     finally:
         await hub.close()
         await store.close()
+
+
+async def test_a_failed_hub_task_is_logged_and_a_finished_one_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's background tasks (a channel's initialisation, its gap repair…) fail
+    loudly: an error log naming the task, with its exception; a task that simply finishes logs
+    nothing (mutant: channels/hub.py, `task.exception() is not None` with `is`)."""
+    caplog.set_level(logging.ERROR, logger="realtime.hub")
+    store = SqliteStore(tmp_path)
+    await store.open()
+    hub = Hub(InProcessBroker(), store.messages, lambda event: None)
+    await hub.start()
+    try:
+        await hub.add("public:fine", Inbox())  # its initialisation task finishes
+        await store.close()  # the next initialisation cannot read the channel's last seq
+        with pytest.raises(StoreUnavailable):
+            await hub.add("public:broken", Inbox())
+        await until(lambda: caplog.records, what="the failed task's log")
+        [record] = caplog.records
+        assert record.getMessage() == "hub task hub-init:public:broken failed"
+        assert record.exc_info is not None and isinstance(record.exc_info[1], StoreUnavailable)
+    finally:
+        await hub.close()
+
+
+def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(node.http + "/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_the_node_counts_each_publish_once_and_each_backend_call_by_its_op(
+    single_node: Node,
+) -> None:
+    """/metrics: `rt_messages_published_total` counts stored messages (a retried publish is not
+    one), `rt_backend_call_seconds{call}` each store call a channel op makes, under the op's
+    name (mutants: channels/ops.py, `published += 1` with 2; channels/service.py, the
+    "list members" call's label)."""
+    ch = f"public:{uuid.uuid4().hex[:10]}"
+    room = f"room:{uuid.uuid4().hex[:10]}"
+    single_node.add_member(room, "ann")
+    ann = await Raw.open(single_node.url, token("ann"))
+    try:
+        before = await asyncio.to_thread(scrape, single_node)
+        await ann.ok("publish", channel=ch, client_msg_id="c1", body=plain("one"))
+        await ann.ok("publish", channel=ch, client_msg_id="c2", body=plain("two"))
+        assert (await ann.ok("publish", channel=ch, client_msg_id="c1", body=plain("one")))[
+            "duplicate"
+        ]
+        await ann.ok("history", channel=ch)  # the page and the read marker: two calls
+        await ann.ok("read", channel=ch, seq=2)
+        await ann.ok("members", channel=room)
+        after = await asyncio.to_thread(scrape, single_node)
+    finally:
+        await ann.close()
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert added("rt_messages_published_total") == 2
+    calls = "rt_backend_call_seconds_count"
+    assert added(calls, call="publish") == 3
+    assert added(calls, call="history") == 2
+    assert added(calls, call="read") == 1
+    assert added(calls, call="list members") == 1
