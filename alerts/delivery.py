@@ -270,8 +270,10 @@ class Deliverer:
             return  # jobs exist only for stored alerts: nothing to do
         route, to, purpose = data["route"], data["to"], data["purpose"]
         delivery = await self.deliveries.get(alert["id"], route, to)
-        if finished(delivery, purpose):
-            return  # finished before a crash kept the job from being marked done
+        if finished(delivery, purpose):  # before a crash kept the job from being marked done
+            if delivery is not None and delivery.get("provider_id") and purpose != "resolve":
+                await self._settle(delivery["provider_id"])  # the crash may have come first
+            return
         if purpose != "resolve" and alert["state"] == "resolved":
             await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))
             self.metrics.deliveries.labels(route, "cancelled").inc()
@@ -313,7 +315,7 @@ class Deliverer:
         await self.deliveries.update(alert["id"], route, to, change)
         self.metrics.deliveries.labels(route, status).inc()
         if provider_id is not None and purpose != "resolve":
-            await self.receipts.settle(provider_id)  # a status callback that came first
+            await self._settle(provider_id)
 
     async def _send(
         self, alert: dict[str, Any], route: str, to: str, purpose: str
@@ -394,6 +396,12 @@ class Deliverer:
             else None
         )
         return await self.sms.send(phone, body, callback)
+
+    async def _settle(self, provider_id: str) -> None:
+        """Apply a status callback that came before the message id was written (only asked
+        for, so only possible, with a public URL)."""
+        if self.settings.public_url:
+            await self.receipts.settle(provider_id)
 
     async def provider_status(
         self, provider_id: str, status: str, error_code: str | None = None

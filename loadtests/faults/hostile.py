@@ -191,6 +191,7 @@ _FIELDS: dict[str, Callable[[Chooser], dict[str, Any]]] = {
     "alert.trigger": lambda c: {"client_alert_id": _str(c), "location": _location(c)},
     "alert.location": lambda c: {"alert_id": _str(c), "location": _location(c)},
     "alert.ack": lambda c: {"alert_id": _str(c)},
+    "alert.received": lambda c: {"alert_id": _str(c), "route": c.pick(("ws", "push", "sms"))},
     "alert.resolve": lambda c: {"alert_id": _str(c), "outcome": _str(c)},
     "alert.status": lambda c: {"alert_id": _str(c)},
     "location.share": lambda c: {"location": _location(c)},
