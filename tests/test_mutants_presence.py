@@ -7,11 +7,14 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 from conftest import Node, RedisServer, token, unique_db
 from wire import Raw, until
+
+from realtime_safety.presence.store import RedisPresence
 
 
 def chan() -> str:
@@ -146,3 +149,70 @@ async def test_presence_calls_queued_behind_a_failed_one_are_answered_and_reconc
     await until(listed, 15, what="the node to reconcile: ann gone, carl there")
     for r in (ann, bob, carl):
         await r.close()
+
+
+async def test_invisible_on_one_node_hides_the_user_on_every_node(
+    node_factory: Any, presence_env: dict[str, str]
+) -> None:
+    """`presence.invisible` is kept in Redis, so a user invisible on one node looks offline
+    to users of every node, and visible again everywhere after turning it off (mutant:
+    presence/store.py, RedisPresence.set_invisible with its condition negated)."""
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    name = f"ivy-{uuid.uuid4().hex[:6]}"
+    ivy = await Raw.open(a.url, token(name))
+    carol = await Raw.open(b.url, token("carol"))
+    await until(lambda: members(carol, f"user:{name}"), 10, what="ivy to be online")
+    await ivy.ok("presence.invisible", invisible=True)
+    assert await members(carol, f"user:{name}") == []
+    assert await members(ivy, f"user:{name}") == [name]  # she still sees herself
+    await ivy.ok("presence.invisible", invisible=False)
+    assert await members(carol, f"user:{name}") == [name]
+    for r in (ivy, carol):
+        await r.close()
+
+
+async def test_a_dead_node_claimed_by_another_survivor_is_left_to_it(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """One survivor per dead node clears its entries: the one that wins the claim. While
+    another survivor holds the claim on dead node b, node a leaves b's members alone, yet
+    still reaps node c, which died after b (mutants: presence/tracker.py, `if not await
+    claim_reap(...)` without `not`; presence/store.py, the claim's SET without NX)."""
+    a: Node = node_factory("a", RT_NODE_ID="a", **presence_env)
+    b: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    c: Node = node_factory("c", RT_NODE_ID="c", **presence_env)
+    ch = chan()
+    watcher = await Raw.open(a.url, token("watcher"))
+    await watcher.ok("subscribe", channel=ch)
+    for node, user in ((b, "bea"), (c, "cleo")):
+        raw = await Raw.open(node.url, token(user))
+        await raw.ok("subscribe", channel=ch)
+    await until(
+        lambda: _listed(watcher, ch, ["bea", "cleo", "watcher"]), 10, what="everyone to join"
+    )
+    other = RedisPresence(redis_server.url, node_timeout_s=0.6)
+    try:
+        assert await other.claim_reap("other", "b", 60)  # another survivor is on b
+        b.kill()
+        # c dies once b's last heartbeat is older than any c could still send, so that
+        # whenever a sees c dead it sees b dead too
+        await until(lambda: _has(other.dead_nodes("watcher"), "b"), 10, what="b to go quiet")
+        c.kill()
+        while True:  # the first leave a pushes is c's member's: b's is not a's to push
+            push = await watcher.push(20, presence=True)
+            if push["push"] == "leave":
+                break
+        assert push["user"] == "cleo", push
+        assert await members(watcher, ch) == ["bea", "watcher"]
+    finally:
+        await other.close()
+    await watcher.close()
+
+
+async def _listed(raw: Raw, channel: str, users: list[str]) -> bool:
+    return await members(raw, channel) == users
+
+
+async def _has(found: Awaitable[list[str]], item: str) -> bool:
+    return item in await found
