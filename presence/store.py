@@ -66,8 +66,6 @@ class PresenceStore(Protocol):
 
     async def is_invisible(self, user: str) -> bool: ...
 
-    async def ping(self) -> bool: ...
-
     async def close(self) -> None: ...
 
 
@@ -132,9 +130,6 @@ class MemoryPresence:
 
     async def is_invisible(self, user: str) -> bool:
         return user in self._invisible
-
-    async def ping(self) -> bool:
-        return True
 
     async def close(self) -> None:
         return None
@@ -267,12 +262,6 @@ class RedisPresence:
 
     async def is_invisible(self, user: str) -> bool:
         return bool(await self._redis.sismember(INVISIBLE, user))
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except Exception:
-            return False
 
     async def close(self) -> None:
         await self._redis.aclose()
