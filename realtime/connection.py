@@ -344,20 +344,21 @@ class Connection:
                     raise ProtocolError("bad_request", "'id' must be a non-negative integer")
                 self._rate_limit()
                 op = frame.get("op")
-                if op in self._sheddable and self._load.refuse():
-                    raise ProtocolError(
-                        "unavailable",
-                        "the server is overloaded: retry later",
-                        retry_after_ms=self._load.retry_after_ms(),
-                    )
-                handler = self._ops.get(op) if isinstance(op, str) else None
+                if not isinstance(op, str):
+                    raise ProtocolError("bad_request", f"unknown op {type(op).__name__}")
+                handler = self._ops.get(op)
                 if handler is not None:
+                    if op in self._sheddable and self._load.refuse():
+                        raise ProtocolError(
+                            "unavailable",
+                            "the server is overloaded: retry later",
+                            retry_after_ms=self._load.retry_after_ms(),
+                        )
                     result = await handler(self, frame)
                 else:
-                    own = _OWN_OPS.get(op) if isinstance(op, str) else None
+                    own = _OWN_OPS.get(op)
                     if own is None:
-                        shown = repr(op[:64]) if isinstance(op, str) else type(op).__name__
-                        raise ProtocolError("bad_request", f"unknown op {shown}")
+                        raise ProtocolError("bad_request", f"unknown op {op[:64]!r}")
                     result = await own(self, frame)
             except ProtocolError as err:
                 self._after_reply.clear()

@@ -31,7 +31,7 @@ log = logging.getLogger("realtime.overload")
 @dataclass(frozen=True, slots=True)
 class OverloadLimits:
     lag_s: float = 0.025  # event-loop lag: every await on the SOS path may wait this long
-    queued_frames: int = 50_000  # frames behind full sockets, node-wide
+    queued_frames: int = 200_000  # frames behind full sockets, node-wide (a memory guard)
     backend_calls: int = 2_000  # store/broker calls in flight for commands
     interval_s: float = 0.05
     cool_s: float = 1.0  # from refusing all to refusing none, once the load is gone

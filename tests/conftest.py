@@ -331,6 +331,9 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
             "RT_API_KEY": API_KEY,
             "RT_DATA_DIR": str(data_dir),
             "PYTHONUNBUFFERED": "1",
+            # The suite runs on a busy machine, where a node's event loop is often late: lag
+            # would shed chat ops at random. Shedding is tested on purpose (test_overload.py).
+            "RT_OVERLOAD_LAG_MS": "60000",
         }
     )
     env.update(extra)
