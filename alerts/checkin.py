@@ -54,8 +54,8 @@ class CheckinSettings:
     min_duration_s: float = 1.0
     max_duration_s: float = 86_400.0
     active_limit: int = 3  # running check-ins per user
-    poll_s: float = 0.5  # every node looks for due check-ins this often
-    claim_s: float = 1.0  # a claim not finished by then is taken over by any node
+    poll_s: float = 0.25  # every node looks for due check-ins this often
+    claim_s: float = 0.5  # a claim not finished by then is taken over by any node
     trail_points: int = 100  # the newest points kept while a check-in runs
 
 
@@ -302,9 +302,15 @@ class CheckinService:
             await asyncio.sleep(self.settings.poll_s)
 
     async def fire_due(self) -> None:
-        """One pass over every check-in that is due."""
-        for checkin_id, doc in await self.docs.below("checkins", now_ms() + 1, 50):
-            await self._fire(checkin_id, doc)
+        """One pass over every check-in that is due, side by side (one slow store call must
+        not make the timers behind it late)."""
+        due = await self.docs.below("checkins", now_ms() + 1, 50)
+        done = await asyncio.gather(
+            *(self._fire(key, doc) for key, doc in due), return_exceptions=True
+        )
+        for result in done:
+            if isinstance(result, Exception):
+                log.warning("checkins: firing failed (%s); retrying", type(result).__name__)
 
     async def visit(self, checkin_id: str) -> None:
         doc = await self.docs.get("checkins", checkin_id)
@@ -328,11 +334,16 @@ class CheckinService:
             max(0, alert["created"] - claimed["expires"]),
         )
 
+        settled: list[bool] = []
+
         def fired(fresh: dict[str, Any]) -> None:
+            settled[:] = [fresh["state"] == "firing"]
             if fresh["state"] == "firing":
                 fresh.update(state="fired", due=None, fired=alert["created"])
 
         await self._update(claimed, fired)
+        if not settled[0]:
+            return  # another node that took the claim over settled it (and told the owner)
         await self._release(doc["owner"], checkin_id)
         if not doc.get("shown"):
             push = {"push": "checkin.missed", "checkin_id": checkin_id, "alert_id": alert["id"]}
@@ -341,12 +352,17 @@ class CheckinService:
     async def _raise(self, doc: dict[str, Any]) -> dict[str, Any]:
         """The check-in's alert (idempotent: a second attempt finds the first one's)."""
         svc, alert_id = self._svc, doc["alert_id"]
-        for point in doc["trail"]:  # keyed by content: written again, never twice
+        alert = await self.docs.get("alerts", alert_id)
+        if alert is not None:
+            await svc.finish(alert, "missed check-in")
+        else:
+            alert = await svc.create(doc["owner"], alert_id, self._fields(doc), force=True)
+        # After the alert (it comes first): keyed by content, written again, never twice.
+        for point in doc["trail"]:
             await self.docs.put("alert_trail", trail_key(alert_id, point), point, ix=point["ts"])
-        existing = await self.docs.get("alerts", alert_id)
-        if existing is not None:
-            await svc.finish(existing, "missed check-in")
-            return existing
+        return alert
+
+    def _fields(self, doc: dict[str, Any]) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "kind": "checkin_missed",
             "note": doc.get("note"),
@@ -355,10 +371,9 @@ class CheckinService:
             "checkin_expired": doc["expires"],
         }
         if doc.get("duress"):
-            now = now_ms()
             fields.update(duress=True, note=with_duress(doc.get("note")))
-            fields["shown"] = {"state": None, "at": now}
-        return await svc.create(doc["owner"], alert_id, fields, force=True)
+            fields["shown"] = {"state": None, "at": now_ms()}
+        return fields
 
 
 class CheckinOps(Feature):

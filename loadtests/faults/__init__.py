@@ -7,7 +7,8 @@ each reporting what was sent, acknowledged, delivered, lost and duplicated.
 
 Scenarios live with their topic: `chat` (node and Redis/store faults under publish load),
 `badinput` (generated hostile frames), `exhaustion` (resource attacks: connection floods,
-slowloris, readers that never read), `alerts` (trigger crashes, lost jobs, provider faults).
+slowloris, readers that never read), `alerts` (trigger crashes, lost jobs, provider faults),
+`checkins` (check-in timers through node death and a Redis restart).
 Each module offers `SCENARIOS: dict[str, Scenario]`; tests in `tests/test_faults_*.py` run the
 same scenarios small.
 """
@@ -20,9 +21,9 @@ __all__ = ["FaultResult", "Scenario", "scenarios"]
 
 
 def scenarios() -> dict[str, Scenario]:
-    from . import alerts, badinput, chat, exhaustion
+    from . import alerts, badinput, chat, checkins, exhaustion
 
     found: dict[str, Scenario] = {}
-    for module in (chat, badinput, exhaustion, alerts):
+    for module in (chat, badinput, exhaustion, alerts, checkins):
         found.update(module.SCENARIOS)
     return found
