@@ -280,12 +280,11 @@ async def test_the_node_counts_each_publish_once_and_each_backend_call_by_its_op
     single_node: Node,
 ) -> None:
     """/metrics: `rt_messages_published_total` counts stored messages (a retried publish is not
-    one), `rt_backend_call_seconds{call}` each store call a channel op makes, under the op's
-    name (mutants: channels/ops.py, `published += 1` with 2; channels/service.py, the
-    "list members" call's label)."""
+    one), `rt_backend_call_seconds{call}` each store call a channel op or the server API makes,
+    under its name (mutants: channels/ops.py, `published += 1` with 2; channels/service.py,
+    the "list members" and "remove member" calls' labels)."""
     ch = f"public:{uuid.uuid4().hex[:10]}"
     room = f"room:{uuid.uuid4().hex[:10]}"
-    single_node.add_member(room, "ann")
     ann = await Raw.open(single_node.url, token("ann"))
     try:
         before = await asyncio.to_thread(scrape, single_node)
@@ -296,7 +295,9 @@ async def test_the_node_counts_each_publish_once_and_each_backend_call_by_its_op
         ]
         await ann.ok("history", channel=ch)  # the page and the read marker: two calls
         await ann.ok("read", channel=ch, seq=2)
+        single_node.add_member(room, "ann")
         await ann.ok("members", channel=room)
+        assert single_node.api("DELETE", f"/v1/channels/{room}/members/ann").status_code == 204
         after = await asyncio.to_thread(scrape, single_node)
     finally:
         await ann.close()
@@ -310,4 +311,37 @@ async def test_the_node_counts_each_publish_once_and_each_backend_call_by_its_op
     assert added(calls, call="publish") == 3
     assert added(calls, call="history") == 2
     assert added(calls, call="read") == 1
+    assert added(calls, call="add member") == 1
     assert added(calls, call="list members") == 1
+    assert added(calls, call="remove member") == 1
+
+
+def node_channels(node: Node) -> float:
+    return scrape(node)[("rt_node_channels", ())]
+
+
+async def test_a_member_removed_from_a_room_no_longer_holds_the_channel_on_the_node(
+    node_factory: Any,
+) -> None:
+    """A removed member's subscription ends on the node entirely: the unsubscribed push, and
+    the node stops receiving the room from the broker when that was its last subscriber
+    (`rt_node_channels`), also after the member's connection closes (mutant: channels/ops.py,
+    `self._hub.remove(channel, subs)` removed from `kick`, which leaves the hub holding the
+    channel for a subscription that no longer exists)."""
+    node: Node = node_factory("kick")
+    room = f"room:{uuid.uuid4().hex[:10]}"
+    node.add_member(room, "bob")
+    bob = await Raw.open(node.url, token("bob"))
+    try:
+        held = await asyncio.to_thread(node_channels, node)
+        await bob.ok("subscribe", channel=room)
+        assert await asyncio.to_thread(node_channels, node) == held + 1
+        assert node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
+        assert await bob.push() == {"push": "unsubscribed", "channel": room, "reason": "removed"}
+
+        async def released() -> bool:
+            return await asyncio.to_thread(node_channels, node) == held
+
+        await until(released, what="the node to release the room")
+    finally:
+        await bob.close()
