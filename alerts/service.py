@@ -36,9 +36,9 @@ from realtime_safety.storage import DocStore
 
 from . import cancel, views
 from .checkin import CheckinService, CheckinSettings
-from .delivery import Deliverer, DeliverySettings, IsOnline, Publish, alert_push
+from .delivery import Deliverer, DeliverySettings, IsOnline, Publish
 from .metrics import AlertMetrics
-from .model import OUTCOMES, now_ms, parse_location
+from .model import now_ms, parse_location
 from .pins import Pins
 from .plan import alert_id_for, due, parse_trigger, plan, trail_key
 from .providers import PushProvider, SmsProvider
@@ -386,54 +386,7 @@ class AlertService:
         return {"alert_id": alert["id"]}
 
     async def resolve(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
-        alert = await self.alert(frame.get("alert_id"))
-        if alert["owner"] != user and not moderator:
-            raise ProtocolError("forbidden", "only the owner or a moderator resolves an alert")
-        outcome = frame.get("outcome")
-        if outcome not in OUTCOMES:
-            raise ProtocolError(
-                "bad_request", f"'outcome' must be one of {', '.join(sorted(OUTCOMES))}"
-            )
-        view = alert if moderator else views.owner_view(alert)
-        if view is None:
-            raise ProtocolError("not_found", "no such alert")
-        if view["state"] == "cancelled":
-            return {"alert_id": alert["id"], "state": "cancelled"}
-        if view["state"] == "countdown" and not moderator:
-            raise ProtocolError("conflict", "the alert has not gone out: cancel it (alert.cancel)")
-        reply = {"alert_id": alert["id"], "state": "resolved"}
-        if alert["state"] == "resolved":  # a retry: finish queueing the notices
-            await self.finish(alert, "resolve")
-            return reply
-
-        def change(doc: dict[str, Any]) -> None:
-            if doc["state"] == "resolved":
-                return
-            # Everyone alerted hears it, on every route they were alerted through (the
-            # worker skips those the alert never reached).
-            routes = dict.fromkeys((r, t) for r, t, p in doc.get("jobs", []) if p != "resolve")
-            doc.update(
-                state="resolved",
-                outcome=outcome,
-                resolved=now_ms(),
-                resolved_by=user,
-                next_escalation=None,
-                jobs=[*doc.get("jobs", []), *([r, t, "resolve"] for r, t in routes)],
-            )
-            doc["due"] = due(doc, self.settings.reconcile_s)
-
-        alert = await self.update(alert["id"], change)
-        self.checkpoint("resolve:stored")
-        await self.finish(alert, "resolve")
-        push = {"push": "alert.resolved", "alert_id": alert["id"], "outcome": alert["outcome"]}
-        try:
-            await self.live(alert, push, owner=False)
-        except Exception as exc:
-            log.warning("alerts: live resolve push not sent (%s)", type(exc).__name__)
-        await self.announce(
-            "@moderators", {**alert_push(alert, with_location=False), "outcome": alert["outcome"]}
-        )
-        return reply
+        return await cancel.resolve(self, user, moderator, frame)
 
     async def cancel(self, owner: str, frame: dict[str, Any]) -> dict[str, Any]:
         return await cancel.cancel(self, owner, frame)

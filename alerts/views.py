@@ -34,7 +34,7 @@ def owner_view(alert: dict[str, Any]) -> dict[str, Any] | None:
     return {
         **alert,
         "state": shown["state"],
-        "outcome": None,
+        "outcome": shown.get("outcome"),
         "jobs": [job for job in alert.get("jobs", []) if job[2] == "alert"],
         "acked_by": [],
         "duress": False,

@@ -140,7 +140,7 @@ async def test_the_pin_cancels_in_the_window_and_wrong_pins_are_limited(
             "alert.trigger", kind="sos", location=HERE, client_alert_id="a1", delay_s=2
         )
         assert retried["state"] == "cancelled"
-        resolved = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe")
+        resolved = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe", pin=PIN)
         assert resolved["state"] == "cancelled"
         await olga.ok("alert.location", alert_id=alert_id, location=NEARBY)  # kept nowhere
         # Sentinel: a second countdown, ending after the first one's, is not cancelled. When
@@ -211,7 +211,7 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
                 "alert.trigger", kind="sos", location=HERE, client_alert_id=cid, delay_s=30
             )
             assert _without(again, "alert_id", "channel") == {"ok": True, "state": "cancelled"}
-            resolved = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe")
+            resolved = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe", pin=PIN)
             assert resolved["state"] == "cancelled"
         assert _without(
             await olga.ok("alert.cancel", alert_id=d_id, pin=PIN), "alert_id"
@@ -332,5 +332,55 @@ async def test_pins_are_set_with_the_current_one_and_stored_only_hashed(
         assert "$argon2id$" in text
         for pin in ("473829", "918273", "555555"):
             assert pin not in text and pin not in node.log()
+    finally:
+        node.stop()
+
+
+async def test_the_owner_resolves_with_the_pin_and_the_duress_pin_only_seems_to(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    node = _node(tmp_path, fakes)
+    try:
+        owner, phone, _ = _people(node)
+        olga = await Raw.open(node.url, token(owner))
+        await olga.ok("pin.set", pin=PIN, duress_pin=DURESS)
+        mod = await Raw.open(node.url, token("mia", roles=["user", "moderator"]))
+
+        def bodies() -> list[str]:
+            return [r.body["Body"] for r in fakes.sms if r.body.get("To") == phone]
+
+        real = (await olga.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="r"))[
+            "alert_id"
+        ]
+        fake = (await olga.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="f"))[
+            "alert_id"
+        ]
+        await until(lambda: len(bodies()) == 2, 10, what="both alerts' SMS")
+        assert await olga.error("alert.resolve", alert_id=real, outcome="safe") == "forbidden"
+        assert (
+            await olga.error("alert.resolve", alert_id=real, outcome="safe", pin="0000")
+            == "forbidden"
+        )
+        r_reply = await olga.ok("alert.resolve", alert_id=real, outcome="safe", pin=PIN)
+        f_reply = await olga.ok("alert.resolve", alert_id=fake, outcome="safe", pin=DURESS)
+        assert _without(f_reply, "alert_id") == _without(r_reply, "alert_id")
+        for alert_id in (real, fake):
+            status = await olga.ok("alert.status", alert_id=alert_id)
+            assert (status["state"], status["outcome"]) == ("resolved", "safe")
+            assert await olga.error("alert.location", alert_id=alert_id, location=NEARBY) == (
+                "conflict"
+            )
+            again = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe", pin=PIN)
+            assert again["state"] == "resolved"
+        # The real one tells its contact it is over; the other one is sent again, flagged.
+        await until(lambda: len(bodies()) == 4, 10, what="the resolve notice and the resend")
+        assert sum("resolved" in b for b in bodies()) == 1
+        assert sum("DURESS" in b for b in bodies()) == 1
+        seen = await mod.ok("alert.status", alert_id=fake)
+        assert (seen["state"], seen["duress"]) == ("active", True)
+        # Sentinel: when a moderator resolves it for real, that notice is the next SMS.
+        await mod.ok("alert.resolve", alert_id=fake, outcome="handled")
+        await until(lambda: len(bodies()) == 5, 10, what="the moderator's resolve notice")
+        assert sum("resolved" in b for b in bodies()) == 2 and "handled" in bodies()[-1]
     finally:
         node.stop()
