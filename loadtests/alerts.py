@@ -91,6 +91,19 @@ def run(alerts: int, rate: float, topology: str) -> AlertLatency:
     )
 
 
+def trigger_frame(client_alert_id: str) -> str:
+    """An SOS `alert.trigger` (command id 2) at a fixed place."""
+    return json.dumps(
+        {
+            "id": 2,
+            "op": "alert.trigger",
+            "kind": "sos",
+            "client_alert_id": client_alert_id,
+            "location": {"lat": 52.52, "lon": 13.405},
+        }
+    )
+
+
 async def _trigger(url: str, secret: str, alerts: int, rate: float) -> dict[int, float]:
     sent: dict[int, float] = {}
 
@@ -103,17 +116,7 @@ async def _trigger(url: str, secret: str, alerts: int, rate: float) -> dict[int,
             await ws.recv()
             await asyncio.sleep(max(0.0, start + i / rate - time.time()))
             sent[i] = time.time()
-            await ws.send(
-                json.dumps(
-                    {
-                        "id": 2,
-                        "op": "alert.trigger",
-                        "kind": "sos",
-                        "client_alert_id": f"b{i}",
-                        "location": {"lat": 52.52, "lon": 13.405},
-                    }
-                )
-            )
+            await ws.send(trigger_frame(f"b{i}"))
             reply: dict[str, Any] = json.loads(await ws.recv())
             assert reply.get("ok"), reply
 

@@ -123,6 +123,66 @@ def _client_process(*args: Any) -> None:
     uvloop.run(_chatters(*args))
 
 
+class Chatters:
+    """The chat client processes, set up (connected and subscribed) on construction; `go`
+    starts the posting and `results` waits for what each process saw."""
+
+    def __init__(
+        self,
+        kind: str,
+        secret: str,
+        url: str,
+        rooms: int,
+        room_size: int,
+        interval: float,
+        seconds: float,
+        deadline: float,
+        processes: int = 2,
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        ready, self._out, self._go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        self._deadline = deadline
+        shares = [list(range(rooms))[p::processes] for p in range(processes)]
+        self._procs = [
+            ctx.Process(
+                target=_client_process,
+                args=(
+                    kind,
+                    secret,
+                    url,
+                    share,
+                    room_size,
+                    interval,
+                    seconds,
+                    self._go,
+                    deadline,
+                    ready,
+                    self._out,
+                ),
+            )
+            for share in shares
+            if share
+        ]
+        for p in self._procs:
+            p.start()
+        for _ in self._procs:
+            ready.get(timeout=max(1.0, deadline - time.time()))
+
+    def go(self) -> None:
+        self._go.set()
+
+    def results(self) -> list[dict[str, Any]]:
+        timeout = max(1.0, self._deadline - time.time() + 10)
+        results = [self._out.get(timeout=timeout) for _ in self._procs]
+        for p in self._procs:
+            p.join(10)
+        return results
+
+    def run(self) -> list[dict[str, Any]]:
+        self.go()
+        return self.results()
+
+
 def run(
     kind: str,
     clients: int = 2000,
@@ -140,39 +200,11 @@ def run(
     with Servers(kind, topology) as servers:
         target = TARGETS[kind](servers.secret)
         url = target.url(servers.port)
-        ctx = mp.get_context("spawn")
-        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         deadline = time.time() + timeout_s
-        shares = [list(range(rooms))[p::processes] for p in range(processes)]
-        procs = [
-            ctx.Process(
-                target=_client_process,
-                args=(
-                    kind,
-                    servers.secret,
-                    url,
-                    share,
-                    room_size,
-                    interval,
-                    seconds,
-                    go,
-                    deadline,
-                    ready,
-                    out,
-                ),
-            )
-            for share in shares
-            if share
-        ]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            ready.get(timeout=timeout_s)
+        crowd = Chatters(kind, servers.secret, url, rooms, room_size, interval, seconds,
+                         deadline, processes)  # fmt: skip
         cpu1, _ = servers.stats()
-        go.set()
-        results = [out.get(timeout=max(1.0, deadline - time.time() + 10)) for _ in procs]
-        for p in procs:
-            p.join(10)
+        results = crowd.run()
         cpu2, rss = servers.stats()
     latencies = [x for r in results for x in r["latencies"]]
     acks = [x for r in results for x in r["ack_latencies"]]

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
 
-from .chat import _client_process
+from .alerts import trigger_frame
+from .chat import Chatters
 from .fakeproviders import FakeProviders
 from .support import pct
 from .targets import TARGETS, Servers
@@ -96,35 +96,9 @@ def run(
                 r.raise_for_status()
             target = TARGETS["realtime"](servers.secret)
             url = target.url(servers.port)
-            ctx = mp.get_context("spawn")
-            ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
             deadline = time.time() + timeout_s
-            rooms = clients // room_size
-            shares = [list(range(rooms))[p::processes] for p in range(processes)]
-            procs = [
-                ctx.Process(
-                    target=_client_process,
-                    args=(
-                        "realtime",
-                        servers.secret,
-                        url,
-                        share,
-                        room_size,
-                        interval,
-                        seconds,
-                        go,
-                        deadline,
-                        ready,
-                        out,
-                    ),
-                )
-                for share in shares
-                if share
-            ]
-            for p in procs:
-                p.start()
-            for _ in procs:
-                ready.get(timeout=timeout_s)
+            crowd = Chatters("realtime", servers.secret, url, clients // room_size, room_size,
+                             interval, seconds, deadline, processes)  # fmt: skip
             sent = asyncio.run(
                 _alerts(
                     f"ws://127.0.0.1:{servers.port}/ws",
@@ -132,12 +106,10 @@ def run(
                     fakes,
                     idle_alerts,
                     alerts,
-                    go,
+                    crowd.go,
                 )
             )
-            results = [out.get(timeout=max(1.0, deadline - time.time() + 10)) for _ in procs]
-            for p in procs:
-                p.join(10)
+            results = crowd.results()
             end = time.time() + 30
             while time.time() < end and len(_first_sms(fakes)) < total:
                 time.sleep(0.1)
@@ -187,7 +159,7 @@ def _first_sms(fakes: FakeProviders) -> dict[str, float]:
 
 
 async def _alerts(
-    url: str, secret: str, fakes: FakeProviders, idle: int, flood: int, go: Any
+    url: str, secret: str, fakes: FakeProviders, idle: int, flood: int, go: Callable[[], None]
 ) -> dict[int, float]:
     """Idle alerts first (each waits for its SMS), then the flood starts (`go`) and the other
     alerts go out one a second from FLOOD_START_S on. Returns each alert's send time."""
@@ -198,7 +170,7 @@ async def _alerts(
             await _trigger(owners[i], i, sent)
             while _phone(i) not in _first_sms(fakes):  # noqa: ASYNC110 (another thread's list)
                 await asyncio.sleep(0.01)
-        go.set()  # the chat processes start posting now
+        go()  # the chat processes start posting now
         start = time.time() + FLOOD_START_S
 
         async def one(k: int) -> None:
@@ -222,17 +194,7 @@ async def _owner(url: str, secret: str, i: int) -> ClientConnection:
 
 async def _trigger(ws: ClientConnection, i: int, sent: dict[int, float]) -> None:
     sent[i] = time.time()
-    await ws.send(
-        json.dumps(
-            {
-                "id": 2,
-                "op": "alert.trigger",
-                "kind": "sos",
-                "client_alert_id": f"sos{i}",
-                "location": {"lat": 52.52, "lon": 13.405},
-            }
-        )
-    )
+    await ws.send(trigger_frame(f"sos{i}"))
     while True:  # pushes may come first (none are expected, but do not mistake one)
         reply = json.loads(await ws.recv())
         if reply.get("id") == 2:
