@@ -99,7 +99,13 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "storage": (["storage/*.py"], ["tests/test_storage.py", "tests/test_durability.py"]),
     "moderation": (
         ["moderation/*.py"],
-        ["tests/test_moderation.py", "tests/test_protocol.py"],
+        [
+            "tests/test_moderation.py",
+            "tests/test_protocol.py",
+            # the watch patterns' bounds and mod.unwatch's reply (written for the session run)
+            "tests/test_mutants_session.py::test_watch_patterns_are_1_to_255_character_strings",
+            "tests/test_mutants_session.py::test_unwatch_removes_one_pattern_or_all",
+        ],
     ),
     "session": (
         ["realtime/connection.py", "realtime/node.py", "protocol/*.py"],
