@@ -1,8 +1,12 @@
-"""Gaps found by mutation testing (scripts/mutate storage): what the stores give back and the
-indexes MongoDB is given. Real SQLite files and a real MongoDB (or SecantusDB) through pymongo."""
+"""Gaps found by mutation testing (scripts/mutate storage): what the stores give back, the
+indexes MongoDB is given, the embedded store's group commit when a commit fails and its files
+after close, and the export format. Real SQLite files and a real MongoDB (or SecantusDB) through
+pymongo."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +14,8 @@ import pytest
 from conftest import unique_db
 from pymongo import MongoClient
 
-from realtime_safety.storage import Report, Store
+from realtime_safety.storage import Report, Store, StoreUnavailable
+from realtime_safety.storage.backup import ImportError_, import_store
 from realtime_safety.storage.mongo import MongoStore
 from realtime_safety.storage.sqlite import SqliteStore
 
@@ -95,3 +100,77 @@ async def test_docs_survive_an_export_and_import_between_backends(
         assert [key for key, _ in await other.docs.find_ix("alerts", 1234)] == ["a1"]
     finally:
         await other.close()
+
+
+async def test_a_put_without_a_version_always_writes_and_says_so(store: Store) -> None:
+    """`DocStore.put` without `version` is an upsert that reports True, on a new key and on an
+    existing one (mutant: storage/mongo_records.py, its `return True` → `return None`)."""
+    assert await store.docs.put("contacts", "ann", {"contacts": []}) is True
+    assert await store.docs.put("contacts", "ann", {"contacts": [{"user": "bob"}]}) is True
+    assert await store.docs.get("contacts", "ann") == {"contacts": [{"user": "bob"}], "_v": 2}
+
+
+async def test_appends_queued_behind_a_failed_group_commit_fail_too(tmp_path: Path) -> None:
+    """When a group commit fails, every append waiting behind it gets the error as well, at
+    once, however many groups they fill (mutant: storage/sqlite_messages.py, the failed batch's
+    error re-raised instead of going on to the next batch, which leaves the later appends
+    waiting forever). The commit fails here because the store was closed under them."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    assert (await store.messages.append("room:a", "ann", None, "m0", {"t": 0}, 1)).message.seq == 1
+    await store.close()
+    appends = [
+        store.messages.append("room:a", "ann", None, f"m{i}", {"t": i}, 1) for i in range(1, 301)
+    ]  # more than one group (256)
+    results = await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), 10)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results[-1]
+
+
+async def test_a_closed_embedded_store_leaves_one_checkpointed_file(tmp_path: Path) -> None:
+    """Closing the embedded store closes its SQLite connections, so the write-ahead log is
+    checkpointed into the database file and removed: what is left is one file that can be
+    copied as a backup (mutant: storage/sqlite_db.py, `close` skipping the connection's close
+    when its thread exists)."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    await store.messages.append("room:a", "ann", None, "m1", {"t": "kept"}, 1)
+    assert await store.messages.last_seq("room:a") == 1  # the reader's connection too
+    wal = tmp_path / "realtime.sqlite3-wal"
+    assert wal.exists()
+    await store.close()
+    assert not wal.exists() and not (tmp_path / "realtime.sqlite3-shm").exists()
+    again = SqliteStore(tmp_path)
+    await again.open()
+    try:
+        assert [m.body for m in await again.messages.after("room:a", 0, 10)] == [{"t": "kept"}]
+    finally:
+        await again.close()
+
+
+def write_export(path: Path, meta: dict[str, object]) -> None:
+    path.mkdir()
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "memberships.jsonl").write_text(
+        '{"channel": "room:a", "user": "ann", "since": 1700000000000}\n\n'
+    )
+
+
+async def test_an_export_in_format_version_1_imports_and_other_formats_are_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    """An export as `realtime export` writes it (meta.json `{"format": "realtime-export",
+    "version": 1}`, one JSON document per line, blank lines ignored) imports into either store;
+    another format name or another version is refused before anything is read (mutants:
+    storage/backup.py, FORMAT_VERSION changed, and the check's `or` → `and`)."""
+    good = tmp_path / "good"
+    write_export(good, {"format": "realtime-export", "version": 1, "store": "sqlite"})
+    added = await import_store(store, good)
+    assert added["memberships"] == 1 and added["messages"] == 0
+    assert await store.memberships.is_member("room:a", "ann")
+    for name, meta in [
+        ("format", {"format": "other-export", "version": 1}),
+        ("version", {"format": "realtime-export", "version": 2}),
+    ]:
+        write_export(tmp_path / name, meta)
+        with pytest.raises(ImportError_, match="unsupported export format"):
+            await import_store(store, tmp_path / name)
