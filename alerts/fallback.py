@@ -58,10 +58,11 @@ class Fallbacks:
         self._lease_ms = int(lease_s * 1000)
 
     async def arm(self, alert: dict[str, Any], user: str, purpose: str) -> None:
-        """Before a contact's first WebSocket or push send for `purpose`: if the contact has a
-        phone, the SMS fallback is due `after_s` from now (once: a re-run finds it armed)."""
-        if self.after_s <= 0 or purpose == "resolve" or alert["state"] != "active":
-            return
+        """Before a contact's first WebSocket or push send for `purpose` (not a resolve): if
+        the contact has a phone, the SMS fallback is due `after_s` from now (once: a re-run
+        finds it armed)."""
+        if self.after_s <= 0:
+            return  # (a resolved alert's notices never get here: the worker cancels them)
         phone = await self._phone(alert["owner"], user)
         if phone is None:
             return
@@ -71,8 +72,7 @@ class Fallbacks:
             "user": user,
             "phone": phone,
             "purpose": purpose,
-            "at": at,
-            "state": "armed",
+            "at": at,  # settled: `state` (what became of it) and `settled` (when)
         }
         await self._docs.insert(COLL, fallback_key(alert["id"], user, purpose), record, ix=at)
 

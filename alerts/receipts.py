@@ -51,22 +51,16 @@ class Receipts:
         alert = await self._docs.get("alerts", alert_id)
         if alert is None:
             raise ProtocolError("not_found", "no such alert")
-        if user not in alert["users"]:
+        if user not in alert["users"]:  # every one of them is alerted by ws and push
             raise ProtocolError("forbidden", "you were not alerted")
-        if not any(r == route and t == user for r, t, _ in alert.get("jobs", [])):
-            raise ProtocolError("conflict", f"the alert was not sent to you by {route}")
         now = now_ms()
-        first = False
 
         def change(doc: dict[str, Any]) -> None:
-            nonlocal first
-            first = doc.get("received_at") is None
-            if first:
-                doc["received_at"] = now
+            doc.setdefault("received_at", now)
             advance(doc, "delivered")
 
-        await self._deliveries.update(alert_id, route, user, change)
-        if first:
+        doc = await self._deliveries.update(alert_id, route, user, change)
+        if doc["received_at"] == now:  # the first receipt
             self._metrics.deliveries.labels(route, "delivered").inc()
             self._metrics.trigger_to_received_seconds.labels(route).observe(
                 max(0.0, (now - alert["created"]) / 1000)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 from conftest import Node, RedisServer, base_env, token, unique_db
 from twilio.request_validator import RequestValidator
@@ -162,7 +163,9 @@ async def test_ws_and_push_are_delivered_only_when_the_app_says_so(
         await carl.ok("alert.received", alert_id=alert_id, route="push")
         assert await eve.error("alert.received", alert_id=alert_id) == "forbidden"
         assert await bob.error("alert.received", alert_id=alert_id, route="sms") == "bad_request"
-        assert await bob.error("alert.received", alert_id="0" * 32) == "not_found"
+        assert await bob.error("alert.received", alert_id="0" * 64) == "not_found"
+        for bad in ("", "0" * 65, 7):
+            assert await bob.error("alert.received", alert_id=bad) == "bad_request"
         by = await status_of(olga, alert_id)
         assert by[("ws", p["bob"])]["status"] == "delivered"
         assert by[("ws", p["bob"])]["received_at"] > 0
@@ -220,7 +223,12 @@ async def test_sms_status_follows_signed_twilio_callbacks_only(
         assert (await callback(node, delivered, signature=signed_for_sent)).status_code == 403
         assert (await status_of(tina, alert_id))[("sms", ok_phone)]["status"] == "sent"
 
-        # signed: sent -> delivered; a late `sent` does not take it back
+        # signed: Twilio's own `sent` (and `queued`, `sending`) leave it sent; then delivered,
+        # and a late `sent` does not take that back
+        for early in ("queued", "sending", "sent"):
+            r = await callback(node, {"MessageSid": sid, "MessageStatus": early})
+            assert r.status_code == 204
+        assert (await status_of(tina, alert_id))[("sms", ok_phone)]["status"] == "sent"
         assert (await callback(node, delivered)).status_code == 204
         assert (await status_of(tina, alert_id))[("sms", ok_phone)]["status"] == "delivered"
         late = {"MessageSid": sid, "MessageStatus": "sent"}
@@ -268,7 +276,8 @@ async def test_a_status_callback_before_the_send_is_recorded_is_not_lost(
         fakes.script.twilio_hang.clear()
 
         async def delivered() -> bool:
-            return (await status_of(ivy, alert_id))[("sms", phone)]["status"] == "delivered"
+            status: str = (await status_of(ivy, alert_id))[("sms", phone)]["status"]
+            return status == "delivered"
 
         await until(delivered, 20, what="the early callback applied")
         assert sid_of(node, alert_id, phone) == sid
@@ -421,6 +430,17 @@ async def test_a_contact_whose_app_does_not_confirm_gets_the_sms(
             return record if record and record["status"] == "sent" else None
 
         record = await until(texted, 20, what="the fallback SMS in the status")
+        # the durable records say what became of each fallback, and why
+        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+        try:
+            rows = db.execute(
+                "SELECT key, doc FROM docs WHERE coll='alert_fallbacks' AND key LIKE ?",
+                (f"{alert_id}|%",),
+            ).fetchall()
+        finally:
+            db.close()
+        settled = {key.split("|")[1]: msgpack.unpackb(doc)["state"] for key, doc in rows}
+        assert settled == {p["uma"]: "sms", p["vic"]: "received", p["wes"]: "acked"}
         assert record["fallback_for"] == p["uma"] and record["attempts"] == 1
         by = await status_of(fay, alert_id)
         assert ("sms", phones["vic"]) not in by and ("sms", phones["wes"]) not in by
