@@ -9,8 +9,6 @@ from typing import Any
 
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session, moderator
 
-from .checkin import CheckinOps
-from .pins import PinOps
 from .service import AlertService
 
 
@@ -28,9 +26,6 @@ class AlertOps(Feature):
             "mod.alerts": self.active,
             "alert.cancel": self.cancel,
             "alert.trail": self.trail,
-            # check-ins and PINs (alerts.checkin, alerts.pins), until the node lists them
-            **CheckinOps(service.checkins).ops,
-            **PinOps(service.pins).ops,
         }
 
     async def trigger(self, session: Session, frame: dict[str, Any]) -> Reply:

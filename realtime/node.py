@@ -11,9 +11,11 @@ import logging
 import time
 from typing import Any
 
+from realtime_safety.alerts.checkin import CheckinOps
 from realtime_safety.alerts.delivery import ROUTES, DeliverySettings
 from realtime_safety.alerts.metrics import AlertMetrics
 from realtime_safety.alerts.ops import AlertOps
+from realtime_safety.alerts.pins import PinOps
 from realtime_safety.alerts.providers import (
     FcmPush,
     OutboxPush,
@@ -134,6 +136,8 @@ class Node:
             PresenceOps(self.presence, self.acl),
             KeyOps(self.keys, self.store.keys, self.acl),
             AlertOps(self.alerts),
+            CheckinOps(self.alerts.checkins),
+            PinOps(self.alerts.pins),
             ModerationOps(
                 self.moderation,
                 acl=self.acl,
