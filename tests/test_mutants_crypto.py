@@ -1,21 +1,27 @@
 """Gaps found by mutation testing (scripts/mutate crypto): signatures that must be checked, the
-key directory's bounds, and what the receiving client reports. A real server process where the
+key directory's bounds, who may fetch a channel key, when a key was shared, and what the
+receiving client reports and closes. A real server process where the
 server decides; the client library's own code in process where only it decides."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Node, base_env, token
 from nacl.signing import SigningKey
-from wire import Raw, b64
+from wire import Raw, b64, until
 
 from realtime_safety.crypto.client import SecureClient
 from realtime_safety.crypto.directory import MAX_LOOKUP_USERS
 from realtime_safety.crypto.e2ee import CryptoError, DeviceKeys, decrypt, encrypt, new_channel_key
+from realtime_safety.storage.sqlite import SqliteStore
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +139,78 @@ def test_a_recorded_envelope_still_opens() -> None:
     assert plain.text == "known answer"
     with pytest.raises(CryptoError):  # bound to its channel
         decrypt(KNOWN_ENVELOPE, "room:other", "m-kat", bytes(range(32)), bytes(signing.verify_key))
+
+
+async def member_with_device(node: Node, room: str, user: str) -> tuple[Raw, str]:
+    """A member of `room` with a registered device, connected with that device's token."""
+    node.add_member(room, user)
+    keys = DeviceKeys.generate(f"{user}-{uuid.uuid4().hex[:6]}")
+    raw = await Raw.open(node.url, token(user, device=keys.device))
+    await raw.ok("keys.register", **b64(keys.registration(user)))
+    return raw, keys.device
+
+
+async def test_a_removed_member_can_no_longer_fetch_the_room_keys(node: Node) -> None:
+    """keys.fetch checks the caller's access to the channel on every call: once removed from a
+    room, a member cannot fetch its keys any more, not even those sealed to their device while
+    they were a member (mutant: crypto/ops.py, the `Action.HISTORY` check removed from
+    `fetch`)."""
+    room = f"room:{uuid.uuid4().hex[:8]}"
+    ann, ann_device = await member_with_device(node, room, "ann")
+    bob, bob_device = await member_with_device(node, room, "bob")
+    try:
+        sealed = {ann_device: os.urandom(80), bob_device: os.urandom(80)}
+        await ann.ok("keys.share", channel=room, key_id="k1", sealed=b64(sealed))
+        fetched = await bob.ok("keys.fetch", channel=room, key_id="k1")
+        assert (fetched["key_id"], fetched["sealed"]) == ("k1", b64(sealed[bob_device]))
+        assert node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
+
+        async def refused() -> bool:
+            return await bob.error("keys.fetch", channel=room, key_id="k1") == "forbidden"
+
+        await until(refused, what="the removed member's fetch refused")
+        assert await bob.error("keys.fetch", channel=room) == "forbidden"  # the newest, too
+        assert (await ann.ok("keys.fetch", channel=room))["key_id"] == "k1"
+    finally:
+        await ann.close()
+        await bob.close()
+
+
+async def test_a_shared_key_records_when_it_was_shared_in_milliseconds(node: Node) -> None:
+    """A sealed key is stored with the time it was shared, in milliseconds since the epoch
+    like every timestamp of the store (`realtime export` writes it) (mutant: crypto/ops.py,
+    `int(time.time() * 1000)` with another factor)."""
+    room = f"room:{uuid.uuid4().hex[:8]}"
+    ann, device = await member_with_device(node, room, "ann")
+    try:
+        before = int(time.time() * 1000)
+        await ann.ok("keys.share", channel=room, key_id="k1", sealed=b64({device: bytes(64)}))
+        after = int(time.time() * 1000)
+    finally:
+        await ann.close()
+    store = SqliteStore(Path(node.env["RT_DATA_DIR"]))  # the node's own store, read alongside
+    await store.open()
+    try:
+        shared = [r async for r in store.dump("channel_keys") if r["channel"] == room]
+    finally:
+        await store.close()
+    assert [(r["device"], r["key_id"], r["from_device"]) for r in shared] == [
+        (device, "k1", device)
+    ]
+    assert before <= shared[0]["ts"] <= after
+
+
+async def test_a_secure_client_used_as_a_context_manager_closes_its_connection(
+    node: Node,
+) -> None:
+    """`async with SecureClient(...)` connects and registers the device on entry and closes
+    the connection on exit: the server sees it go (mutant: crypto/client.py, `__aexit__`
+    without `await self.client.close()`)."""
+    await until(lambda: asyncio.to_thread(lambda: node.connections() == 0), what="no connection")
+    keys = DeviceKeys.generate(f"cm-{uuid.uuid4().hex[:6]}")
+    async with SecureClient(node.url, token("cm", device=keys.device), "cm", keys) as chat:
+        assert chat.keys is keys
+        assert await asyncio.to_thread(node.connections) == 1
+    await until(
+        lambda: asyncio.to_thread(lambda: node.connections() == 0), what="the connection closed"
+    )
