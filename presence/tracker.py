@@ -110,7 +110,11 @@ class PresenceTracker:
             await asyncio.gather(self._loop, return_exceptions=True)
         self._batch.cancel()
         try:  # a clean exit: nobody needs to reap us
-            entries = self._entries()
+            # Everything the store holds for us, not only what our sockets hold: an entry
+            # whose leave failed and was not reconciled yet would otherwise stay for good
+            # (forget_node below leaves survivors nothing to reap).
+            held = await self.store.entries_of(self.node)
+            entries = sorted(set(self._entries()) | set(held))
             for (channel, user), left in zip(
                 entries, await self.store.leave(self.node, entries), strict=True
             ):

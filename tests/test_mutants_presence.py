@@ -147,8 +147,46 @@ async def test_presence_calls_queued_behind_a_failed_one_are_answered_and_reconc
         ]
 
     await until(listed, 15, what="the node to reconcile: ann gone, carl there")
+    # and the reconciliation told bob what the failed calls could not (mutants: presence/
+    # tracker.py, the reconcile's leave push removed or its condition negated)
+    pushes = [await bob.push(10, presence=True) for _ in range(2)]
+    assert [(p["push"], p["user"]) for p in pushes] == [("leave", "ann"), ("join", "carl")]
     for r in (ann, bob, carl):
         await r.close()
+
+
+async def test_a_node_stopped_before_reconciling_a_failed_leave_leaves_no_one_behind(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """A clean stop withdraws everything the store holds for the node, not only what its
+    sockets hold: a leave that failed (Redis did not answer) and was not reconciled yet
+    (the next heartbeat is far off) must not leave its user online for good once the node
+    has stopped and forgotten itself (nobody would reap it)."""
+    slow = {**presence_env, "RT_PRESENCE_HEARTBEAT_S": "30", "RT_PRESENCE_NODE_TIMEOUT_S": "90"}
+    a: Node = node_factory("a", RT_NODE_ID="a", **slow)
+    b: Node = node_factory("b", RT_NODE_ID="b", RT_STORE_TIMEOUT_S="1", **slow)
+    ch = chan()
+    watcher = await Raw.open(a.url, token("watcher"))
+    await watcher.ok("subscribe", channel=ch)
+    gus = await Raw.open(b.url, token("gus"))
+    await gus.ok("subscribe", channel=ch)
+    assert await watcher.push(10, presence=True) == {
+        "push": "join", "channel": ch, "user": "gus"
+    }  # fmt: skip
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        reply = await gus.cmd("unsubscribe", channel=ch, timeout=30)  # its leave fails
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert reply["ok"], reply
+    assert await members(watcher, ch) == ["gus", "watcher"]  # not reconciled yet
+    b.kill(signal.SIGTERM)
+    assert b.wait() == 0
+    assert await members(watcher, ch) == ["watcher"]
+    push = await watcher.push(10, presence=True)
+    assert (push["push"], push["user"]) == ("leave", "gus")
+    await watcher.close()
 
 
 async def test_invisible_on_one_node_hides_the_user_on_every_node(
