@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from conftest import Node, token
+from websockets.frames import Frame, Opcode
 from wire import Raw
+
+from realtime_safety.protocol.frames import wire_frame
 
 
 async def test_watch_patterns_are_1_to_255_character_strings(single_node: Node) -> None:
@@ -67,3 +71,13 @@ async def test_an_invisible_user_looks_exactly_offline(single_node: Node) -> Non
     await bob.ok("presence.invisible", invisible=False)
     for r in (bob, carol):
         await r.close()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_a_wire_frame_is_the_frame_websockets_itself_would_send(size: int) -> None:
+    """The pre-built server frame is byte for byte what the websockets library serializes,
+    at each payload-length encoding's edges: 7 bits, 16 bits up to 65535, 64 bits from 65536
+    (mutant: protocol/frames.py, `n < 65536` with `<=`)."""
+    data = b"x" * size
+    assert wire_frame(data, True) == Frame(Opcode.BINARY, data).serialize(mask=False)
+    assert wire_frame(data.decode(), False) == Frame(Opcode.TEXT, data).serialize(mask=False)
