@@ -3,7 +3,9 @@ through a real server process."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any
 
 import pytest
 from conftest import Node, token
@@ -81,3 +83,16 @@ def test_a_wire_frame_is_the_frame_websockets_itself_would_send(size: int) -> No
     data = b"x" * size
     assert wire_frame(data, True) == Frame(Opcode.BINARY, data).serialize(mask=False)
     assert wire_frame(data.decode(), False) == Frame(Opcode.TEXT, data).serialize(mask=False)
+
+
+async def test_sigterm_stops_a_node_that_runs_retention(node_factory: Any) -> None:
+    """SIGTERM closes every connection with 1001 and the process exits cleanly, also while the
+    retention loop waits for its next round (mutant: realtime/node.py, the retention task's
+    cancel removed from stop: shutdown would wait out RT_RETENTION_INTERVAL_S, an hour)."""
+    node: Node = node_factory("retention", RT_RETENTION="public=30d")
+    raw = await Raw.open(node.url, token("ron"))
+    await raw.ok("ping")
+    assert node.proc is not None
+    node.proc.terminate()
+    assert await raw.close_code(10) == 1001
+    assert await asyncio.to_thread(node.proc.wait, 20) == 0
