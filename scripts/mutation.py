@@ -125,6 +125,8 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_faults_input.py",
             # the alert ops' dispatch (added after the first run's survivors)
             "tests/test_alerts.py::test_an_alert_reaches_every_route_once_and_nobody_else",
+            # the rekey push when a member is removed (realtime/node.py)
+            "tests/test_e2ee.py::test_a_removed_member_cannot_read_later_messages",
         ],
     ),
 }
