@@ -11,7 +11,8 @@ Records (the store's documents, like alerts):
   `state` (running, firing, fired, done), the note, the last known location and the newest
   `trail_points` points, `expires`, the id of the alert it raises (a function of owner and
   check-in, alerts.plan.checkin_alert_id), and for the duress PIN `duress` and `shown`;
-- `checkin_users` key owner -> {"running": [[id, ms], ...]}: the per-user limit.
+- `checkin_users` key owner -> {"running": [[id, ms], ...]}: the per-user limit (a slot whose
+  check-in is over is dropped by the next start).
 
 Firing, exactly once across nodes: every node looks for due check-ins every `poll_s` (and the
 node that set or moved a timer wakes at its expiry); a node claims one by compare-and-set on
@@ -195,10 +196,7 @@ class CheckinService:
         doc = await self._update(doc, change)
         if _view(doc)["state"] != "done":
             raise ProtocolError("conflict", "too late: the check-in expired and its alert is out")
-        if doc["state"] == "done":
-            await self._release(owner, doc["id"])
-        else:
-            self._wake(doc["due"], doc["id"])
+        self._wake(doc["due"], doc["id"])  # the duress PIN: due now
         return _reply(doc)
 
     def _duress(self, doc: dict[str, Any], shown: dict[str, Any]) -> None:
@@ -237,8 +235,7 @@ class CheckinService:
             if await self.docs.put(
                 "checkins", doc["id"], fresh, ix=fresh["due"], version=doc["_v"]
             ):
-                fresh["_v"] = doc["_v"] + 1
-                return fresh
+                return fresh  # (its `_v` is the one it replaced: not for another write)
             found = await self.docs.get("checkins", doc["id"])
             if found is None:
                 raise ProtocolError("not_found", "no such check-in")
@@ -266,24 +263,6 @@ class CheckinService:
             elif await self.docs.put("checkin_users", owner, new, version=slots["_v"]):
                 return
         raise ProtocolError("unavailable", "too many concurrent check-ins, retry")
-
-    async def _release(self, owner: str, checkin_id: str) -> None:
-        """Free the slot (best effort: a slot whose check-in is over is freed by the next
-        start anyway)."""
-        try:
-            for _ in range(5):
-                slots = await self.docs.get("checkin_users", owner)
-                if slots is None:
-                    return
-                kept = [s for s in slots["running"] if s[0] != checkin_id]
-                if len(kept) == len(slots["running"]):
-                    return
-                if await self.docs.put(
-                    "checkin_users", owner, {"running": kept}, version=slots["_v"]
-                ):
-                    return
-        except Exception as exc:
-            log.warning("checkins: slot not released (%s)", type(exc).__name__)
 
     # --- firing -------------------------------------------------------------------------
 
@@ -344,7 +323,6 @@ class CheckinService:
         await self._update(claimed, fired)
         if not settled[0]:
             return  # another node that took the claim over settled it (and told the owner)
-        await self._release(doc["owner"], checkin_id)
         if not doc.get("shown"):
             push = {"push": "checkin.missed", "checkin_id": checkin_id, "alert_id": alert["id"]}
             await svc.announce(f"user:{doc['owner']}", push)

@@ -363,7 +363,8 @@ class AlertService:
 
     async def ack(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
-        if not views.notified(alert):
+        hidden = user == alert["owner"] and views.owner_view(alert) is None
+        if not views.notified(alert) or hidden:
             raise ProtocolError("not_found", "no such alert")  # held or cancelled: not theirs
         if user not in alert["users"]:
             raise ProtocolError("forbidden", "you were not alerted")

@@ -14,6 +14,7 @@ from typing import Any
 from conftest import Node, base_env, token
 from wire import Raw, until
 
+from realtime_safety.alerts.cancel import DURESS_NOTE
 from realtime_safety.loadtests.fakeproviders import FakeProviders
 
 HERE = {"lat": 52.52, "lon": 13.405}
@@ -188,7 +189,12 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
 
         # What a real cancel looks like from the phone...
         normal = await olga.ok(
-            "alert.trigger", kind="sos", location=HERE, client_alert_id="n", delay_s=30
+            "alert.trigger",
+            kind="sos",
+            location=HERE,
+            note="help me",
+            client_alert_id="n",
+            delay_s=30,
         )
         n_id = normal["alert_id"]
         n_reply = await olga.ok("alert.cancel", alert_id=n_id, pin=PIN)
@@ -196,7 +202,12 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
         n_status = await olga.ok("alert.status", alert_id=n_id)
         # ...and the duress PIN, the same way.
         duress = await olga.ok(
-            "alert.trigger", kind="sos", location=HERE, client_alert_id="d", delay_s=30
+            "alert.trigger",
+            kind="sos",
+            location=HERE,
+            note="help me",
+            client_alert_id="d",
+            delay_s=30,
         )
         d_id = duress["alert_id"]
         d_reply = await olga.ok("alert.cancel", alert_id=d_id, pin=DURESS)
@@ -225,7 +236,7 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
         assert len(sms) == 1 and "DURESS" in sms[0]["Body"]
         alert = await bob.push()
         assert alert["push"] == "alert" and alert["alert_id"] == d_id
-        assert alert["note"].startswith("DURESS") and alert["state"] == "active"
+        assert alert["note"] == f"{DURESS_NOTE}. help me" and alert["state"] == "active"
         seen = await mod.ok("alert.status", alert_id=d_id)
         assert seen["state"] == "active" and seen["duress"] is True
         listed = {a["alert_id"]: a for a in (await mod.ok("mod.alerts"))["alerts"]}
