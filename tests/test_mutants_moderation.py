@@ -127,7 +127,7 @@ async def test_a_banned_user_is_told_the_reason(single_node: Node) -> None:
 async def _mod_stream_subscribers(redis_url: str) -> int:
     client = aioredis.from_url(redis_url)
     try:
-        counts: list[tuple[bytes, int]] = await client.pubsub_numsub("rt:mod")
+        counts: list[tuple[bytes | str, int]] = await client.pubsub_numsub("rt:mod")
         return counts[0][1]
     finally:
         await client.aclose()
