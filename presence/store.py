@@ -43,7 +43,8 @@ class PresenceStore(Protocol):
     async def members(self, channel: str, cursor: int, limit: int) -> Page: ...
 
     async def heartbeat(self, node: str, ttl_s: float) -> bool:
-        """Mark `node` alive; False if the store had forgotten it (restarted or expired)."""
+        """Mark `node` alive; False if the store had forgotten it (restarted, expired, or
+        reaped by a survivor)."""
         ...
 
     async def instance(self) -> str:
@@ -221,8 +222,11 @@ class RedisPresence:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(f"rt:pres:alive:{{{node}}}", now, ex=max(1, int(ttl_s)), get=True)
             pipe.hset(NODES, node, now)
-            previous, _ = await pipe.execute()
-        return previous is not None
+            previous, added = await pipe.execute()
+        # Forgotten if our key expired (silent too long) or if a survivor took us off the
+        # node list (it reaped us, maybe before our key expired: survivors judge by the time
+        # written here, the key's TTL runs from when Redis got it).
+        return previous is not None and not added
 
     async def instance(self) -> str:
         info = await self._redis.info("server")

@@ -254,3 +254,37 @@ async def _listed(raw: Raw, channel: str, users: list[str]) -> bool:
 
 async def _has(found: Awaitable[list[str]], item: str) -> bool:
     return item in await found
+
+
+async def test_a_node_reaped_while_alive_puts_its_members_back(
+    node_factory: Any, presence_env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """A survivor may reap a node that is in fact alive: it judges a node dead by the time
+    the node wrote in its last heartbeat, while the node's own liveness key expires counted
+    from when Redis got that heartbeat, so after a stall just over the timeout the node can
+    be reaped and still find its key. Here the test is that survivor (through the store's
+    own calls). The node must notice at its next heartbeat that it was forgotten and put
+    back the members its sockets hold, telling the channel they joined."""
+    node: Node = node_factory("b", RT_NODE_ID="b", **presence_env)
+    ch = chan()
+    bea = await Raw.open(node.url, token("bea"))
+    await bea.ok("subscribe", channel=ch)
+    watcher = await Raw.open(node.url, token("watcher"))
+    await watcher.ok("subscribe", channel=ch)
+    survivor = RedisPresence(redis_server.url)
+    try:
+        assert await survivor.claim_reap("survivor", "b", 60)
+        entries = await survivor.entries_of("b")
+        assert (ch, "bea") in entries
+        await survivor.leave("b", entries)
+        await survivor.forget_node("b")
+    finally:
+        await survivor.close()
+    # watcher subscribed after bea, so a join of bea can only come from putting her back
+    while True:
+        push = await watcher.push(10, presence=True)
+        if (push["push"], push["user"]) == ("join", "bea"):
+            break
+    assert await members(watcher, ch) == ["bea", "watcher"]
+    for r in (bea, watcher):
+        await r.close()
