@@ -519,21 +519,25 @@ async def test_queue_lag_and_the_oldest_unsent_delivery_are_measured(
         assert metric(node, "rt_alert_queue_up", route="sms") == 1
         fakes.script.twilio_hang.set()  # the SMS waits in the worker's hands
         lou = await Raw.open(node.url, token(owner))
+        started = time.time()
         await lou.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="l1")
-        await until(
-            lambda: (
-                (metric(node, "rt_alert_queue_lag_seconds", route="sms") or 0) >= 1
-                and (metric(node, "rt_alert_oldest_unsent_seconds", route="sms") or 0) >= 1
-            ),
-            20,
-            what="the SMS queue to show its lag",
-        )
+
+        def behind() -> tuple[float, float] | None:
+            lag = metric(node, "rt_alert_queue_lag_seconds", route="sms") or 0
+            oldest = metric(node, "rt_alert_oldest_unsent_seconds", route="sms") or 0
+            return (lag, oldest) if lag >= 1 and oldest >= 1 else None
+
+        lag, oldest = await until(behind, 20, what="the SMS queue to show its lag")
+        assert lag <= oldest <= time.time() - started + 0.5  # seconds, as old as the SMS
+        assert metric(node, "rt_alert_queue_jobs", route="sms") == 1
         assert metric(node, "rt_alert_queue_lag_seconds", route="ws") == 0
+        assert metric(node, "rt_alert_queue_jobs", route="ws") == 0
         fakes.script.twilio_hang.clear()
         await until(
             lambda: (
                 metric(node, "rt_alert_queue_lag_seconds", route="sms") == 0
                 and metric(node, "rt_alert_oldest_unsent_seconds", route="sms") == 0
+                and metric(node, "rt_alert_queue_jobs", route="sms") == 0
             ),
             30,
             what="the SMS queue to drain",
