@@ -4,6 +4,7 @@ every request."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -259,3 +260,22 @@ async def test_a_node_with_alerts_stops_cleanly(alert_node: Node, fakes: FakePro
         and "realtime.overload" not in line
     ]
     assert noise == []
+
+
+async def test_concurrent_triggers_never_exceed_the_limit(alert_node: Node) -> None:
+    """Ten triggers of one user at once, on ten connections: exactly RT_ALERT_TRIGGER_LIMIT
+    (5) are accepted, the others refused as rate_limited, however their reservations race
+    (mutant: alerts/quota.py, the compare-and-set's result negated, so a reservation that
+    lost the race returned as counted)."""
+    owner = f"tess-{uuid.uuid4().hex[:5]}"
+    raws = [await Raw.open(alert_node.url, token(owner)) for _ in range(10)]
+    replies = await asyncio.gather(
+        *(
+            raw.cmd("alert.trigger", kind="sos", location=HERE, client_alert_id=f"t{i}")
+            for i, raw in enumerate(raws)
+        )
+    )
+    accepted = [r for r in replies if r["ok"]]
+    refused = [r["error"]["code"] for r in replies if not r["ok"]]
+    assert len(accepted) == 5 and refused == ["rate_limited"] * 5, replies
+    await asyncio.gather(*(raw.close() for raw in raws))
