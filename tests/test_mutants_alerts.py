@@ -279,3 +279,19 @@ async def test_concurrent_triggers_never_exceed_the_limit(alert_node: Node) -> N
     refused = [r["error"]["code"] for r in replies if not r["ok"]]
     assert len(accepted) == 5 and refused == ["rate_limited"] * 5, replies
     await asyncio.gather(*(raw.close() for raw in raws))
+
+
+async def test_the_resolve_reply_names_the_alert_and_its_state(alert_node: Node) -> None:
+    """`alert.resolve` answers {alert_id, state: "resolved"}, and a retried resolve answers
+    the same (mutant: alerts/service.py, now alerts/cancel.py, the reply's "alert_id" key
+    misnamed)."""
+    owner = f"rosa-{uuid.uuid4().hex[:5]}"
+    rosa = await Raw.open(alert_node.url, token(owner))
+    alert_id = (await rosa.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="r"))[
+        "alert_id"
+    ]
+    for _ in range(2):  # the resolve, then its retry
+        reply = await rosa.ok("alert.resolve", alert_id=alert_id, outcome="safe")
+        del reply["id"]
+        assert reply == {"ok": True, "alert_id": alert_id, "state": "resolved"}
+    await rosa.close()
