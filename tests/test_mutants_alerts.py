@@ -295,3 +295,32 @@ async def test_the_resolve_reply_names_the_alert_and_its_state(alert_node: Node)
         del reply["id"]
         assert reply == {"ok": True, "alert_id": alert_id, "state": "resolved"}
     await rosa.close()
+
+
+async def test_two_resolves_at_once_agree_on_one_outcome(alert_node: Node) -> None:
+    """A resolve is final: when the owner and a moderator resolve one alert at the same
+    moment with different outcomes, the first one stored stands and both report that one
+    to the moderators (mutant: the resolve's change, `if doc["state"] == "resolved": return`
+    with the state misnamed, which lets the later resolve overwrite the outcome)."""
+    owner = f"rhea-{uuid.uuid4().hex[:5]}"
+    rhea = await Raw.open(alert_node.url, token(owner))
+    mia = await Raw.open(alert_node.url, token("mia", roles=["user", "moderator"]))
+    alert_id = (await rhea.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="2"))[
+        "alert_id"
+    ]
+    by_owner, by_moderator = await asyncio.gather(
+        rhea.cmd("alert.resolve", alert_id=alert_id, outcome="safe"),
+        mia.cmd("alert.resolve", alert_id=alert_id, outcome="handled"),
+    )
+    assert by_owner["ok"] and by_moderator["ok"], (by_owner, by_moderator)
+    await mia.ok("ping")  # the moderators' pushes of both resolves came before its reply
+    told = [
+        p["outcome"]
+        for p in mia.pushes
+        if p.get("push") == "alert" and p.get("alert_id") == alert_id and "outcome" in p
+    ]
+    outcome = (await rhea.ok("alert.status", alert_id=alert_id))["outcome"]
+    assert outcome in ("safe", "handled")
+    assert told and set(told) == {outcome}, (told, outcome)
+    for r in (rhea, mia):
+        await r.close()
