@@ -87,7 +87,7 @@ async def _run(cluster: Cluster, fakes: FakeProviders, count: int) -> dict[str, 
     await asyncio.sleep(2)  # a duplicate would come within a reconcile period
     assert cluster.nodes[0].env is not None
     uri, db = cluster.nodes[0].env["RT_MONGODB_URI"], cluster.nodes[0].env["RT_MONGODB_DB"]
-    col = MongoClient(uri)[db]["docs"]
+    col: Any = MongoClient(uri)[db]["docs"]
     alerts = Counter(
         d["doc"]["owner"] for d in col.find({"coll": "alerts", "doc.kind": "checkin_missed"})
     )
