@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime_safety.alerts.providers import APNS_LEVELS
 from realtime_safety.storage import StoreConfig
 
 from .overload import OverloadLimits
@@ -80,6 +81,8 @@ class Settings:
     alert_lease_s: float = 30.0
     alert_reconcile_s: float = 10.0
     alert_provider_timeout_s: float = 10.0
+    alert_fallback_s: float = 30.0
+    alert_apns_level: str = "time-sensitive"
     ws_deflate: bool = False
     presence_push_limit: int = 200
     limits: Limits = field(default_factory=Limits)
@@ -259,6 +262,10 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
             "RT_PRESENCE_NODE_TIMEOUT_S must be at least twice RT_PRESENCE_HEARTBEAT_S"
         )
 
+    apns_level = env.get("RT_ALERT_APNS_LEVEL") or "time-sensitive"
+    if apns_level not in APNS_LEVELS:
+        raise ConfigError(f"RT_ALERT_APNS_LEVEL must be one of {', '.join(APNS_LEVELS)}")
+
     fcm_credentials = env.get("RT_FCM_CREDENTIALS") or None
     if fcm_credentials and not Path(fcm_credentials).is_file():
         raise ConfigError(f"RT_FCM_CREDENTIALS: no service-account file at {fcm_credentials}")
@@ -305,6 +312,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_lease_s=alert_lease,
         alert_reconcile_s=_number(env, "RT_ALERT_RECONCILE_S", 10.0),
         alert_provider_timeout_s=provider_timeout,
+        alert_fallback_s=_number(env, "RT_ALERT_FALLBACK_S", 30.0),
+        alert_apns_level=apns_level,
         ws_deflate=(env.get("RT_WS_DEFLATE") or "false").lower() in ("1", "true"),
         presence_push_limit=int(_number(env, "RT_PRESENCE_PUSH_LIMIT", 200, integer=True)),
         presence_heartbeat_s=heartbeat,

@@ -259,8 +259,15 @@ class Node:
             log.warning("presence %s of %s on %s not pushed: %s", kind, user, channel, exc)
 
     async def ready(self) -> dict[str, bool]:
-        store_ok, broker_ok = await asyncio.gather(self.store.ping(), self.broker.ping())
-        return {"store": store_ok, "broker": broker_ok, "accepting": not self.draining}
+        store_ok, broker_ok, queue_ok = await asyncio.gather(
+            self.store.ping(), self.broker.ping(), self.alerts.delivery.ready()
+        )
+        return {
+            "store": store_ok,
+            "broker": broker_ok,
+            "alert_queue": queue_ok,
+            "accepting": not self.draining,
+        }
 
     # --- connections ------------------------------------------------------------------
 
@@ -372,6 +379,8 @@ class Node:
                     lease_s=settings.alert_lease_s,
                     provider_timeout_s=settings.alert_provider_timeout_s,
                     public_url=settings.public_url,
+                    fallback_s=settings.alert_fallback_s,
+                    apns_level=settings.alert_apns_level,
                 ),
             ),
             settings.node_id,
