@@ -1,7 +1,8 @@
 """Gaps found by mutation testing (scripts/mutate crypto): signatures that must be checked, the
-key directory's bounds, who may fetch a channel key, when a key was shared, and what the
-receiving client reports and closes. A real server process where the
-server decides; the client library's own code in process where only it decides."""
+key directory's bounds, who may fetch a channel key, when a key was shared, the server's
+franking tag as recorded, and what the receiving client reads, reports and closes. A real
+server process where the server decides; the client library's own code in process where only
+it decides."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Node, base_env, token
 from nacl.signing import SigningKey
 from wire import Raw, b64, until
 
 from realtime_safety.crypto.client import SecureClient
-from realtime_safety.crypto.directory import MAX_LOOKUP_USERS
+from realtime_safety.crypto.directory import MAX_LOOKUP_USERS, server_tag
 from realtime_safety.crypto.e2ee import CryptoError, DeviceKeys, decrypt, encrypt, new_channel_key
 from realtime_safety.storage.sqlite import SqliteStore
 
@@ -214,3 +216,59 @@ async def test_a_secure_client_used_as_a_context_manager_closes_its_connection(
     await until(
         lambda: asyncio.to_thread(lambda: node.connections() == 0), what="the connection closed"
     )
+
+
+def test_a_recorded_franking_tag_still_verifies() -> None:
+    """Known answer: the server's franking tag (`ftag`, stored with each franked message) for
+    a fixed franking key, commitment, channel, sender and time is what it was when recorded,
+    so reports on messages stored before an upgrade still verify (mutant:
+    crypto/directory.py, the tag's msgpack input packed with `use_bin_type=False`). Recorded
+    from this code: HMAC-SHA256 under the key over msgpack ["rt.v1.ftag", frank, channel,
+    user, ts] with bytes as bin."""
+    tag = server_tag(bytes(range(32)), bytes([7]) * 32, "room:kat", "ann", 1_700_000_000_000)
+    assert tag.hex() == "ba16235699861c74c66639758af3d736b6885d06b75c08eace0beecc2a9e50d6"
+
+
+def frames_in(node: Node) -> float:
+    """Frames the node has received from clients (its `rt_frames_in_total`)."""
+    for line in httpx.get(node.http + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("rt_frames_in_total "):
+            return float(line.split()[1])
+    raise AssertionError("no rt_frames_in_total in /metrics")
+
+
+async def test_history_under_an_earlier_key_opens_on_a_device_that_never_cached_it(
+    node: Node,
+) -> None:
+    """A device that did not keep its channel keys (an app restarted) reads history written
+    under two keys: each message asks the server for the key it names, not the newest one,
+    and each key (and the sender's signing key) is fetched once, not once per message
+    (mutants: crypto/client.py, `keys.fetch` sent without the message's `key_id`; the key
+    cache never used)."""
+    room = f"room:{uuid.uuid4().hex[:8]}"
+    node.add_member(room, "ann")
+    node.add_member(room, "bob")
+    ann_keys = DeviceKeys.generate(f"ann-{uuid.uuid4().hex[:6]}")
+    bob_keys = DeviceKeys.generate(f"bob-{uuid.uuid4().hex[:6]}")
+    async with (
+        SecureClient(node.url, token("ann", device=ann_keys.device), "ann", ann_keys) as ann,
+        SecureClient(node.url, token("bob", device=bob_keys.device), "bob", bob_keys),
+    ):
+        await ann.send(room, "first key, one")
+        await ann.send(room, "first key, two")
+        first = ann._current[room]
+        assert await ann.rotate(room) != first
+        await ann.send(room, "second key, one")
+        await ann.send(room, "second key, two")
+    async with SecureClient(node.url, token("bob", device=bob_keys.device), "bob", bob_keys) as bob:
+        history = await bob.client.request("history", channel=room)
+        before = await asyncio.to_thread(frames_in, node)
+        opened = [await bob.open(m) for m in history["messages"]]
+        requests = await asyncio.to_thread(frames_in, node) - before
+    assert [(m.text, m.error) for m in opened] == [
+        ("first key, one", None),
+        ("first key, two", None),
+        ("second key, one", None),
+        ("second key, two", None),
+    ]
+    assert requests == 3  # keys.fetch of each key, keys.lookup of ann's signing key

@@ -15,7 +15,7 @@ from conftest import unique_db
 from pymongo import MongoClient
 
 from realtime_safety.storage import Report, Store, StoreUnavailable
-from realtime_safety.storage.backup import ImportError_, import_store
+from realtime_safety.storage.backup import ImportError_, export_store, import_store
 from realtime_safety.storage.mongo import MongoStore
 from realtime_safety.storage.sqlite import SqliteStore
 
@@ -174,3 +174,21 @@ async def test_an_export_in_format_version_1_imports_and_other_formats_are_refus
         write_export(tmp_path / name, meta)
         with pytest.raises(ImportError_, match="unsupported export format"):
             await import_store(store, tmp_path / name)
+
+
+async def test_an_export_creates_its_directory_and_can_be_written_again(tmp_path: Path) -> None:
+    """`realtime export --out DIR` creates DIR with any missing parents, and exporting into
+    the same DIR again replaces the export (mutants: storage/backup.py, the directory's
+    `mkdir(parents=True, exist_ok=True)` with either flag False, or removed)."""
+    store = SqliteStore(tmp_path / "data")
+    await store.open()
+    try:
+        await store.memberships.add("room:a", "ann", 1)
+        out = tmp_path / "backups" / "nightly" / "latest"
+        assert (await export_store(store, out, store_kind="sqlite"))["memberships"] == 1
+        await store.memberships.add("room:a", "bob", 2)
+        assert (await export_store(store, out, store_kind="sqlite"))["memberships"] == 2
+    finally:
+        await store.close()
+    assert json.loads((out / "meta.json").read_text())["counts"]["memberships"] == 2
+    assert len((out / "memberships.jsonl").read_text().splitlines()) == 2
