@@ -83,6 +83,11 @@ class Settings:
     alert_provider_timeout_s: float = 10.0
     alert_fallback_s: float = 30.0
     alert_apns_level: str = "time-sensitive"
+    alert_max_delay_s: float = 60.0
+    alert_pin_attempts: int = 5
+    pin_pepper: bytes = b""
+    checkin_max_s: float = 86400.0
+    checkin_limit: int = 3
     ws_deflate: bool = False
     presence_push_limit: int = 200
     limits: Limits = field(default_factory=Limits)
@@ -314,6 +319,12 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_provider_timeout_s=provider_timeout,
         alert_fallback_s=_number(env, "RT_ALERT_FALLBACK_S", 30.0),
         alert_apns_level=apns_level,
+        alert_max_delay_s=_number(env, "RT_ALERT_MAX_DELAY_S", 60.0),
+        alert_pin_attempts=int(_number(env, "RT_ALERT_PIN_ATTEMPTS", 5, integer=True)),
+        # PIN hashes are peppered with a key every node shares (changing it voids stored PINs)
+        pin_pepper=hashlib.sha256(b"rt-pin:" + franking_key).digest() if franking_key else b"",
+        checkin_max_s=_number(env, "RT_CHECKIN_MAX_S", 86400.0),
+        checkin_limit=int(_number(env, "RT_CHECKIN_LIMIT", 3, integer=True)),
         ws_deflate=(env.get("RT_WS_DEFLATE") or "false").lower() in ("1", "true"),
         presence_push_limit=int(_number(env, "RT_PRESENCE_PUSH_LIMIT", 200, integer=True)),
         presence_heartbeat_s=heartbeat,

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from realtime_safety.alerts.checkin import CheckinOps
+from realtime_safety.alerts.checkin import CheckinOps, CheckinSettings
 from realtime_safety.alerts.delivery import ROUTES, DeliverySettings
 from realtime_safety.alerts.metrics import AlertMetrics
 from realtime_safety.alerts.ops import AlertOps
@@ -374,6 +374,12 @@ class Node:
                 trail_days=settings.alert_trail_days,
                 trigger_limit=settings.alert_trigger_limit,
                 reconcile_s=settings.alert_reconcile_s,
+                max_delay_s=settings.alert_max_delay_s,
+                pin_attempts=settings.alert_pin_attempts,
+                pin_pepper=settings.pin_pepper,
+                checkin=CheckinSettings(
+                    max_duration_s=settings.checkin_max_s, active_limit=settings.checkin_limit
+                ),
                 delivery=DeliverySettings(
                     retry_base_s=settings.alert_retry_base_s,
                     lease_s=settings.alert_lease_s,
