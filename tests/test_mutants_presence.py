@@ -14,7 +14,8 @@ import pytest
 from conftest import Node, RedisServer, token, unique_db
 from wire import Raw, until
 
-from realtime_safety.presence.store import RedisPresence
+from realtime_safety.presence.store import MemoryPresence, RedisPresence
+from realtime_safety.presence.tracker import PresenceTracker
 
 
 def chan() -> str:
@@ -138,6 +139,11 @@ async def test_presence_calls_queued_behind_a_failed_one_are_answered_and_reconc
         redis_server.proc.send_signal(signal.SIGCONT)
     assert left["ok"], left
     assert joined["ok"], joined
+    # each failure is a warning of the presence logger (mutant: presence/tracker.py, the
+    # logger's name)
+    warned = [line for line in node.log().splitlines() if " WARNING realtime.presence" in line]
+    assert any("presence leave" in line and "failed" in line for line in warned), warned
+    assert any("presence join" in line and "failed" in line for line in warned), warned
 
     async def listed() -> bool:
         reply = await bob.cmd("presence", channel=ch)
@@ -288,3 +294,42 @@ async def test_a_node_reaped_while_alive_puts_its_members_back(
     assert await members(watcher, ch) == ["bea", "watcher"]
     for r in (bea, watcher):
         await r.close()
+
+
+async def test_a_leave_and_a_join_of_one_moment_reach_the_store_each_as_itself() -> None:
+    """Joins and leaves made in the same moment are written in batches of one kind, in the
+    order they were made: bob leaving while ann joins leaves ann, and a quick subscribe then
+    unsubscribe leaves nobody (mutant: presence/tracker.py, the run of one kind counted two
+    at a time, which wrote the second call as the first one's kind). The embedded store
+    answers at once, so the calls of one moment are the batch."""
+    pushed: list[tuple[str, str, str]] = []
+
+    async def publish(channel: str, kind: str, user: str) -> None:
+        pushed.append((channel, kind, user))
+
+    tracker = PresenceTracker(MemoryPresence(), "n", publish)
+    await tracker.add("room", "bob")
+    await asyncio.gather(tracker.remove("room", "bob"), tracker.add("room", "ann"))
+    assert [user for user, _ in (await tracker.members("room", 0, 10)).members] == ["ann"]
+    await asyncio.gather(tracker.add("room2", "cy"), tracker.remove("room2", "cy"))
+    assert (await tracker.members("room2", 0, 10)).members == []
+    assert pushed == [
+        ("room", "join", "bob"),
+        ("room", "leave", "bob"),
+        ("room", "join", "ann"),
+        ("room2", "join", "cy"),
+        ("room2", "leave", "cy"),
+    ]
+
+
+async def test_a_tracker_that_never_had_a_member_stops_cleanly() -> None:
+    """Stopping a node's presence before any socket subscribed (no batch ever written) is a
+    clean stop (mutant: presence/tracker.py, the batch's cancel with `self._task is not
+    None` negated, which cancels None)."""
+    tracker = PresenceTracker(MemoryPresence(), "n", _no_push)
+    await tracker.start()
+    await tracker.stop()
+
+
+async def _no_push(channel: str, kind: str, user: str) -> None:
+    raise AssertionError(f"unexpected push {kind} {user} on {channel}")
