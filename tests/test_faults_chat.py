@@ -2,14 +2,27 @@
 suite and the tests): real nodes, a real Redis and MongoDB stand-in, real SIGKILL and
 SIGSTOP/SIGCONT under publish load. Behaviour only: nothing acknowledged is lost or doubled,
 order holds, clients resume by themselves. The figures are measured by
-`python -m realtime_safety.loadtests faults`, never asserted."""
+`python -m realtime_safety.loadtests faults`, never asserted. (The scenario `node-kill`, the
+subscribers' node killed under a publisher elsewhere, is not run here: publisher-node-kill
+kills half the subscribers' node too, test_cluster.py's SIGKILL test checks the same resume
+message by message, and test_presence.py the killed node's members leaving.)"""
 
 from __future__ import annotations
+
+import pytest
 
 from realtime_safety.loadtests.faults.chat import SCENARIOS
 from realtime_safety.loadtests.faults.report import FaultResult
 
 SCALE = 0.1  # 4 subscribers, 20 msg/s, pauses of 2 s: each scenario well under 30 s
+
+
+@pytest.fixture(autouse=True)
+def shared_mongo(mongo_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's MongoDB for each scenario's cluster (a database of its own), instead of
+    a MongoDB process started and stopped per scenario; store-pause, which pauses its
+    MongoDB, still starts its own."""
+    monkeypatch.setenv("MONGODB_URI", mongo_uri)
 
 
 def run(name: str) -> FaultResult:
@@ -31,13 +44,6 @@ def assert_nothing_lost(result: FaultResult) -> None:
     n = result.extra["subscribers"]
     assert result.extra["present"] == f"{n}/{n}", result.row()  # presence came back too
     assert result.ok, result.row()
-
-
-def test_node_kill_subscribers_resume_on_the_other_node() -> None:
-    result = run("node-kill")
-    assert_nothing_lost(result)
-    moved, victims = map(int, result.extra["resumed"].split("/"))
-    assert victims > 0 and moved == victims
 
 
 def test_publisher_node_kill_retries_with_the_same_id_and_nothing_doubles() -> None:

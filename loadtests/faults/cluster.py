@@ -35,10 +35,17 @@ class Proc:
         self.paused = False
 
     def start(self, timeout: float = 60) -> None:
+        self.spawn()
+        self.wait_listening(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (see `wait_listening`)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
+
+    def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -153,11 +160,14 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
+            # The nodes start side by side, once their Redis and MongoDB listen.
             self.redis.start()
             if self.mongo is not None:
                 self.mongo.start()
             for node in self.nodes:
-                node.start()
+                node.spawn()
+            for node in self.nodes:
+                node.wait_listening()
         except BaseException:
             self.close()
             raise
@@ -178,7 +188,9 @@ class Cluster:
         )
 
     def close(self) -> None:
+        # SIGKILL: the scenario is over and its data is thrown away, so a clean shutdown
+        # (a node's drain, MongoDB's checkpoint: seconds) would buy nothing.
         for proc in [*self.nodes, self.redis, *([self.mongo] if self.mongo else [])]:
-            proc.stop()
+            proc.kill()
         if not self.keep:
             shutil.rmtree(self.work, ignore_errors=True)
