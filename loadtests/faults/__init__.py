@@ -7,8 +7,9 @@ each reporting what was sent, acknowledged, delivered, lost and duplicated.
 
 Scenarios live with their topic: `chat` (node and Redis/store faults under publish load),
 `badinput` (generated hostile frames), `exhaustion` (resource attacks: connection floods,
-slowloris, readers that never read), `alerts` (trigger crashes, lost jobs, provider faults),
-`checkins` (check-in timers through node death and a Redis restart).
+slowloris, readers that never read), `alerts` (trigger crashes, lost jobs), `alert_providers`
+(hanging, throttling and failing providers), `checkins` (check-in timers through node death and
+a Redis restart).
 Each module offers `SCENARIOS: dict[str, Scenario]`; tests in `tests/test_faults_*.py` run the
 same scenarios small.
 """
@@ -21,9 +22,9 @@ __all__ = ["FaultResult", "Scenario", "scenarios"]
 
 
 def scenarios() -> dict[str, Scenario]:
-    from . import alerts, badinput, chat, checkins, exhaustion
+    from . import alert_providers, alerts, badinput, chat, checkins, exhaustion
 
     found: dict[str, Scenario] = {}
-    for module in (chat, badinput, exhaustion, alerts, checkins):
+    for module in (chat, badinput, exhaustion, alerts, alert_providers, checkins):
         found.update(module.SCENARIOS)
     return found
