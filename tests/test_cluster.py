@@ -4,25 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Node, RedisServer, token, unique_db
+from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw, plain, sentinel, until
 
 from realtime_safety.client import Client
 
 
-@pytest.fixture
-def cluster(node_factory: Any, redis_server: RedisServer, mongo_uri: str) -> tuple[Node, Node]:
-    db = unique_db()
-    env = {
-        "RT_REDIS_URL": redis_server.url,
+def cluster_env(redis: RedisServer, mongo_uri: str) -> dict[str, str]:
+    return {
+        "RT_REDIS_URL": redis.url,
         "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": db,
+        "RT_MONGODB_DB": unique_db(),
         "RT_STORE_TIMEOUT_S": "10",
     }
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterator[tuple[Node, Node]]:
+    """One two-node cluster (a Redis of its own) for the tests that leave it as they found
+    it, each on channels of its own; the SIGKILL and Redis-restart tests get one each."""
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    nodes: list[Node] = []
+    try:
+        redis.start()
+        env = cluster_env(redis, mongo_uri)
+        for n in ("a", "b"):
+            data = tmp_path_factory.mktemp(f"node-{n}")
+            nodes.append(Node(base_env(data, RT_NODE_ID=f"node-{n}", **env), n).start())
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
+
+
+@pytest.fixture
+def cluster(node_factory: Any, redis_server: RedisServer, mongo_uri: str) -> tuple[Node, Node]:
+    """A two-node cluster for one test (one that kills a node or restarts Redis)."""
+    env = cluster_env(redis_server, mongo_uri)
     return node_factory("a", RT_NODE_ID="node-a", **env), node_factory(
         "b", RT_NODE_ID="node-b", **env
     )
@@ -33,9 +57,9 @@ def chan(ns: str = "public") -> str:
 
 
 async def test_a_message_published_on_one_node_reaches_the_other(
-    cluster: tuple[Node, Node],
+    shared: tuple[Node, Node],
 ) -> None:
-    a, b = cluster
+    a, b = shared
     ch = chan()
     sub_b = await Raw.open(b.url, token("bob"), proto="rt.v1.msgpack")
     sub_a = await Raw.open(a.url, token("carol"))
@@ -63,8 +87,8 @@ async def test_a_message_published_on_one_node_reaches_the_other(
         await r.close()
 
 
-async def test_membership_changes_take_effect_on_every_node(cluster: tuple[Node, Node]) -> None:
-    a, b = cluster
+async def test_membership_changes_take_effect_on_every_node(shared: tuple[Node, Node]) -> None:
+    a, b = shared
     room = chan("room")
     bob = await Raw.open(b.url, token("bob"))
     assert await bob.error("subscribe", channel=room) == "forbidden"  # node b caches "no"
@@ -83,9 +107,9 @@ async def test_membership_changes_take_effect_on_every_node(cluster: tuple[Node,
 
 
 async def test_concurrent_publishers_on_both_nodes_get_one_gap_free_order(
-    cluster: tuple[Node, Node],
+    shared: tuple[Node, Node],
 ) -> None:
-    a, b = cluster
+    a, b = shared
     ch = chan()
     subs = [await Raw.open(n.url, token(f"s{i}")) for i, n in enumerate((a, b))]
     for s in subs:
