@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from realtime_safety.protocol import ProtocolError
-from realtime_safety.realtime import config
+from realtime_safety.realtime import cli, config
 from realtime_safety.realtime.auth import TokenVerifier
 
 
@@ -51,14 +52,39 @@ def run_cli(
         ({"RT_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
     ],
 )
-def test_bad_configuration_is_one_line(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+def test_bad_configuration_is_one_line(
+    tmp_path: Path,
+    env: dict[str, str],
+    fragment: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In this process, through the CLI's own entry point (what `python -m
+    realtime_safety.realtime serve` runs), with nothing but the case's environment; the
+    process itself: test_a_bad_configuration_stops_the_process_with_one_line."""
     if "RT_JWT_SECRET_FILE" in env:
         env = {**env, "RT_JWT_SECRET": ""}
-    result = run_cli(tmp_path, "serve", "--port", str(free_port()), **env)
+    full = base_env(tmp_path, **env)
+    for key in list(os.environ):
+        if key.startswith("RT_"):
+            monkeypatch.delenv(key)
+    for key, value in full.items():
+        if key.startswith("RT_") and value != "":
+            monkeypatch.setenv(key, value)
+    # --port 0: were the configuration accepted, the command would stop at the port, with
+    # another message, instead of serving.
+    assert cli.main(["serve", "--port", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("realtime: error:"), lines
+    assert fragment in lines[0]
+
+
+def test_a_bad_configuration_stops_the_process_with_one_line(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()), RT_JWT_SECRET="short")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("realtime: error:"), result.stderr
-    assert fragment in lines[0]
+    assert "at least 32" in lines[0]
 
 
 def test_unreachable_backends_are_one_line(tmp_path: Path) -> None:
