@@ -333,3 +333,21 @@ async def test_a_tracker_that_never_had_a_member_stops_cleanly() -> None:
 
 async def _no_push(channel: str, kind: str, user: str) -> None:
     raise AssertionError(f"unexpected push {kind} {user} on {channel}")
+
+
+async def test_a_burst_is_written_in_batches_of_at_most_1000() -> None:
+    """Joins made in the same moment go to the store together, at most 1,000 per write (one
+    Redis pipeline each: a bigger burst never becomes one unbounded pipeline): 1,000 joins
+    are one write, 1,001 are two (mutant: presence/tracker.py, `run < 1000` as `<=`). The
+    embedded store answers at once, so the calls of one moment are the batch."""
+    tracker = PresenceTracker(MemoryPresence(), "n", _quiet)
+    batch = tracker._batch  # the write counter the presence benchmark reports as round trips
+    await asyncio.gather(*(tracker.add("a", f"u{i}") for i in range(1000)))
+    assert batch.flushes == 1
+    await asyncio.gather(*(tracker.add("b", f"u{i}") for i in range(1001)))
+    assert batch.flushes == 3
+    assert (await tracker.members("b", 0, 2000)).total == 1001
+
+
+async def _quiet(channel: str, kind: str, user: str) -> None:
+    return None
