@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import unique_db
 from pymongo import MongoClient
+from wire import until
 
 from realtime_safety.storage import Report, Store, StoreUnavailable
 from realtime_safety.storage.backup import ImportError_, export_store, import_store
 from realtime_safety.storage.mongo import MongoStore
 from realtime_safety.storage.sqlite import SqliteStore
+from realtime_safety.storage.sqlite_db import Db
 
 
 @pytest.fixture(params=["sqlite", "mongodb"])
@@ -192,3 +197,82 @@ async def test_an_export_creates_its_directory_and_can_be_written_again(tmp_path
         await store.close()
     assert json.loads((out / "meta.json").read_text())["counts"]["memberships"] == 2
     assert len((out / "memberships.jsonl").read_text().splitlines()) == 2
+
+
+async def occupied(db: Db) -> tuple[threading.Event, asyncio.Future[Any]]:
+    """Hold `db`'s thread busy with one call (as a long chat read or write would) until the
+    returned event is set; returns once the call is running."""
+    running, release = threading.Event(), threading.Event()
+
+    def hold(_: sqlite3.Connection) -> None:
+        running.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(db.run(hold))
+    await until(running.is_set, what="the held call to run")
+    return release, held
+
+
+async def completion_order(
+    db: Db, chat: list[Awaitable[Any]], docs: list[Awaitable[Any]]
+) -> list[str]:
+    """With `db`'s thread busy, queue the chat calls, then the documents' calls behind them;
+    free the thread and say in which order they finished."""
+    release, held = await occupied(db)
+    order: list[str] = []
+
+    def track(name: str, call: Awaitable[Any]) -> asyncio.Future[Any]:
+        future = asyncio.ensure_future(call)
+        future.add_done_callback(lambda _: order.append(name))
+        return future
+
+    calls = [track("chat", c) for c in chat] + [track("docs", c) for c in docs]
+    await until(lambda: sum(map(len, db._lanes)) == len(calls), what="every call queued")
+    release.set()
+    await asyncio.gather(held, *calls)
+    return order
+
+
+async def test_document_calls_go_before_queued_chat_calls_in_the_embedded_store(
+    tmp_path: Path,
+) -> None:
+    """Overload control (issue 21): on each of the embedded store's threads, the documents'
+    calls (alerts, their jobs, bans) run before the chat calls queued ahead of them, reads and
+    writes alike (mutants: storage/sqlite_records.py, a `SqliteDocs` call made with
+    `urgent=False`)."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        await store.docs.put("alerts", "a0", {"state": "active"}, ix=5)
+        await store.messages.append("room:a", "ann", None, "m0", {"t": 0}, 1)
+        reads = (
+            store._reader,
+            [
+                store.messages.after("room:a", 0, 10),
+                store.memberships.members("room:a", 10, None),
+            ],
+            [
+                store.docs.get("alerts", "a0"),
+                store.docs.prefix("alerts", "a", 10),
+                store.docs.below("alerts", 10, 10),
+                store.docs.find_ix("alerts", 5),
+            ],
+        )
+        writes = (
+            store._writer,
+            [
+                store.memberships.add("room:a", "bob", 2),
+                store.read_markers.set("room:a", "bob", 1),
+            ],
+            [
+                store.docs.insert("alerts", "a1", {"state": "active"}, ix=7),
+                store.docs.put("alerts", "a2", {"state": "active"}, ix=8),
+                store.docs.delete("alerts", "a1"),
+                store.docs.delete_below("alerts", 6),
+            ],
+        )
+        for db, chat, docs in (reads, writes):
+            order = await completion_order(db, chat, docs)
+            assert order == ["docs"] * len(docs) + ["chat"] * len(chat), order
+    finally:
+        await store.close()
