@@ -72,6 +72,17 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_moderation.py::test_watch_delete_and_ban_across_nodes",
             "tests/test_e2ee.py::test_a_removed_member_cannot_read_later_messages",  # rekey
             "tests/test_ordering.py",  # the hub's gap repair and the replay/live merge, stepwise
+            # the channel limits of the contract, at each boundary (added after seed 11's sample)
+            "tests/test_contract_limits.py::test_history_default_page_is_50_and_has_more_at_the_boundary",
+            "tests/test_contract_limits.py::test_history_limit_is_1_to_200",
+            "tests/test_contract_limits.py::test_recovery_limit_boundary",
+            "tests/test_contract_limits.py::test_subscribe_without_since_seq_replays_nothing",
+            "tests/test_contract_limits.py::test_max_subscriptions",
+            "tests/test_contract_limits.py::test_max_body_bytes_plaintext",
+            "tests/test_contract_limits.py::test_max_body_bytes_envelope",
+            "tests/test_contract_limits.py::test_channel_name_length",
+            "tests/test_contract_limits.py::test_client_msg_id_length",
+            "tests/test_contract_limits.py::test_typing_once_per_second_per_user_and_channel",
         ],
     ),
     "alerts": (
