@@ -324,3 +324,26 @@ async def test_two_resolves_at_once_agree_on_one_outcome(alert_node: Node) -> No
     assert told and set(told) == {outcome}, (told, outcome)
     for r in (rhea, mia):
         await r.close()
+
+
+async def test_concurrent_checkin_starts_never_exceed_the_running_limit(alert_node: Node) -> None:
+    """Six check-ins started by one user at once, on six connections: exactly
+    RT_CHECKIN_LIMIT (3) run, the others are refused as too_large, however the starts race
+    — a slot reserved by a start whose record is not written yet still counts (mutant:
+    alerts/checkin.py, a fresh slot's age `now - since` as `now + since`, which dropped it
+    as stale)."""
+    owner = f"cleo-{uuid.uuid4().hex[:5]}"
+    raws = [await Raw.open(alert_node.url, token(owner)) for _ in range(6)]
+    replies = await asyncio.gather(
+        *(
+            raw.cmd("checkin.start", duration_s=600, location=HERE, client_checkin_id=f"c{i}")
+            for i, raw in enumerate(raws)
+        )
+    )
+    started = [r for r in replies if r["ok"]]
+    refused = [r["error"]["code"] for r in replies if not r["ok"]]
+    assert len(started) == 3 and refused == ["too_large"] * 3, replies
+    assert await raws[0].error("checkin.start", duration_s=600, location=HERE) == "too_large"
+    for r in started:
+        await raws[0].ok("checkin.done", checkin_id=r["checkin_id"])
+    await asyncio.gather(*(raw.close() for raw in raws))
