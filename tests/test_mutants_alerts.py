@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -347,3 +348,55 @@ async def test_concurrent_checkin_starts_never_exceed_the_running_limit(alert_no
     for r in started:
         await raws[0].ok("checkin.done", checkin_id=r["checkin_id"])
     await asyncio.gather(*(raw.close() for raw in raws))
+
+
+async def test_a_contact_whose_number_is_also_a_contact_gets_one_sms_and_the_fallback_says_why(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """Ula's app does not confirm, so her SMS fallback comes due; but her number is also a
+    contact of its own and already has the alert's SMS: no second text, and the fallback's
+    durable record says why it was not needed, `texted` (mutant: alerts/fallback.py, that
+    `return "texted"` as `return None`)."""
+    import msgpack
+
+    node = Node(
+        base_env(
+            tmp_path / "fb",
+            RT_ALERT_RETRY_BASE_S="0.05",
+            RT_ALERT_FALLBACK_S="3",  # the number's own SMS has long gone out by then
+            **fakes.env(tmp_path),
+        ),
+        "fb",
+    ).start()
+    try:
+        owner, ula, phone = (
+            f"fio-{uuid.uuid4().hex[:5]}",
+            f"ula-{uuid.uuid4().hex[:5]}",
+            "+15550311",
+        )
+        contacts = [{"user": ula, "phone": phone}, {"phone": phone}]
+        r = node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": contacts})
+        assert r.status_code == 200, r.text
+        fio = await Raw.open(node.url, token(owner))
+        alert_id = (await fio.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="f"))[
+            "alert_id"
+        ]
+
+        def fallback() -> dict[str, Any] | None:
+            db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+            try:
+                row = db.execute(
+                    "SELECT doc FROM docs WHERE coll='alert_fallbacks' AND key LIKE ?",
+                    (f"{alert_id}|{ula}%",),
+                ).fetchone()
+            finally:
+                db.close()
+            record: dict[str, Any] | None = msgpack.unpackb(row[0]) if row else None
+            return record if record and "settled" in record else None
+
+        record = await until(fallback, 20, what="the fallback to settle")
+        assert record["state"] == "texted"
+        assert len(fakes.sms_to(phone)) == 1
+        await fio.close()
+    finally:
+        node.stop()
