@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session
 
 from .cancel import with_duress
+from .lane import Lane
 from .model import MAX_NOTE, now_ms, parse_location
 from .plan import checkin_alert_id, trail_key
 
@@ -357,8 +358,8 @@ class CheckinService:
 class CheckinOps(Feature):
     """checkin.start, checkin.extend, checkin.done, checkin.location (the owner's own)."""
 
-    def __init__(self, checkins: CheckinService) -> None:
-        self._checkins = checkins
+    def __init__(self, checkins: CheckinService, lane: Lane) -> None:
+        self._checkins, self._lane = checkins, lane
         self.ops = {
             "checkin.start": self.start,
             "checkin.extend": self.extend,
@@ -367,13 +368,21 @@ class CheckinOps(Feature):
         }
 
     async def start(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._checkins.start(session.identity.user, frame))
+        return await session.bounded(
+            self._lane.run(self._checkins.start(session.identity.user, frame))
+        )
 
     async def extend(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._checkins.extend(session.identity.user, frame))
+        return await session.bounded(
+            self._lane.run(self._checkins.extend(session.identity.user, frame))
+        )
 
     async def done(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._checkins.done(session.identity.user, frame))
+        return await session.bounded(
+            self._lane.run(self._checkins.done(session.identity.user, frame))
+        )
 
     async def location(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._checkins.location(session.identity.user, frame))
+        return await session.bounded(
+            self._lane.run(self._checkins.location(session.identity.user, frame))
+        )

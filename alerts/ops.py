@@ -1,15 +1,19 @@
 """The alert ops (docs/protocol.md, "Safety alerts"): alert.trigger, alert.location,
 alert.ack, alert.received (the recipient's app has it), alert.resolve, alert.status,
 location.share (responders) and mod.alerts (moderators). Every one is a bounded backend
-call: a store that does not answer is `unavailable`, never a hang."""
+call (a store that does not answer is `unavailable`, never a hang) run on the alert
+service's own lane (alerts.lane)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session, moderator
 
 from .service import AlertService
+
+T = TypeVar("T")
 
 
 class AlertOps(Feature):
@@ -28,39 +32,42 @@ class AlertOps(Feature):
             "alert.trail": self.trail,
         }
 
+    async def _call(self, session: Session, call: Coroutine[Any, Any, T]) -> T:
+        return await session.bounded(self._svc.lane.run(call))
+
     async def trigger(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._svc.trigger(session.identity.user, frame))
+        return await self._call(session, self._svc.trigger(session.identity.user, frame))
 
     async def location(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._svc.location(session.identity.user, frame))
+        return await self._call(session, self._svc.location(session.identity.user, frame))
 
     async def ack(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._svc.ack(session.identity.user, frame))
+        return await self._call(session, self._svc.ack(session.identity.user, frame))
 
     async def received(self, session: Session, frame: dict[str, Any]) -> Reply:
         receipts = self._svc.delivery.receipts
-        return await session.bounded(receipts.received(session.identity.user, frame))
+        return await self._call(session, receipts.received(session.identity.user, frame))
 
     async def resolve(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity
-        return await session.bounded(self._svc.resolve(who.user, who.is_moderator, frame))
+        return await self._call(session, self._svc.resolve(who.user, who.is_moderator, frame))
 
     async def status(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity
-        return await session.bounded(self._svc.status(who.user, who.is_moderator, frame))
+        return await self._call(session, self._svc.status(who.user, who.is_moderator, frame))
 
     async def share_location(self, session: Session, frame: dict[str, Any]) -> Reply:
         if "responder" not in session.identity.roles:
             raise ProtocolError("forbidden", "only responders share their location")
-        return await session.bounded(self._svc.share_location(session.identity.user, frame))
+        return await self._call(session, self._svc.share_location(session.identity.user, frame))
 
     async def active(self, session: Session, frame: dict[str, Any]) -> Reply:
         moderator(session)
-        return {"alerts": await session.bounded(self._svc.active())}
+        return {"alerts": await self._call(session, self._svc.active())}
 
     async def cancel(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._svc.cancel(session.identity.user, frame))
+        return await self._call(session, self._svc.cancel(session.identity.user, frame))
 
     async def trail(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity
-        return await session.bounded(self._svc.trail(who.user, who.is_moderator, frame))
+        return await self._call(session, self._svc.trail(who.user, who.is_moderator, frame))

@@ -29,6 +29,7 @@ from nacl.pwhash import argon2id
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session
 from realtime_safety.storage import DocStore
 
+from .lane import Lane
 from .model import now_ms
 
 PIN_MIN, PIN_MAX = 4, 32
@@ -167,9 +168,9 @@ class Pins:
 class PinOps(Feature):
     """`pin.set`: the caller's PIN and duress PIN."""
 
-    def __init__(self, pins: Pins) -> None:
-        self._pins = pins
+    def __init__(self, pins: Pins, lane: Lane) -> None:
+        self._pins, self._lane = pins, lane
         self.ops = {"pin.set": self.set}
 
     async def set(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await session.bounded(self._pins.set(session.identity.user, frame))
+        return await session.bounded(self._lane.run(self._pins.set(session.identity.user, frame)))

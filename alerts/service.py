@@ -37,6 +37,7 @@ from realtime_safety.storage import DocStore
 from . import cancel, views
 from .checkin import CheckinService, CheckinSettings
 from .delivery import Deliverer, DeliverySettings, IsOnline, Publish
+from .lane import Lane
 from .metrics import AlertMetrics
 from .model import now_ms, parse_location
 from .pins import Pins
@@ -90,6 +91,9 @@ class AlertService:
         metrics: AlertMetrics | None = None,
     ) -> None:
         self.metrics = metrics or AlertMetrics()
+        # The service runs on its own lane (alerts.lane); the node's callbacks run on the node's.
+        self.lane = Lane("alerts")
+        publish, is_online = self.lane.back(publish), self.lane.back(is_online)
         self.docs = docs
         self.deliveries = Deliveries(docs)
         self.responders = responders
@@ -117,6 +121,13 @@ class AlertService:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the workers and timers, on the lane once the node has started it."""
+        await self.lane.run(self._start())
+
+    async def stop(self) -> None:
+        await self.lane.run(self._stop())
+
+    async def _start(self) -> None:
         self._tasks += self.delivery.tasks()
         self._tasks += self.reconciler.tasks()
         self._tasks += self.checkins.tasks()
@@ -127,7 +138,7 @@ class AlertService:
             if provider.name.startswith("outbox"):
                 log.warning("alerts: no credentials: %s are written to the %s", what, provider.name)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         self.reconciler.cancel_timers()
         for task in [*self._tasks, *self._background]:
             task.cancel()

@@ -72,6 +72,9 @@ class Node:
         channel_metrics = ChannelMetrics(self.metrics.registry)
         self.hub = Hub(broker, self.store.messages, self._on_control, metrics=channel_metrics)
         self.memberships = MembershipCache(self.store.memberships)
+        # The alert service runs on its own lane (alerts.lane): a MongoDB client is bound to
+        # one event loop, so there it gets its own; the embedded store serves any loop.
+        self._alert_store = open_store(settings.store) if settings.store.mongodb_uri else self.store
         self.alerts = self._alert_service(settings)
         self.moderation = Moderation(
             self.store.docs,
@@ -83,7 +86,7 @@ class Node:
             spawn=self.spawn,
         )
         self.hub.on_mod = self.moderation.on_stream
-        self.acl = AccessControl(self.memberships, self.alerts.can_see, self.moderation.banned)
+        self.acl = AccessControl(self.memberships, self._can_see_alert, self.moderation.banned)
         self.keys = KeyDirectory(self.store.keys, settings.franking_key)
         self.channels = ChannelService(
             self.store,
@@ -136,8 +139,8 @@ class Node:
             PresenceOps(self.presence, self.acl),
             KeyOps(self.keys, self.store.keys, self.acl),
             AlertOps(self.alerts),
-            CheckinOps(self.alerts.checkins),
-            PinOps(self.alerts.pins),
+            CheckinOps(self.alerts.checkins, self.alerts.lane),
+            PinOps(self.alerts.pins, self.alerts.lane),
             ModerationOps(
                 self.moderation,
                 acl=self.acl,
@@ -189,6 +192,16 @@ class Node:
             await self.store.close()
             raise StartupError(f"broker unavailable: {exc}") from None
         await self.presence.start()
+        await self.alerts.lane.start()
+        if self._alert_store is not self.store:
+            try:
+                async with asyncio.timeout(timeout + 1):
+                    await self.alerts.lane.run(self._alert_store.open())
+            except (StoreUnavailable, TimeoutError) as exc:
+                await self.stop()
+                raise StartupError(
+                    f"alert store unavailable: {exc or 'no answer in time'}"
+                ) from None
         await self.alerts.start()
         self.load.start()
         if self.settings.retention_days:
@@ -236,6 +249,9 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.alerts.stop()
+        if self._alert_store is not self.store:
+            await self.alerts.lane.run(self._alert_store.close())
+        await self.alerts.lane.stop()
         await self.presence.stop()
         await self.presence.store.close()
         await self.hub.close()
@@ -260,7 +276,9 @@ class Node:
 
     async def ready(self) -> dict[str, bool]:
         store_ok, broker_ok, queue_ok = await asyncio.gather(
-            self.store.ping(), self.broker.ping(), self.alerts.delivery.ready()
+            self.store.ping(),
+            self.broker.ping(),
+            self.alerts.lane.run(self.alerts.delivery.ready()),
         )
         return {
             "store": store_ok,
@@ -356,11 +374,11 @@ class Node:
         queues: dict[str, JobQueue] = {
             route: RedisJobQueue(redis_url, route)
             if redis_url
-            else StoreJobQueue(self.store.docs, route)
+            else StoreJobQueue(self._alert_store.docs, route)
             for route in ROUTES
         }
         return AlertService(
-            self.store.docs,
+            self._alert_store.docs,
             queues,
             push,
             sms,
@@ -402,6 +420,9 @@ class Node:
             await self.hub.publish_control({**event, "from": self.settings.node_id})
         else:
             await self.hub.publish_event(target, "raw", p=push)
+
+    async def _can_see_alert(self, user: str, alert_id: str, moderator: bool) -> bool:
+        return await self.alerts.lane.run(self.alerts.can_see(user, alert_id, moderator))
 
     async def _online(self, user: str) -> bool:
         try:

@@ -225,14 +225,18 @@ async def put_contacts(request: Request, node: Node) -> Response:
             raise ProtocolError("bad_request", "a contact needs a user id or an E.164 phone")
         contact = {"tier": tier, "user": user, "phone": phone}
         clean.append({k: v for k, v in contact.items() if v is not None})
-    await node.channels.bounded("contacts", node.alerts.set_contacts(owner, clean))
+    await node.channels.bounded(
+        "contacts", node.alerts.lane.run(node.alerts.set_contacts(owner, clean))
+    )
     return ApiResponse({"user": owner, "contacts": clean})
 
 
 @api
 async def get_contacts(request: Request, node: Node) -> Response:
     owner = _user(request)
-    contacts = await node.channels.bounded("contacts", node.alerts.contacts(owner))
+    contacts = await node.channels.bounded(
+        "contacts", node.alerts.lane.run(node.alerts.contacts(owner))
+    )
     return ApiResponse({"user": owner, "contacts": contacts})
 
 
@@ -267,9 +271,12 @@ async def delete_push_token(request: Request, node: Node) -> Response:
 
 @api
 async def get_alert(request: Request, node: Node) -> Response:
-    alert = await node.channels.bounded("alert", node.alerts.alert(request.path_params["alert_id"]))
+    alert = await node.channels.bounded(
+        "alert", node.alerts.lane.run(node.alerts.alert(request.path_params["alert_id"]))
+    )
     status = await node.channels.bounded(
-        "alert", node.alerts.status(alert["owner"], True, {"alert_id": alert["id"]})
+        "alert",
+        node.alerts.lane.run(node.alerts.status(alert["owner"], True, {"alert_id": alert["id"]})),
     )
     alert.pop("_v", None)
     return ApiResponse({**alert, "recipients": status["recipients"]})
@@ -303,7 +310,8 @@ async def twilio_status(request: Request) -> Response:
     if sid and status:
         delivery = node.alerts.delivery
         await node.channels.bounded(
-            "twilio", delivery.provider_status(sid, status, params.get("ErrorCode"))
+            "twilio",
+            node.alerts.lane.run(delivery.provider_status(sid, status, params.get("ErrorCode"))),
         )
     return Response(status_code=204)
 
@@ -318,7 +326,7 @@ async def readyz(request: Request) -> Response:
     node = _node(request)
     checks = await node.ready()
     if "alert_queue" not in checks:
-        checks["alert_queue"] = await node.alerts.delivery.ready()
+        checks["alert_queue"] = await node.alerts.lane.run(node.alerts.delivery.ready())
     ok = all(checks.values())
     return JSONResponse(
         {"ready": ok, "node": node.settings.node_id, **checks}, status_code=200 if ok else 503
