@@ -67,6 +67,10 @@ class PresenceStore(Protocol):
 
     async def is_invisible(self, user: str) -> bool: ...
 
+    async def hidden_in(self, channel: str) -> set[str]:
+        """The invisible users among a channel's members."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -131,6 +135,9 @@ class MemoryPresence:
 
     async def is_invisible(self, user: str) -> bool:
         return user in self._invisible
+
+    async def hidden_in(self, channel: str) -> set[str]:
+        return self._invisible & self._members.get(channel, {}).keys()
 
     async def close(self) -> None:
         return None
@@ -266,6 +273,14 @@ class RedisPresence:
 
     async def is_invisible(self, user: str) -> bool:
         return bool(await self._redis.sismember(INVISIBLE, user))
+
+    async def hidden_in(self, channel: str) -> set[str]:
+        """Two round trips, the second one sized by the number of invisible users (few)."""
+        invisible = [u.decode() for u in await self._redis.smembers(INVISIBLE)]
+        if not invisible:
+            return set()
+        present = await self._redis.hmget(_keys(channel)[0], invisible)
+        return {u for u, since in zip(invisible, present, strict=True) if since is not None}
 
     async def close(self) -> None:
         await self._redis.aclose()

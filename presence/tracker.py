@@ -119,10 +119,16 @@ class PresenceTracker:
                 entries, await self.store.leave(self.node, entries), strict=True
             ):
                 if self._pushes(left):
-                    await self._publish(channel, "leave", user)
+                    await self._announce(channel, "leave", user)
             await self.store.forget_node(self.node)
         except Exception as exc:
             log.warning("presence not withdrawn on stop (%s); survivors will reap it", exc)
+
+    async def _announce(self, channel: str, kind: str, user: str) -> None:
+        """Push a join or leave, unless the user is invisible: invisible users join and leave
+        every channel silently (on every namespace, not only their own `user:` channel)."""
+        if not await self.store.is_invisible(user):
+            await self._publish(channel, kind, user)
 
     def _pushes(self, count: int) -> bool:
         """Push join/leave only when it changed something, and only on channels of at most
@@ -142,7 +148,7 @@ class PresenceTracker:
             return
         try:
             if self._pushes(await self._batch(True, (channel, user))):
-                await self._publish(channel, "join", user)
+                await self._announce(channel, "join", user)
         except Exception as exc:
             log.warning("presence join %s %s failed (%s); reconciling later", channel, user, exc)
             self._dirty = True
@@ -159,13 +165,24 @@ class PresenceTracker:
             del self._local[channel]
         try:
             if self._pushes(await self._batch(False, (channel, user))):
-                await self._publish(channel, "leave", user)
+                await self._announce(channel, "leave", user)
         except Exception as exc:
             log.warning("presence leave %s %s failed (%s); reconciling later", channel, user, exc)
             self._dirty = True
 
     async def members(self, channel: str, cursor: int, limit: int) -> Page:
+        """Everyone present, invisible users included (the server's own view)."""
         return await self.store.members(channel, cursor, limit)
+
+    async def members_seen_by(self, channel: str, cursor: int, limit: int, viewer: str) -> Page:
+        """A page of members as `viewer` may see it: invisible users (other than the viewer)
+        are neither listed nor counted."""
+        page = await self.store.members(channel, cursor, limit)
+        hidden = await self.store.hidden_in(channel) - {viewer}
+        if not hidden:
+            return page
+        shown = [(user, since) for user, since in page.members if user not in hidden]
+        return Page(shown, page.cursor, max(0, page.total - len(hidden)))
 
     # --- liveness ---------------------------------------------------------------------
 
@@ -203,12 +220,12 @@ class PresenceTracker:
             stale, await self.store.leave(self.node, stale), strict=True
         ):
             if self._pushes(left):
-                await self._publish(channel, "leave", user)
+                await self._announce(channel, "leave", user)
         for (channel, user), joined in zip(
             missing, await self.store.join(self.node, missing, _now()), strict=True
         ):
             if self._pushes(joined):
-                await self._publish(channel, "join", user)
+                await self._announce(channel, "join", user)
         self._dirty = False
 
     async def _reap(self) -> None:
@@ -219,7 +236,7 @@ class PresenceTracker:
             left = await self.store.leave(dead, entries)
             for (channel, user), gone in zip(entries, left, strict=True):
                 if self._pushes(gone):
-                    await self._publish(channel, "leave", user)
+                    await self._announce(channel, "leave", user)
             await self.store.forget_node(dead)
             log.warning(
                 "node %s stopped heartbeating: removed its %d presence entries", dead, len(entries)

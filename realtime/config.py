@@ -90,6 +90,10 @@ class Settings:
     checkin_limit: int = 3
     ws_deflate: bool = False
     presence_push_limit: int = 200
+    # who may see a user's online status (`user:<id>` presence): "related" (themself, room
+    # mates, their emergency contacts, moderators) or "everyone" (the old behaviour)
+    presence_visibility: str = "related"
+    log_client_ips: bool = False  # client addresses in log lines (RT_LOG_CLIENT_IPS=1)
     limits: Limits = field(default_factory=Limits)
     overload: OverloadLimits = field(default_factory=OverloadLimits)
 
@@ -250,6 +254,9 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         franking_key = b""
 
     log_format = (env.get("RT_LOG_FORMAT") or "text").lower()
+    presence_visibility = (env.get("RT_PRESENCE_VISIBILITY") or "related").lower()
+    if presence_visibility not in ("related", "everyone"):
+        raise ConfigError("RT_PRESENCE_VISIBILITY must be related or everyone")
     if log_format not in ("text", "json"):
         raise ConfigError(f"RT_LOG_FORMAT must be text or json, got {env['RT_LOG_FORMAT']!r}")
     heartbeat = _number(env, "RT_PRESENCE_HEARTBEAT_S", 5.0)
@@ -327,6 +334,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         checkin_limit=int(_number(env, "RT_CHECKIN_LIMIT", 3, integer=True)),
         ws_deflate=(env.get("RT_WS_DEFLATE") or "false").lower() in ("1", "true"),
         presence_push_limit=int(_number(env, "RT_PRESENCE_PUSH_LIMIT", 200, integer=True)),
+        presence_visibility=presence_visibility,
+        log_client_ips=(env.get("RT_LOG_CLIENT_IPS") or "0").lower() in ("1", "true"),
         presence_heartbeat_s=heartbeat,
         presence_node_timeout_s=node_timeout,
         limits=limits,

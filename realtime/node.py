@@ -47,6 +47,7 @@ from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
 from .overload import LoadMonitor
+from .visibility import PresenceVisibility
 
 log = logging.getLogger("realtime.node")
 
@@ -136,7 +137,11 @@ class Node:
         # Every feature's part of the protocol, and the one op table the connections dispatch on.
         self.features: list[Feature] = [
             self.channel_ops,
-            PresenceOps(self.presence, self.acl),
+            PresenceOps(
+                self.presence,
+                self.acl,
+                PresenceVisibility(self.store, settings.presence_visibility).may_see,
+            ),
             KeyOps(self.keys, self.store.keys, self.acl),
             AlertOps(self.alerts),
             CheckinOps(self.alerts.checkins, self.alerts.lane),

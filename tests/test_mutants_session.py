@@ -61,7 +61,7 @@ async def test_an_invisible_user_looks_exactly_offline(single_node: Node) -> Non
     realtime/connection.py, the invisible reply's "cursor" field misnamed)."""
     bob_name, away = f"bob-{uuid.uuid4().hex[:6]}", f"away-{uuid.uuid4().hex[:6]}"
     bob = await Raw.open(single_node.url, token(bob_name))
-    carol = await Raw.open(single_node.url, token("carol"))
+    carol = await Raw.open(single_node.url, token("carol", ["user", "moderator"]))
     await bob.ok("presence.invisible", invisible=True)
     hidden = await carol.ok("presence", channel=f"user:{bob_name}")
     offline = await carol.ok("presence", channel=f"user:{away}")

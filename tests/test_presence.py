@@ -70,6 +70,11 @@ async def test_presence_on_one_node(single_node: Node) -> None:
 
 
 async def test_online_status_and_invisible(single_node: Node) -> None:
+    # carol may see bob's online status: they share a room (tests/test_presence_privacy.py
+    # has who else may, and who may not)
+    await asyncio.to_thread(single_node.add_member, "room:bob-and-carol", "bob")
+    await asyncio.to_thread(single_node.add_member, "room:bob-and-carol", "carol")
+    await asyncio.to_thread(single_node.add_member, "room:bob-and-carol", "nobody-here")
     bob = await Raw.open(single_node.url, token("bob"))
     carol = await Raw.open(single_node.url, token("carol"))
     assert await members(carol, "user:bob") == ["bob"]
