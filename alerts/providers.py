@@ -8,6 +8,7 @@ import datetime
 import email.utils
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -308,8 +309,10 @@ class _Outbox:
             await asyncio.to_thread(self._append, line)
 
     def _append(self, line: str) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._path.open("a", encoding="utf-8") as f:
+        # phone numbers, locations and notes: readable by the server's account only
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as f:
             f.write(line)
 
     async def close(self) -> None:

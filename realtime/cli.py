@@ -21,6 +21,7 @@ from realtime_safety.storage import StoreUnavailable, open_store
 from realtime_safety.storage.backup import ImportError_, export_store, import_store
 
 from . import config, logs
+from . import files as files_mod
 from .auth import issue_token
 from .node import Node, StartupError
 from .server import create_app
@@ -109,6 +110,7 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         proxy_headers=False,
     )
     server = _Server(cfg, node)
+    files_mod.check_private(settings.data_dir)
     log.info("open-file limit %d: at most about %d connections", files, max(0, files - 100))
     try:
         await server.serve(sockets=[sock])
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", help="load an export into the configured store")
     imp.add_argument("--from", dest="src", required=True, type=Path, help="an export directory")
     args = parser.parse_args(argv)
+    files_mod.make_private()  # everything we write (store, outbox, exports) is ours alone
 
     try:
         settings = config.load(need_token_key=args.command in ("serve", "token"))

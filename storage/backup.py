@@ -11,9 +11,10 @@ Import is idempotent: records already present are skipped, and `seq`s are kept a
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from bson import json_util
 
@@ -26,12 +27,15 @@ BATCH = 1000
 
 
 async def export_store(store: Store, out: Path, *, store_kind: str) -> dict[str, int]:
-    out.mkdir(parents=True, exist_ok=True)
+    # an export holds everything the store holds: the server account's alone (0700 / 0600)
+    if not out.exists():
+        out.mkdir(mode=0o700, parents=True)
+        out.chmod(0o700)
     counts: dict[str, int] = {}
     for kind in RECORD_KINDS:
         n = 0
         tmp = out / f"{kind}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
+        with _private(tmp) as f:
             async for record in store.dump(kind):
                 f.write(json_util.dumps(record, json_options=_OPTIONS))
                 f.write("\n")
@@ -46,8 +50,16 @@ async def export_store(store: Store, out: Path, *, store_kind: str) -> dict[str,
         "exported_at": int(time.time()),
         "counts": counts,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with _private(out / "meta.json") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
     return counts
+
+
+def _private(path: Path) -> TextIO:
+    """`path` truncated for writing, created 0600 (an existing file is made 0600 too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "w", encoding="utf-8")
 
 
 class ImportError_(Exception):

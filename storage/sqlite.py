@@ -10,6 +10,7 @@ proceed while a write commits).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,6 +102,17 @@ _DUMP = {
 }
 
 
+def create_private(data_dir: Path, db_path: Path) -> None:
+    """The directory (0700, if we create it) and the database file (0600, if we create it)
+    are the server account's alone: they hold phone numbers, locations and alert notes. SQLite
+    gives its -wal and -shm files the database file's mode."""
+    if not data_dir.exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # whatever the umask
+    if not db_path.exists():
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 class SqliteStore:
     """The embedded store (single-node topology)."""
 
@@ -118,7 +130,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         try:
-            self._data_dir.mkdir(parents=True, exist_ok=True)
+            create_private(self._data_dir, self.path)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create RT_DATA_DIR {self._data_dir}: {exc}") from exc
 
