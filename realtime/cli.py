@@ -20,7 +20,7 @@ from realtime_safety.protocol import ROLES, valid_user_id
 from realtime_safety.storage import StoreUnavailable, open_store
 from realtime_safety.storage.backup import ImportError_, export_store, import_store
 
-from . import config, logs
+from . import config, logs, redact
 from . import files as files_mod
 from .auth import issue_token
 from .node import Node, StartupError
@@ -106,7 +106,9 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
         access_log=False,
         timeout_graceful_shutdown=15,
         server_header=False,
-        # Client addresses are not used (nor logged): no proxy-headers middleware per socket.
+        # Client addresses are not used, and not logged unless RT_LOG_CLIENT_IPS=1 (uvicorn
+        # logs them on every connection: realtime.redact takes them out of its lines); no
+        # proxy-headers middleware per socket.
         proxy_headers=False,
     )
     server = _Server(cfg, node)
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logs.configure(args.log_level, settings.log_format, settings.node_id)
+    # no client addresses (unless RT_LOG_CLIENT_IPS=1), query strings or tokens in any line
+    redact.install(client_ips=settings.log_client_ips)
     if not 0 < args.port < 65536:
         return _fail("--port must be 1-65535")
     try:
