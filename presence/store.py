@@ -275,12 +275,22 @@ class RedisPresence:
         return bool(await self._redis.sismember(INVISIBLE, user))
 
     async def hidden_in(self, channel: str) -> set[str]:
-        """Two round trips, the second one sized by the number of invisible users (few)."""
-        invisible = [u.decode() for u in await self._redis.smembers(INVISIBLE)]
-        if not invisible:
+        """Two round trips; the second reads the smaller of the invisible users and the
+        channel's members (and is skipped when either is empty)."""
+        key = _keys(channel)[0]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.scard(INVISIBLE)
+            pipe.hlen(key)
+            invisible_count, member_count = await pipe.execute()
+        if not invisible_count or not member_count:
             return set()
-        present = await self._redis.hmget(_keys(channel)[0], invisible)
-        return {u for u, since in zip(invisible, present, strict=True) if since is not None}
+        if invisible_count <= member_count:
+            invisible = [u.decode() for u in await self._redis.smembers(INVISIBLE)]
+            present = await self._redis.hmget(key, invisible)
+            return {u for u, since in zip(invisible, present, strict=True) if since is not None}
+        members = [u.decode() for u in await self._redis.hkeys(key)]
+        flags = await self._redis.smismember(INVISIBLE, members)
+        return {u for u, flag in zip(members, flags, strict=True) if flag}
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -140,6 +140,19 @@ async def test_an_invisible_user_is_invisible_across_nodes(
     a: Node = node_factory("a", RT_NODE_ID="a", **env)
     b: Node = node_factory("b", RT_NODE_ID="b", **env)
     await _invisible_in_a_public_channel(a, b)
+    # more invisible users than members (the store reads the members, not the invisible set)
+    ghosts = [name("g1"), name("g2")]
+    raws = [await Raw.open(b.url, token(g)) for g in ghosts]
+    for raw in raws:
+        await raw.ok("presence.invisible", invisible=True)
+    moderator = await Raw.open(a.url, token(name("mod"), ["user", "moderator"]))
+    reply = await moderator.ok("presence", channel=f"user:{ghosts[0]}")
+    assert reply["members"] == [] and reply["total"] == 0
+    assert await online(raws[0], ghosts[0]) == [ghosts[0]]
+    await raws[1].ok("presence.invisible", invisible=False)
+    assert await online(moderator, ghosts[1]) == [ghosts[1]]  # control
+    for r in (moderator, *raws):
+        await r.close()
 
 
 async def test_an_invisible_room_member_is_neither_listed_nor_counted(
