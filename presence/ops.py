@@ -71,5 +71,5 @@ class PresenceOps(Feature):
         invisible = frame.get("invisible")
         if not isinstance(invisible, bool):
             raise ProtocolError("bad_request", "'invisible' must be true or false")
-        await session.bounded(self._tracker.store.set_invisible(session.identity.user, invisible))
+        await session.bounded(self._tracker.set_invisible(session.identity.user, invisible))
         return {"invisible": invisible}

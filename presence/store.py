@@ -71,6 +71,10 @@ class PresenceStore(Protocol):
         """The invisible users among a channel's members."""
         ...
 
+    async def channels_of(self, user: str) -> list[str]:
+        """The channels `user` is present in, on any node."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -138,6 +142,9 @@ class MemoryPresence:
 
     async def hidden_in(self, channel: str) -> set[str]:
         return self._invisible & self._members.get(channel, {}).keys()
+
+    async def channels_of(self, user: str) -> list[str]:
+        return sorted(ch for ch, members in self._members.items() if user in members)
 
     async def close(self) -> None:
         return None
@@ -291,6 +298,16 @@ class RedisPresence:
         members = [u.decode() for u in await self._redis.hkeys(key)]
         flags = await self._redis.smismember(INVISIBLE, members)
         return {u for u, flag in zip(members, flags, strict=True) if flag}
+
+    async def channels_of(self, user: str) -> list[str]:
+        """Every node's index, filtered by Redis (`*|user`: a user id has no `|` and no glob
+        character): a scan of all entries, for the rare invisibility switch only."""
+        found: set[str] = set()
+        for node in await self._redis.hkeys(NODES):
+            index = _index(node.decode())
+            async for item in self._redis.sscan_iter(index, match=f"*|{user}", count=1000):
+                found.add(item.decode().rpartition("|")[0])
+        return sorted(found)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -170,6 +170,21 @@ class PresenceTracker:
             log.warning("presence leave %s %s failed (%s); reconciling later", channel, user, exc)
             self._dirty = True
 
+    async def set_invisible(self, user: str, invisible: bool) -> None:
+        """Switch `user`'s invisibility; the channels they are in (on any node) hear them
+        leave (going invisible) or join (becoming visible again), once, as for a real leave
+        or join (`push_limit` included). Their own `user:` channel has nobody else to tell."""
+        if await self.store.is_invisible(user) == invisible:
+            return
+        await self.store.set_invisible(user, invisible)
+        kind = "leave" if invisible else "join"
+        for channel in await self.store.channels_of(user):
+            if channel == f"user:{user}":
+                continue
+            total = (await self.store.members(channel, 0, 1)).total
+            if self._pushes(total):
+                await self._publish(channel, kind, user)
+
     async def members(self, channel: str, cursor: int, limit: int) -> Page:
         """Everyone present, invisible users included (the server's own view)."""
         return await self.store.members(channel, cursor, limit)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Node, RedisServer, token, unique_db
-from wire import Raw, sentinel, until
+from wire import Raw, sentinel
 
 
 def name(kind: str) -> str:
@@ -28,6 +28,11 @@ def name(kind: str) -> str:
 async def online(raw: Raw, user: str) -> list[str]:
     reply = await raw.ok("presence", channel=f"user:{user}")
     return [m["user"] for m in reply["members"]]
+
+
+async def presence_push(raw: Raw) -> tuple[str, str]:
+    push = await raw.push(10, presence=True)
+    return push["push"], push["user"]
 
 
 def put(node: Node, method: str, path: str, **kw: Any) -> None:
@@ -154,6 +159,21 @@ async def test_an_invisible_user_is_invisible_across_nodes(
     for r in (moderator, *raws):
         await r.close()
 
+    # switching on one node is heard on the channels the user is in through another node
+    ch, ivy_name = f"public:{name('hall')}", name("ivy")
+    watcher = await Raw.open(b.url, token(name("watcher")))
+    await watcher.ok("subscribe", channel=ch)
+    ivy_on_a = await Raw.open(a.url, token(ivy_name))
+    await ivy_on_a.ok("subscribe", channel=ch)
+    assert await presence_push(watcher) == ("join", ivy_name)
+    ivy_on_b = await Raw.open(b.url, token(ivy_name))  # her other device, not in the channel
+    await ivy_on_b.ok("presence.invisible", invisible=True)
+    assert await presence_push(watcher) == ("leave", ivy_name)
+    await ivy_on_b.ok("presence.invisible", invisible=False)
+    assert await presence_push(watcher) == ("join", ivy_name)
+    for r in (watcher, ivy_on_a, ivy_on_b):
+        await r.close()
+
 
 async def test_an_invisible_room_member_is_neither_listed_nor_counted(
     node_factory: Any,
@@ -166,17 +186,18 @@ async def test_an_invisible_room_member_is_neither_listed_nor_counted(
     mate = await Raw.open(node.url, token(mate_name))
     await mate.ok("subscribe", channel=room)
     await ghost.ok("subscribe", channel=room)
+    assert await presence_push(mate) == ("join", ghost_name)  # control: visible so far
+    reply = await mate.ok("presence", channel=room)
+    assert reply["total"] == 2
 
-    async def both_listed() -> bool:
-        reply = await mate.ok("presence", channel=room)
-        return bool(reply["total"] == 2)
-
-    await until(both_listed, 10, what="the ghost, still visible, to be listed")  # control
     await ghost.ok("presence.invisible", invisible=True)
+    assert await presence_push(mate) == ("leave", ghost_name)  # seen to go
     reply = await mate.ok("presence", channel=room)
     assert [m["user"] for m in reply["members"]] == [mate_name] and reply["total"] == 1
     assert await online(mate, ghost_name) == []  # a room mate may ask, and sees "offline"
+    await ghost.ok("presence.invisible", invisible=True)  # again: nothing more to tell
     await ghost.ok("presence.invisible", invisible=False)
+    assert await presence_push(mate) == ("join", ghost_name)
     assert await online(mate, ghost_name) == [ghost_name]
     for r in (ghost, mate):
         await r.close()
