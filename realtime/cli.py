@@ -165,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", help="load an export into the configured store")
     imp.add_argument("--from", dest="src", required=True, type=Path, help="an export directory")
     args = parser.parse_args(argv)
-    files_mod.make_private()  # everything we write (store, outbox, exports) is ours alone
 
     try:
         settings = config.load(need_token_key=args.command in ("serve", "token"))
     except config.ConfigError as exc:
         return _fail(str(exc))
 
+    if args.command != "token":
+        files_mod.make_private()  # everything we write (store, outbox, exports) is ours alone
     if args.command in ("export", "import"):
         try:
             asyncio.run(_backup(settings, args))

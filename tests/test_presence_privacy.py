@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node, RedisServer, token, unique_db
+from conftest import Node, RedisServer, base_env, token, unique_db
 from wire import Raw, sentinel
+
+from realtime_safety.realtime import config
 
 
 def name(kind: str) -> str:
@@ -201,3 +204,12 @@ async def test_an_invisible_room_member_is_neither_listed_nor_counted(
     assert await online(mate, ghost_name) == [ghost_name]
     for r in (ghost, mate):
         await r.close()
+
+
+def test_the_visibility_setting_is_related_or_everyone(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    assert config.load(env).presence_visibility == "related"
+    everyone = config.load({**env, "RT_PRESENCE_VISIBILITY": "Everyone"})
+    assert everyone.presence_visibility == "everyone"
+    with pytest.raises(config.ConfigError, match="RT_PRESENCE_VISIBILITY"):
+        config.load({**env, "RT_PRESENCE_VISIBILITY": "friends"})
