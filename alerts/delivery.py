@@ -22,8 +22,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from realtime_safety.storage import DocStore, StoreUnavailable
@@ -63,6 +63,7 @@ class DeliverySettings:
     # A contact with a phone whose app has not confirmed a notice (alert.received, alert.ack)
     # this long after its first WebSocket/push send gets the SMS; 0 turns the fallback off.
     fallback_s: float = 30.0
+    fallback_tier_s: Mapping[int, float] = field(default_factory=dict)  # a tier's own delay
     # The APNs interruption level of alert notices (see providers.Notice): "active",
     # "time-sensitive" (needs the app's capability) or "critical" (needs Apple's entitlement).
     apns_level: str = "time-sensitive"
@@ -119,6 +120,7 @@ class Deliverer:
             metrics,
             after_s=settings.fallback_s,
             lease_s=settings.lease_s,
+            tier_s=settings.fallback_tier_s,
         )
 
     def tasks(self) -> list[asyncio.Task[None]]:

@@ -404,6 +404,7 @@ class Node:
                     provider_timeout_s=settings.alert_provider_timeout_s,
                     public_url=settings.public_url,
                     fallback_s=settings.alert_fallback_s,
+                    fallback_tier_s=dict(settings.alert_fallback_tier_s),
                     apns_level=settings.alert_apns_level,
                 ),
             ),

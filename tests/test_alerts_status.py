@@ -492,6 +492,38 @@ async def test_a_fallback_armed_before_the_node_died_still_goes_out(
         node.stop()
 
 
+async def test_a_tier_with_its_own_fallback_delay_gets_the_sms_after_it(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """RT_ALERT_FALLBACK_S=3600,1:1: an hour for every tier but tier 1, whose contacts are
+    texted after a second (with the tier's delay ignored, the SMS would wait an hour)."""
+    node = Node(
+        base_env(
+            tmp_path / "tiers",
+            **{**fakes.env(tmp_path), "RT_ALERT_RETRY_BASE_S": "0.05"},
+            RT_ALERT_FALLBACK_S="3600,1:1",
+        ),
+        "tiers",
+    ).start()
+    try:
+        p = people("ida", "jon")
+        phone = "+15558300001"
+        put_contacts(node, p["ida"], [{"tier": 1, "user": p["jon"], "phone": phone}])
+        ida = await Raw.open(node.url, token(p["ida"]))
+        started = time.time()
+        alert_id = (await ida.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="t"))[
+            "alert_id"
+        ]
+        await until(lambda: fakes.sms_to(phone), 30, what="tier 1's fallback SMS")
+        [sms] = [r for r in fakes.sms if r.body["To"] == phone]
+        assert sms.at - started >= 1.0
+        record = (await status_of(ida, alert_id))[("sms", phone)]
+        assert record["fallback_for"] == p["jon"]
+        await ida.close()
+    finally:
+        node.stop()
+
+
 async def test_a_contact_may_have_an_app_and_a_phone(tmp_path: Path) -> None:
     node = start_node(tmp_path, None, "contacts")
     try:

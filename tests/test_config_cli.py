@@ -50,6 +50,9 @@ def run_cli(
         ({"RT_NODE_ID": "has space"}, "RT_NODE_ID"),
         ({"RT_API_KEY": "tiny"}, "RT_API_KEY must be at least 16"),
         ({"RT_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
+        ({"RT_ALERT_FALLBACK_S": "0"}, "RT_ALERT_FALLBACK_S must be seconds"),
+        ({"RT_ALERT_FALLBACK_S": "30,0:5"}, "tier:seconds"),
+        ({"RT_ALERT_FALLBACK_S": "30,2:-1"}, "tier:seconds"),
     ],
 )
 def test_bad_configuration_is_one_line(
