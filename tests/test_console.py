@@ -112,6 +112,22 @@ async def test_console_watch_delete_and_alerts(single_node: Node, page: Any) -> 
     await page.locator(
         f'div.alert[data-alert="{lonely["alert_id"]}"] span[data-warning="no_recipients"]'
     ).wait_for()
+    # an alert cancelled with the duress PIN looks cancelled on the phone, and says so here
+    assert await panel.locator('span[data-warning="duress"]').count() == 0
+    await alone.ok("pin.set", pin="2468", duress_pin="1357")
+    held = await alone.ok(
+        "alert.trigger",
+        kind="sos",
+        location={"lat": 52.51, "lon": 13.40},
+        client_alert_id="c3",
+        delay_s=30,
+    )
+    assert (await alone.ok("alert.cancel", alert_id=held["alert_id"], pin="1357"))[
+        "state"
+    ] == "cancelled"
+    await page.locator(
+        f'div.alert[data-alert="{held["alert_id"]}"] span[data-warning="duress"]'
+    ).wait_for()
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
     for r in (subscriber, poster, ana, alone):
