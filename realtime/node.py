@@ -160,6 +160,7 @@ class Node:
             settings.overload,
             queued_frames=lambda: sum(c.queued for c in self.connections),
             backend_calls=lambda: self.channels.in_flight,
+            backend_latency=self.channels.slowest_s,
         )
         self.metrics.watch(
             Gauges(

@@ -334,6 +334,7 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
             # The suite runs on a busy machine, where a node's event loop is often late: lag
             # would shed chat ops at random. Shedding is tested on purpose (test_overload.py).
             "RT_OVERLOAD_LAG_MS": "60000",
+            "RT_OVERLOAD_BACKEND_MS": "60000",
         }
     )
     env.update(extra)

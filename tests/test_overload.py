@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,51 @@ def test_a_full_send_queue_refuses_everything_at_once() -> None:
     for _ in range(10):
         load.sample(0.0)
     assert not load.overloaded
+
+
+def test_a_slow_backend_sheds_a_growing_share_like_lag() -> None:
+    latency = [0.0]
+    limits = OverloadLimits(
+        lag_s=0.1, queued_frames=100, backend_calls=10, backend_latency_s=0.2, cool_s=1.0
+    )
+    load = LoadMonitor(limits, lambda: 0, lambda: 0, lambda: latency[0])
+    latency[0] = 0.2  # at the limit: fine
+    load.sample(0.0)
+    assert not load.overloaded
+    latency[0] = 0.21
+    load.sample(0.0)
+    load.sample(0.0)
+    assert load.reason == "backend latency" and load.fraction == pytest.approx(0.2)
+    latency[0] = 0.0
+    for _ in range(4):
+        load.sample(0.0)
+    assert load.fraction == pytest.approx(0.0) and not load.overloaded
+
+
+async def test_a_backend_call_still_waiting_counts_at_once() -> None:
+    """The latency signal: the moving average of answered calls, or the age of the oldest
+    call still waiting when that is longer (a store that stopped answering answers nothing)."""
+    from realtime_safety.channels.metrics import ChannelMetrics
+    from realtime_safety.channels.service import ChannelService
+
+    class NoHub:  # bounded() uses only the hub's metrics
+        metrics = ChannelMetrics()
+
+    service = ChannelService(None, NoHub(), timeout_s=5, recovery_limit=10)  # type: ignore[arg-type]
+    assert service.slowest_s() == 0.0
+    stuck = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(service.bounded("request", stuck))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await until(lambda: service.slowest_s() >= 0.05, 5, what="the waiting call to age")
+    assert service.slowest_s() <= time.monotonic() - started + 0.05
+    stuck.set_result(None)
+    await call
+    average = service.slowest_s()  # now the answered call's share of the moving average
+    assert 0.004 <= average < 0.05
+    for _ in range(30):  # fast calls bring the average down
+        await service.bounded("request", asyncio.sleep(0))
+    assert service.slowest_s() < average / 10
 
 
 # --- the embedded store's lanes -------------------------------------------------------------
