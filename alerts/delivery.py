@@ -84,6 +84,7 @@ def alert_push(alert: dict[str, Any], *, with_location: bool = True) -> dict[str
         "note": alert.get("note"),
         "channel": f"alert:{alert['id']}",
         "state": alert["state"],
+        "duress": bool(alert.get("duress")),  # stopped with the duress PIN: treat as active
     }
 
 
@@ -352,6 +353,7 @@ class Deliverer:
             "user": alert["owner"],
             "state": alert["state"],
             "escalation": str(alert.get("escalations", 0)),
+            "duress": "1" if alert.get("duress") else "0",
         }
         if purpose != "resolve":
             data.update(lat=str(alert["location"]["lat"]), lon=str(alert["location"]["lon"]))

@@ -186,6 +186,8 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
         await bob.ok("subscribe", channel=f"user:{friend}")
         mod = await Raw.open(node.url, token("mia", roles=["user", "moderator"]))
         await olga.ok("pin.set", pin=PIN, duress_pin=DURESS)
+        r = node.api("PUT", f"/v1/users/{friend}/push-tokens/tok-{friend}", json={})
+        assert r.status_code == 201, r.text
 
         # What a real cancel looks like from the phone...
         normal = await olga.ok(
@@ -237,6 +239,9 @@ async def test_the_duress_pin_looks_like_a_cancel_and_raises_the_alarm_at_once(
         alert = await bob.push()
         assert alert["push"] == "alert" and alert["alert_id"] == d_id
         assert alert["note"] == f"{DURESS_NOTE}. help me" and alert["state"] == "active"
+        assert alert["duress"] is True
+        await until(lambda: fakes.fcm_to(f"tok-{friend}"), 10, what="bob's push notification")
+        assert fakes.fcm_to(f"tok-{friend}")[0]["data"]["duress"] == "1"
         seen = await mod.ok("alert.status", alert_id=d_id)
         assert seen["state"] == "active" and seen["duress"] is True
         listed = {a["alert_id"]: a for a in (await mod.ok("mod.alerts"))["alerts"]}
