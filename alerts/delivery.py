@@ -293,8 +293,10 @@ class Deliverer:
             await self.fallbacks.arm(alert, to, purpose)  # before the send (see fallback)
         first = delivery is None or not delivery.get("attempts")
         if purpose == "alert" and first and not (delivery or {}).get("fallback_for"):
+            # from when it was to go out: a cancel window's wait is the owner's, not ours
+            since = alert.get("notify_at", alert["created"])
             self.metrics.trigger_to_provider_seconds.labels(route).observe(
-                max(0.0, (now_ms() - alert["created"]) / 1000)
+                max(0.0, (now_ms() - since) / 1000)
             )
         try:
             with self.metrics.provider_seconds.labels(route).time():
