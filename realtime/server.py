@@ -338,13 +338,16 @@ async def metrics(request: Request) -> Response:
     return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
 
+# This package's data files (openapi.json, console/), wherever it is installed: never by the
+# folder name, which only resolves from a checkout.
+_RESOURCES = resources.files(__package__ or "realtime_safety.realtime")
 _OPENAPI: bytes | None = None
 
 
 async def openapi(request: Request) -> Response:
     global _OPENAPI
     if _OPENAPI is None:
-        _OPENAPI = resources.files("realtime").joinpath("openapi.json").read_bytes()
+        _OPENAPI = _RESOURCES.joinpath("openapi.json").read_bytes()
     return Response(_OPENAPI, media_type="application/json")
 
 
@@ -361,7 +364,7 @@ async def console(request: Request) -> Response:
     moderator token, so it holds no privileges of its own."""
     global _CONSOLE
     if _CONSOLE is None:
-        _CONSOLE = resources.files("realtime").joinpath("console/index.html").read_bytes()
+        _CONSOLE = _RESOURCES.joinpath("console/index.html").read_bytes()
     return Response(
         _CONSOLE,
         media_type="text/html; charset=utf-8",
