@@ -46,12 +46,13 @@ def blocks(page: Path) -> list[Block]:
         m = MARK.search(line)
         if m:
             mark = (m.group(1), m.group(2).strip())
-        elif line.startswith("```") and len(line) > 3:
-            lang, start = line[3:].strip(), i + 1
+        elif line.lstrip().startswith("```") and len(line.strip()) > 3:
+            indent = len(line) - len(line.lstrip())  # a block inside a list item
+            lang, start = line.strip()[3:].strip(), i + 1
             i += 1
-            while not lines[i].startswith("```"):
+            while not lines[i].lstrip().startswith("```"):
                 i += 1
-            body = lines[start:i]
+            body = [x[indent:] for x in lines[start:i]]
             if mark is not None and mark[0] == "output":
                 assert found, f"{page.name}:{start}: output before any block"
                 found[-1].output = [x for x in body if x.strip()]
@@ -64,7 +65,7 @@ def blocks(page: Path) -> list[Block]:
                 found.append(block)
             mark = None
         elif line.strip():
-            mark = None if not line.startswith("<!--") else mark
+            mark = None if not line.lstrip().startswith("<!--") else mark
         i += 1
     return found
 
@@ -208,12 +209,13 @@ def test_the_block_reader_sees_markers_and_outputs(tmp_path: Path) -> None:
     page.write_text(
         "<!-- doc-test: background 8000 -->\n```sh\nserve\n```\n\ntext\n\n```sh\necho hi\n```\n"
         "\n<!-- doc-test: output -->\n```text\nh…\n```\n<!-- doc-test: skip (no) -->\n"
-        "```sh\nrm -rf /\n```\n```python\nignored\n```\n"
+        "```sh\nrm -rf /\n```\n```python\nignored\n```\n- item\n\n  ```sh\n  ls -l\n  ```\n"
     )
     found = blocks(page)
     assert [(b.mode, b.code, b.ports, b.output) for b in found] == [
         ("background", "serve\n", [8000], []),
         ("run", "echo hi\n", [], ["h…"]),
         ("skip", "rm -rf /\n", [], []),
+        ("run", "ls -l\n", [], []),
     ]
     assert matches(["h…", "b"], "x\nhi\ny\nb\n") and not matches(["b", "h…"], "hi\nb\n")
