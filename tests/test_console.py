@@ -109,7 +109,7 @@ async def test_console_watch_delete_and_alerts(single_node: Node, page: Any) -> 
         # the page's icon is inline: the browser never asked the server for /favicon.ico
         await page.wait_for_timeout(500)
         assert b"GET /console " in proxy.sent  # the proxy saw the page's requests
-        assert b"/favicon.ico" not in proxy.sent
+        assert b"/favicon.ico" not in proxy.sent, "the browser asked the server for /favicon.ico"
 
 
 async def console_session(single_node: Node, proxy: RecordingProxy, page: Any) -> None:
@@ -227,6 +227,11 @@ async def console_session(single_node: Node, proxy: RecordingProxy, page: Any) -
     ).wait_for()
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+    # a console whose connection closed is signed out: the sign-in box alone, saying why
+    await page.evaluate("() => ws.close(4000, 'test')")
+    await page.wait_for_selector("#app", state="hidden")
+    assert await page.locator("#signin").is_visible()
+    assert "disconnected (4000: test): sign in again" in await page.inner_text("#error")
     for r in (subscriber, poster, ana, alone):
         await r.close()
 
