@@ -47,7 +47,8 @@ DURESS_NOTE = "DURESS: stopped under threat, treat as active"
 
 
 def with_duress(note: str | None) -> str:
-    """Until every route carries the `duress` flag itself, the note says it (SMS, pushes)."""
+    """The note says it too: an SMS has no other field, and an app that predates the `duress`
+    flag of the alert push (and of the push notification's data) shows the note."""
     return DURESS_NOTE if not note else f"{DURESS_NOTE}. {note}"
 
 

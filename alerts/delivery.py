@@ -22,8 +22,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from realtime_safety.storage import DocStore, StoreUnavailable
@@ -63,6 +63,7 @@ class DeliverySettings:
     # A contact with a phone whose app has not confirmed a notice (alert.received, alert.ack)
     # this long after its first WebSocket/push send gets the SMS; 0 turns the fallback off.
     fallback_s: float = 30.0
+    fallback_tier_s: Mapping[int, float] = field(default_factory=dict)  # a tier's own delay
     # The APNs interruption level of alert notices (see providers.Notice): "active",
     # "time-sensitive" (needs the app's capability) or "critical" (needs Apple's entitlement).
     apns_level: str = "time-sensitive"
@@ -83,6 +84,7 @@ def alert_push(alert: dict[str, Any], *, with_location: bool = True) -> dict[str
         "note": alert.get("note"),
         "channel": f"alert:{alert['id']}",
         "state": alert["state"],
+        "duress": bool(alert.get("duress")),  # stopped with the duress PIN: treat as active
     }
 
 
@@ -119,6 +121,7 @@ class Deliverer:
             metrics,
             after_s=settings.fallback_s,
             lease_s=settings.lease_s,
+            tier_s=settings.fallback_tier_s,
         )
 
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -290,8 +293,10 @@ class Deliverer:
             await self.fallbacks.arm(alert, to, purpose)  # before the send (see fallback)
         first = delivery is None or not delivery.get("attempts")
         if purpose == "alert" and first and not (delivery or {}).get("fallback_for"):
+            # from when it was to go out: a cancel window's wait is the owner's, not ours
+            since = alert.get("notify_at", alert["created"])
             self.metrics.trigger_to_provider_seconds.labels(route).observe(
-                max(0.0, (now_ms() - alert["created"]) / 1000)
+                max(0.0, (now_ms() - since) / 1000)
             )
         try:
             with self.metrics.provider_seconds.labels(route).time():
@@ -350,6 +355,7 @@ class Deliverer:
             "user": alert["owner"],
             "state": alert["state"],
             "escalation": str(alert.get("escalations", 0)),
+            "duress": "1" if alert.get("duress") else "0",
         }
         if purpose != "resolve":
             data.update(lat=str(alert["location"]["lat"]), lon=str(alert["location"]["lon"]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from realtime_safety.storage import DocStore, StoreUnavailable
@@ -49,24 +49,30 @@ class Fallbacks:
         *,
         after_s: float,
         lease_s: float,
+        tier_s: Mapping[int, float] | None = None,
     ) -> None:
         self._docs = docs
         self._deliveries = Deliveries(docs)
         self._queue_sms = queue_sms
         self._metrics = metrics
-        self.after_s = after_s
+        self.after_s = after_s  # for a contact of any tier not in `tier_s`
+        self.tier_s = dict(tier_s or {})
         self._lease_ms = int(lease_s * 1000)
 
     async def arm(self, alert: dict[str, Any], user: str, purpose: str) -> None:
         """Before a contact's first WebSocket or push send for `purpose` (not a resolve): if
-        the contact has a phone, the SMS fallback is due `after_s` from now (once: a re-run
-        finds it armed)."""
-        if self.after_s <= 0:
+        the contact has a phone, the SMS fallback is due `after_s` (or its tier's own delay)
+        from now (once: a re-run finds it armed)."""
+        if self.after_s <= 0 and not self.tier_s:
             return  # (a resolved alert's notices never get here: the worker cancels them)
-        phone = await self._phone(alert["owner"], user)
-        if phone is None:
+        contact = await self._contact(alert["owner"], user)
+        if contact is None:
             return
-        at = now_ms() + int(self.after_s * 1000)
+        phone, tier = contact
+        after_s = self.tier_s.get(tier, self.after_s)
+        if after_s <= 0:
+            return
+        at = now_ms() + int(after_s * 1000)
         record = {
             "alert_id": alert["id"],
             "user": user,
@@ -76,18 +82,20 @@ class Fallbacks:
         }
         await self._docs.insert(COLL, fallback_key(alert["id"], user, purpose), record, ix=at)
 
-    async def _phone(self, owner: str, user: str) -> str | None:
+    async def _contact(self, owner: str, user: str) -> tuple[str, int] | None:
+        """The phone and tier of `user` among the owner's contacts, if it has a phone."""
         contacts = await self._docs.get("contacts", owner)
         for contact in (contacts or {}).get("contacts", []):
             if contact.get("user") == user and contact.get("phone"):
-                return str(contact["phone"])
+                return str(contact["phone"]), int(contact.get("tier", 1))
         return None
 
     def task(self) -> asyncio.Task[None]:
         return asyncio.create_task(self._ticker(), name="alert-fallback")
 
     async def _ticker(self) -> None:
-        pause = max(0.05, min(1.0, self.after_s / 4))
+        shortest = min([s for s in (self.after_s, *self.tier_s.values()) if s > 0], default=1.0)
+        pause = max(0.05, min(1.0, shortest / 4))
         while True:
             try:
                 await self.fire_due()

@@ -20,7 +20,8 @@ class AlertMetrics:
         )
         self.trigger_to_provider_seconds = Histogram(
             "rt_alert_trigger_to_provider_seconds",
-            "From an alert's creation to the first request for it on a route",
+            "From when an alert is to go out (its creation, or the end of its cancel window) "
+            "to the first request for it on a route",
             ["route"],
             buckets=BUCKETS,
             registry=registry,

@@ -19,6 +19,7 @@ from realtime_safety.storage import DocStore
 from .metrics import AlertMetrics
 from .model import now_ms
 from .records import Deliveries, advance
+from .views import owner_view
 
 EARLY = "provider_status"
 # Twilio's MessageStatus -> ours; the others (queued, accepted, sending, scheduled, ...) say
@@ -49,8 +50,8 @@ class Receipts:
         if route not in RECEIPT_ROUTES:
             raise ProtocolError("bad_request", "'route' must be ws or push")
         alert = await self._docs.get("alerts", alert_id)
-        if alert is None:
-            raise ProtocolError("not_found", "no such alert")
+        if alert is None or (alert["owner"] == user and owner_view(alert) is None):
+            raise ProtocolError("not_found", "no such alert")  # (as the owner may see it)
         if user not in alert["users"]:  # every one of them is alerted by ws and push
             raise ProtocolError("forbidden", "you were not alerted")
         now = now_ms()

@@ -7,6 +7,7 @@ or slow becomes `ProtocolError("unavailable")`, never a hang.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -52,9 +53,22 @@ class ChannelService:
         self._timeout = timeout_s
         self._recovery_limit = recovery_limit
         self.in_flight = 0  # backend calls made for commands, not yet answered (load signal)
+        self._calls = itertools.count()
+        self._started: dict[int, float] = {}  # call -> when it was made (for `slowest_s`)
+        self._latency_s = 0.0  # moving average of answered calls' durations
+
+    def slowest_s(self) -> float:
+        """How slow the backend is now (a load signal): the longer of the calls' moving
+        average and the age of the oldest call still waiting (so a store that has stopped
+        answering counts at once)."""
+        waiting = next(iter(self._started.values()), None)  # insertion order: the oldest
+        oldest = 0.0 if waiting is None else time.monotonic() - waiting
+        return max(self._latency_s, oldest)
 
     async def bounded(self, what: str, call: Awaitable[T]) -> T:
         self.in_flight += 1
+        key, started = next(self._calls), time.monotonic()
+        self._started[key] = started
         try:
             with self.metrics.backend_seconds.labels(what).time():
                 async with asyncio.timeout(self._timeout):
@@ -71,6 +85,8 @@ class ChannelService:
             raise ProtocolError("unavailable", f"{what}: the broker is unavailable") from None
         finally:
             self.in_flight -= 1
+            del self._started[key]
+            self._latency_s += 0.1 * (time.monotonic() - started - self._latency_s)
 
     async def publish(
         self,

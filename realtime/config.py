@@ -82,6 +82,7 @@ class Settings:
     alert_reconcile_s: float = 10.0
     alert_provider_timeout_s: float = 10.0
     alert_fallback_s: float = 30.0
+    alert_fallback_tier_s: tuple[tuple[int, float], ...] = ()  # (tier, seconds): a tier's own
     alert_apns_level: str = "time-sensitive"
     alert_max_delay_s: float = 60.0
     alert_pin_attempts: int = 5
@@ -144,6 +145,31 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool 
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _fallback(env: Mapping[str, str]) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """RT_ALERT_FALLBACK_S: seconds for every tier, then `tier:seconds` for a tier's own delay
+    (0: no fallback for that tier), e.g. `30,2:120,3:0`."""
+    name, raw = "RT_ALERT_FALLBACK_S", env.get("RT_ALERT_FALLBACK_S", "")
+    default, tiers = 30.0, {}
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        tier, sep, seconds = part.rpartition(":")
+        try:
+            value = float(seconds)
+            if sep:
+                if not tier.isdigit() or int(tier) < 1 or value < 0:
+                    raise ValueError
+                tiers[int(tier)] = value
+            elif value <= 0:
+                raise ValueError
+            else:
+                default = value
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be seconds, then tier:seconds for a tier's own, "
+                f"e.g. '30,2:120' (got {raw!r})"
+            ) from None
+    return default, tuple(sorted(tiers.items()))
 
 
 def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -> Settings:
@@ -291,6 +317,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         if value and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must be an http(s) URL")
 
+    fallback_s, fallback_tiers = _fallback(env)
     return Settings(
         jwt_key=key,
         jwt_algorithms=algorithms,
@@ -324,7 +351,8 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         alert_lease_s=alert_lease,
         alert_reconcile_s=_number(env, "RT_ALERT_RECONCILE_S", 10.0),
         alert_provider_timeout_s=provider_timeout,
-        alert_fallback_s=_number(env, "RT_ALERT_FALLBACK_S", 30.0),
+        alert_fallback_s=fallback_s,
+        alert_fallback_tier_s=fallback_tiers,
         alert_apns_level=apns_level,
         alert_max_delay_s=_number(env, "RT_ALERT_MAX_DELAY_S", 60.0),
         alert_pin_attempts=int(_number(env, "RT_ALERT_PIN_ATTEMPTS", 5, integer=True)),
@@ -343,6 +371,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
             lag_s=_number(env, "RT_OVERLOAD_LAG_MS", 25.0) / 1000,
             queued_frames=int(_number(env, "RT_OVERLOAD_QUEUED_FRAMES", 200_000, integer=True)),
             backend_calls=int(_number(env, "RT_OVERLOAD_BACKEND_CALLS", 2_000, integer=True)),
+            backend_latency_s=_number(env, "RT_OVERLOAD_BACKEND_MS", 250.0) / 1000,
             cool_s=_number(env, "RT_OVERLOAD_COOL_S", 1.0),
         ),
     )

@@ -165,6 +165,7 @@ class Node:
             settings.overload,
             queued_frames=lambda: sum(c.queued for c in self.connections),
             backend_calls=lambda: self.channels.in_flight,
+            backend_latency=self.channels.slowest_s,
         )
         self.metrics.watch(
             Gauges(
@@ -409,6 +410,7 @@ class Node:
                     provider_timeout_s=settings.alert_provider_timeout_s,
                     public_url=settings.public_url,
                     fallback_s=settings.alert_fallback_s,
+                    fallback_tier_s=dict(settings.alert_fallback_tier_s),
                     apns_level=settings.alert_apns_level,
                 ),
             ),

@@ -4,11 +4,15 @@ SOS path never waits behind chat (issue 21).
 The load signal, sampled every `interval_s` by one task per node:
 - **event-loop lag**: how late a timer fires (every await on any path waits about that long);
 - **send-queue depth**: frames waiting behind full sockets, across the node's connections;
-- **backend calls in flight**: store and broker calls made for commands and not yet answered.
+- **backend calls in flight**: store and broker calls made for commands and not yet answered;
+- **backend latency**: how long those calls take (a moving average, or the age of the oldest
+  one still waiting if that is longer): a shared store that falls behind (chat writes from
+  every node) slows the alert writes too, so chat is refused before it does.
 
 From it the node keeps a *shed fraction*: the share of sheddable commands (those features
 declare: publish, typing, history, members, presence) it refuses with `unavailable` and a
-`retry_after_ms`, cheaply, before any work. While the lag is over its limit the fraction grows
+`retry_after_ms`, cheaply, before any work. While the lag or the backend latency is over its
+limit the fraction grows
 by a tenth per sample; while under, it falls back to zero over `cool_s`, so the node settles
 where it accepts what it can deliver in time instead of flapping between all and nothing. A
 queue or backend count over its limit refuses every sheddable command at once. Alert ops,
@@ -33,6 +37,7 @@ class OverloadLimits:
     lag_s: float = 0.025  # event-loop lag: every await on the SOS path may wait this long
     queued_frames: int = 200_000  # frames behind full sockets, node-wide (a memory guard)
     backend_calls: int = 2_000  # store/broker calls in flight for commands
+    backend_latency_s: float = 0.25  # their moving average (or the oldest one's age)
     interval_s: float = 0.05
     cool_s: float = 1.0  # from refusing all to refusing none, once the load is gone
 
@@ -43,11 +48,13 @@ class LoadMonitor:
         limits: OverloadLimits,
         queued_frames: Callable[[], int],
         backend_calls: Callable[[], int],
+        backend_latency: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self._queued = queued_frames
         self._calls = backend_calls
+        self._latency = backend_latency
         self._clock = clock
         self.lag_s = 0.0
         self.fraction = 0.0  # of sheddable commands refused now
@@ -86,6 +93,8 @@ class LoadMonitor:
             self.fraction, self.reason = 1.0, "backend calls"
         elif lag_s > limits.lag_s:
             self.fraction, self.reason = min(1.0, self.fraction + 0.1), "event-loop lag"
+        elif self._latency() > limits.backend_latency_s:
+            self.fraction, self.reason = min(1.0, self.fraction + 0.1), "backend latency"
         else:
             self.fraction -= limits.interval_s / limits.cool_s
             if self.fraction < 1e-9:

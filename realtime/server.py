@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import re
-from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
@@ -37,6 +36,7 @@ from realtime_safety.protocol import (
 from .connection import Connection
 from .metrics import CONTENT_TYPE
 from .node import Node
+from .pages import console, landing, openapi
 
 log = logging.getLogger("realtime.server")
 
@@ -338,42 +338,6 @@ async def metrics(request: Request) -> Response:
     return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
 
-_OPENAPI: bytes | None = None
-
-
-async def openapi(request: Request) -> Response:
-    global _OPENAPI
-    if _OPENAPI is None:
-        _OPENAPI = resources.files("realtime").joinpath("openapi.json").read_bytes()
-    return Response(_OPENAPI, media_type="application/json")
-
-
-_CONSOLE: bytes | None = None
-_CONSOLE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
-
-
-async def console(request: Request) -> Response:
-    """The moderators' web console: one self-contained page; it signs in over /ws with a
-    moderator token, so it holds no privileges of its own."""
-    global _CONSOLE
-    if _CONSOLE is None:
-        _CONSOLE = resources.files("realtime").joinpath("console/index.html").read_bytes()
-    return Response(
-        _CONSOLE,
-        media_type="text/html; charset=utf-8",
-        headers={
-            "Content-Security-Policy": _CONSOLE_CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-        },
-    )
-
-
 async def ws_endpoint(websocket: WebSocket, node: Node) -> None:
     if node.draining:
         await websocket.close(CLOSE_GOING_AWAY)
@@ -402,6 +366,7 @@ class NodeApp:
 def create_app(node: Node) -> NodeApp:
     app = Starlette(
         routes=[
+            Route("/", landing),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

@@ -295,6 +295,7 @@ async def test_the_duress_pin_stops_a_checkin_in_appearance_only(
     for done in (x, y):
         assert await olga.error("alert.status", alert_id=done["alert_id"]) == "not_found"
         assert await olga.error("alert.trail", alert_id=done["alert_id"]) == "not_found"
+        assert await olga.error("alert.received", alert_id=done["alert_id"]) == "not_found"
         assert await olga.error("subscribe", channel=f"alert:{done['alert_id']}") == "forbidden"
         again = await olga.ok("checkin.done", checkin_id=done["checkin_id"], pin=PIN)
         assert same(again) == same(x_done)

@@ -14,10 +14,8 @@ real firebase-admin and twilio SDKs talking to the local fake providers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 import msgpack
 import redis
 from conftest import Node, RedisServer, base_env, token, unique_db
-from wire import Raw
+from wire import Raw, until
 
 from realtime_safety.alerts.plan import alert_id_for
 from realtime_safety.loadtests.fakeproviders import FakeProviders
@@ -48,17 +46,6 @@ def running(
         yield node
     finally:
         node.stop()
-
-
-async def wait_for(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check() if asyncio.iscoroutinefunction(check) else check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.05)
 
 
 def contacts(node: Node, owner: str, *entries: dict[str, Any]) -> None:
@@ -118,7 +105,7 @@ async def test_a_retry_finishes_a_trigger_and_a_resolve_that_were_cut_short(
         node.start()
         olga = await Raw.open(node.url, token(owner))
         alert_id = (await olga.ok("alert.trigger", **trigger))["alert_id"]
-        await wait_for(lambda: len(texts(fakes, phone)) == 1)
+        await until(lambda: len(texts(fakes, phone)) == 1)
         await attempt(node, owner, "alert.resolve", alert_id=alert_id, outcome="safe")
         node.wait()  # killed with the resolve stored and its notices not queued
         del node.env["RT_FAULT_KILL_AT"]
@@ -126,7 +113,7 @@ async def test_a_retry_finishes_a_trigger_and_a_resolve_that_were_cut_short(
         olga = await Raw.open(node.url, token(owner))
         reply = await olga.ok("alert.resolve", alert_id=alert_id, outcome="safe")
         assert reply["state"] == "resolved"
-        await wait_for(lambda: len(texts(fakes, phone)) == 2)
+        await until(lambda: len(texts(fakes, phone)) == 2)
         assert "resolved" in texts(fakes, phone)[1]
         await olga.close()
 
@@ -141,9 +128,9 @@ async def test_the_resolve_notice_follows_an_sms_that_was_still_being_sent(
         paul = await Raw.open(node.url, token(owner))
         trigger = {"kind": "sos", "location": HERE, "client_alert_id": "p"}
         alert_id = (await paul.ok("alert.trigger", **trigger))["alert_id"]
-        await wait_for(lambda: fakes.sms_to(phone))  # the alert SMS is in flight
+        await until(lambda: fakes.sms_to(phone))  # the alert SMS is in flight
         await paul.ok("alert.resolve", alert_id=alert_id, outcome="false_alarm")
-        await wait_for(lambda: len(texts(fakes, phone)) == 2)
+        await until(lambda: len(texts(fakes, phone)) == 2)
         first, second = texts(fakes, phone)
         assert "EMERGENCY" in first and "resolved" in second
         await paul.close()
@@ -161,15 +148,15 @@ async def test_every_tier_an_escalation_reached_hears_the_resolve_once(
         rosa = await Raw.open(node.url, token(owner))
         trigger = {"kind": "fire", "location": HERE, "client_alert_id": "r"}
         alert_id = (await rosa.ok("alert.trigger", **trigger))["alert_id"]
-        await wait_for(lambda: texts(fakes, far))  # resent to tier 1, then tier 2 reached
+        await until(lambda: texts(fakes, far))  # resent to tier 1, then tier 2 reached
         await rosa.ok("alert.resolve", alert_id=alert_id, outcome="handled")
-        await wait_for(lambda: any("resolved" in t for t in texts(fakes, far)))
+        await until(lambda: any("resolved" in t for t in texts(fakes, far)))
 
         def settled() -> bool:  # its plan finished, a resolved alert is due for nothing
             found = stored(node, "alerts", alert_id)
             return found is not None and found[0] is None
 
-        await wait_for(settled)
+        await until(settled)
         assert [t for t in texts(fakes, near) if "resolved" in t] == [texts(fakes, near)[-1]]
         assert len(texts(fakes, near)) == 3  # the alert, the resend, one resolve notice
         assert len(texts(fakes, far)) == 2  # the alert (escalation), one resolve notice
@@ -193,7 +180,7 @@ async def test_an_alert_resolved_before_its_sms_went_out_texts_nobody(
         async def failed_once() -> bool:
             return (await status_of(sara, alert_id))[("sms", phone)]["error"] is not None
 
-        await wait_for(failed_once)
+        await until(failed_once)
         await sara.ok("alert.resolve", alert_id=alert_id, outcome="safe")
 
         def both_finished() -> bool:  # the alert SMS and its resolve notice, each for good
@@ -205,7 +192,7 @@ async def test_an_alert_resolved_before_its_sms_went_out_texts_nobody(
             )
             return done >= {"alert", "resolve"}
 
-        await wait_for(both_finished)
+        await until(both_finished)
         assert texts(fakes, phone) == []  # neither the alert nor a "resolved" for it
         assert (await status_of(sara, alert_id))[("sms", phone)]["status"] == "cancelled"
         await sara.close()
@@ -224,20 +211,20 @@ async def test_a_hanging_sms_provider_is_given_up_on_and_the_status_says_so(
         alert_id = (await tina.ok("alert.trigger", **trigger))["alert_id"]
         # planned, so listed at once (before any attempt has an outcome)
         assert (await status_of(tina, alert_id))[("sms", phone)]["status"] == "queued"
-        await wait_for(lambda: "tok-ugo" in fakes.accepted_push)  # push is not held up
+        await until(lambda: "tok-ugo" in fakes.accepted_push)  # push is not held up
 
         async def given_up() -> dict[str, Any] | None:
             sms = (await status_of(tina, alert_id))[("sms", phone)]
             return sms if sms["error"] and "no answer" in sms["error"] else None
 
-        sms = await wait_for(given_up)
+        sms = await until(given_up)
         assert sms["status"] == "queued"  # it will be retried
         fakes.script.twilio_hang.clear()
 
         async def sent() -> bool:
             return (await status_of(tina, alert_id))[("sms", phone)]["status"] == "sent"
 
-        await wait_for(sent)
+        await until(sent)
         assert texts(fakes, phone)
         await tina.close()
 
@@ -266,18 +253,18 @@ async def test_a_redis_restart_while_an_sms_is_in_flight_sends_it_once(
         vera = await Raw.open(node.url, token(owner))
         trigger = {"kind": "sos", "location": HERE, "client_alert_id": "v"}
         alert_id = (await vera.ok("alert.trigger", **trigger))["alert_id"]
-        await wait_for(lambda: fakes.sms_to(phone))
+        await until(lambda: fakes.sms_to(phone))
         redis_server.stop()
         redis_server.start()  # empty
 
         async def sent() -> bool:
             return (await status_of(vera, alert_id))[("sms", phone)]["status"] == "sent"
 
-        await wait_for(sent, 20)
+        await until(sent, 20)
         r = redis.Redis(port=redis_server.port)
         stream, delayed = "{rt:alerts:sms}:jobs", "{rt:alerts:sms}:delayed"
         try:  # every copy of the job has run
-            await wait_for(lambda: r.zcard(delayed) == 0 and r.xlen(stream) == 0, 15)
+            await until(lambda: r.zcard(delayed) == 0 and r.xlen(stream) == 0, 15)
         finally:
             r.close()
         assert len(fakes.sms_to(phone)) >= 2 and len(texts(fakes, phone)) == 1

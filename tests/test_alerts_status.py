@@ -85,23 +85,6 @@ async def settled(raw: Raw, alert_id: str) -> dict[tuple[str, str], dict[str, An
     return result
 
 
-def metric(node: Node, name: str, **labels: str) -> float | None:
-    """A sample of the node's /metrics (None: not there)."""
-    text = httpx.get(node.http + "/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        sample, value = line.rsplit(" ", 1)
-        got_name, _, got_labels = sample.partition("{")
-        if got_name != name:
-            continue
-        got = ",".join(sorted(got_labels.rstrip("}").split(","))) if got_labels else ""
-        if got == want:
-            return float(value)
-    return None
-
-
 def sid_of(node: Node, alert_id: str, phone: str) -> str:
     """The Twilio message id the node stored for an SMS (its delivery record's index)."""
     db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
@@ -181,8 +164,8 @@ async def test_ws_and_push_are_delivered_only_when_the_app_says_so(
         await bob.ok("alert.ack", alert_id=alert_id)
         await bob.ok("alert.received", alert_id=alert_id)
         assert (await status_of(olga, alert_id))[("ws", p["bob"])]["status"] == "acked"
-        assert metric(node, "rt_alert_trigger_to_received_seconds_count", route="ws") == 1
-        assert metric(node, "rt_alert_trigger_to_received_seconds_count", route="push") == 1
+        assert node.metric("rt_alert_trigger_to_received_seconds_count", route="ws") == 1
+        assert node.metric("rt_alert_trigger_to_received_seconds_count", route="push") == 1
         for raw in (bob, carl, eve, olga):
             await raw.close()
     finally:
@@ -309,8 +292,8 @@ async def test_without_credentials_the_status_is_outbox_and_the_log_says_what_to
         assert "SMS are written to the outbox" in log
         assert "set RT_TWILIO_ACCOUNT_SID, RT_TWILIO_AUTH_TOKEN and RT_TWILIO_FROM" in log
         assert "set RT_FCM_CREDENTIALS" in log
-        assert metric(node, "rt_alert_deliveries_total", route="sms", outcome="outbox") == 1
-        assert metric(node, "rt_alert_deliveries_total", route="sms", outcome="sent") is None
+        assert node.metric("rt_alert_deliveries_total", route="sms", outcome="outbox") == 1
+        assert node.metric("rt_alert_deliveries_total", route="sms", outcome="sent") is None
         await otto.close()
     finally:
         node.stop()
@@ -412,7 +395,7 @@ async def test_a_contact_whose_app_does_not_confirm_gets_the_sms(
         # the settled fallbacks are the sentinel: uma's SMS, and the two that were not needed
         await until(
             lambda: (
-                metric(node, "rt_alert_fallbacks_total", outcome="not_needed") == 2
+                node.metric("rt_alert_fallbacks_total", outcome="not_needed") == 2
                 and fakes.sms_to(phones["uma"])
             ),
             45,
@@ -423,7 +406,7 @@ async def test_a_contact_whose_app_does_not_confirm_gets_the_sms(
         assert "EMERGENCY (sos)" in sms.body["Body"]
         assert not fakes.sms_to(phones["vic"]) and not fakes.sms_to(phones["wes"])
         assert not fakes.sms_to(phones["xan"])
-        assert metric(node, "rt_alert_fallbacks_total", outcome="sms") == 1
+        assert node.metric("rt_alert_fallbacks_total", outcome="sms") == 1
 
         async def texted() -> dict[str, Any] | None:
             record = (await status_of(fay, alert_id)).get(("sms", phones["uma"]))
@@ -492,6 +475,38 @@ async def test_a_fallback_armed_before_the_node_died_still_goes_out(
         node.stop()
 
 
+async def test_a_tier_with_its_own_fallback_delay_gets_the_sms_after_it(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """RT_ALERT_FALLBACK_S=3600,1:1: an hour for every tier but tier 1, whose contacts are
+    texted after a second (with the tier's delay ignored, the SMS would wait an hour)."""
+    node = Node(
+        base_env(
+            tmp_path / "tiers",
+            **{**fakes.env(tmp_path), "RT_ALERT_RETRY_BASE_S": "0.05"},
+            RT_ALERT_FALLBACK_S="3600,1:1",
+        ),
+        "tiers",
+    ).start()
+    try:
+        p = people("ida", "jon")
+        phone = "+15558300001"
+        put_contacts(node, p["ida"], [{"tier": 1, "user": p["jon"], "phone": phone}])
+        ida = await Raw.open(node.url, token(p["ida"]))
+        started = time.time()
+        alert_id = (await ida.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="t"))[
+            "alert_id"
+        ]
+        await until(lambda: fakes.sms_to(phone), 30, what="tier 1's fallback SMS")
+        [sms] = [r for r in fakes.sms if r.body["To"] == phone]
+        assert sms.at - started >= 1.0
+        record = (await status_of(ida, alert_id))[("sms", phone)]
+        assert record["fallback_for"] == p["jon"]
+        await ida.close()
+    finally:
+        node.stop()
+
+
 async def test_a_contact_may_have_an_app_and_a_phone(tmp_path: Path) -> None:
     node = start_node(tmp_path, None, "contacts")
     try:
@@ -516,28 +531,28 @@ async def test_queue_lag_and_the_oldest_unsent_delivery_are_measured(
     try:
         owner, phone = f"lou-{uuid.uuid4().hex[:5]}", "+15558300001"
         put_contacts(node, owner, [{"phone": phone}])
-        assert metric(node, "rt_alert_queue_up", route="sms") == 1
+        assert node.metric("rt_alert_queue_up", route="sms") == 1
         fakes.script.twilio_hang.set()  # the SMS waits in the worker's hands
         lou = await Raw.open(node.url, token(owner))
         started = time.time()
         await lou.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="l1")
 
         def behind() -> tuple[float, float] | None:
-            lag = metric(node, "rt_alert_queue_lag_seconds", route="sms") or 0
-            oldest = metric(node, "rt_alert_oldest_unsent_seconds", route="sms") or 0
+            lag = node.metric("rt_alert_queue_lag_seconds", route="sms") or 0
+            oldest = node.metric("rt_alert_oldest_unsent_seconds", route="sms") or 0
             return (lag, oldest) if lag >= 1 and oldest >= 1 else None
 
         lag, oldest = await until(behind, 20, what="the SMS queue to show its lag")
         assert lag <= oldest <= time.time() - started + 0.5  # seconds, as old as the SMS
-        assert metric(node, "rt_alert_queue_jobs", route="sms") == 1
-        assert metric(node, "rt_alert_queue_lag_seconds", route="ws") == 0
-        assert metric(node, "rt_alert_queue_jobs", route="ws") == 0
+        assert node.metric("rt_alert_queue_jobs", route="sms") == 1
+        assert node.metric("rt_alert_queue_lag_seconds", route="ws") == 0
+        assert node.metric("rt_alert_queue_jobs", route="ws") == 0
         fakes.script.twilio_hang.clear()
         await until(
             lambda: (
-                metric(node, "rt_alert_queue_lag_seconds", route="sms") == 0
-                and metric(node, "rt_alert_oldest_unsent_seconds", route="sms") == 0
-                and metric(node, "rt_alert_queue_jobs", route="sms") == 0
+                node.metric("rt_alert_queue_lag_seconds", route="sms") == 0
+                and node.metric("rt_alert_oldest_unsent_seconds", route="sms") == 0
+                and node.metric("rt_alert_queue_jobs", route="sms") == 0
             ),
             30,
             what="the SMS queue to drain",
@@ -573,7 +588,7 @@ async def test_not_ready_while_alerts_cannot_be_queued(
         r = await readyz(node)
         assert r.status_code == 503 and r.json()["alert_queue"] is False, r.text
         await until(
-            lambda: metric(node, "rt_alert_queue_up", route="sms") == 0, 20, what="queue down"
+            lambda: node.metric("rt_alert_queue_up", route="sms") == 0, 20, what="queue down"
         )
         redis_server.start()  # same port, empty: the queues recreate their streams
         await until(lambda: ready(node), 30, what="ready again")

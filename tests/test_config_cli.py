@@ -50,6 +50,9 @@ def run_cli(
         ({"RT_NODE_ID": "has space"}, "RT_NODE_ID"),
         ({"RT_API_KEY": "tiny"}, "RT_API_KEY must be at least 16"),
         ({"RT_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
+        ({"RT_ALERT_FALLBACK_S": "0"}, "RT_ALERT_FALLBACK_S must be seconds"),
+        ({"RT_ALERT_FALLBACK_S": "30,0:5"}, "tier:seconds"),
+        ({"RT_ALERT_FALLBACK_S": "30,2:-1"}, "tier:seconds"),
     ],
 )
 def test_bad_configuration_is_one_line(
@@ -199,3 +202,63 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         f"realtime: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+# --- a new user's first run (issue 22) --------------------------------------------------------
+
+
+def test_serve_says_where_it_is_and_its_root_page_links_the_rest(tmp_path: Path) -> None:
+    """From outside a checkout (the data files must come with the package), on RT_PORT."""
+    import httpx
+
+    port = free_port()
+    env = base_env(tmp_path / "data", RT_PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "realtime_safety.realtime", "serve"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("health" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen.append(proc.stderr.readline())
+        banner = "".join(seen)
+        for part in (f"ws://127.0.0.1:{port}/ws", f"http://127.0.0.1:{port}/console",
+                     f"http://127.0.0.1:{port}/openapi.json", "realtime token --user"):  # fmt: skip
+            assert part in banner, banner
+        root = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert root.status_code == 200 and root.headers["content-type"].startswith("text/html")
+        for link in ('href="/console"', 'href="/openapi.json"', 'href="/readyz"'):
+            assert link in root.text
+        for path in ("/console", "/openapi.json"):
+            assert httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_help_shows_every_default_and_a_bad_port_is_one_line(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "serve", "--help").stdout
+    assert "(default: 127.0.0.1)" in out and "(default: 8000)" in out and "RT_PORT" in out
+    bad = run_cli(tmp_path, "serve", RT_PORT="eighty")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "realtime: error: --port (or RT_PORT) must be 1-65535, got 'eighty'"
+    ]
+
+
+def test_export_and_import_refuse_a_directory_with_nothing_in_it(tmp_path: Path) -> None:
+    typo = tmp_path / "dta"
+    export = run_cli(tmp_path, "export", "--out", str(tmp_path / "out"), RT_DATA_DIR=str(typo))
+    assert export.returncode == 2 and "no store in RT_DATA_DIR" in export.stderr
+    assert not typo.exists() and not (tmp_path / "out").exists()  # nothing made
+    (tmp_path / "empty").mkdir()
+    for src in ("missing", "empty"):
+        imp = run_cli(tmp_path, "import", "--from", str(tmp_path / src))
+        assert imp.returncode == 2 and "no export there" in imp.stderr, imp.stderr

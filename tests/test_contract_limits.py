@@ -11,13 +11,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Node, base_env, token
-from wire import AppDevice, Raw, b64, plain
+from wire import AppDevice, Raw, b64, plain, until
 
 from realtime_safety.crypto.e2ee import message_statement
 from realtime_safety.loadtests.fakeproviders import FakeProviders
@@ -40,18 +40,6 @@ def chan(prefix: str = "public") -> str:
 
 def uid(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
-
-
-async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 10) -> Any:
-    """Poll `check` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 async def publish_many(raw: Raw, channel: str, count: int, prefix: str = "m") -> list[int]:
@@ -299,7 +287,7 @@ async def test_max_connections_per_user(limits_node: Node) -> None:
         await raw.close()
         return None
 
-    again = await wait_until(one_more)  # the closed one's slot is free again
+    again = await until(one_more)  # the closed one's slot is free again
     await again.ok("ping")
     for r in (*conns[1:], again, other):
         await r.close()
@@ -596,7 +584,7 @@ async def test_timed_ban_expires(limits_node: Node) -> None:
         assert time.time() * 1000 < ban["until"] + 100  # refused only until `until`
         return False
 
-    await wait_until(allowed, 5)
+    await until(allowed, 5)
     assert time.time() * 1000 >= ban["until"]
     await raw.ok("subscribe", channel=ch)
     await raw.close()
@@ -623,7 +611,7 @@ async def test_timed_global_ban_expires(limits_node: Node) -> None:
         return False
 
     assert not await auth_ok()  # refused before
-    await wait_until(auth_ok, 5)
+    await until(auth_ok, 5)
     assert time.time() * 1000 >= ban["until"]
     await mod.close()
 
@@ -772,7 +760,7 @@ async def test_sms_dead_lettered_after_six_attempts(tmp_path: Path) -> None:
                 (rec,) = [r for r in status["recipients"] if r["route"] == "sms"]
                 return rec if rec["status"] != "queued" else None
 
-            rec = await wait_until(sms, 20)
+            rec = await until(sms, 20)
             assert rec["to"] == phone and rec["status"] == "failed", rec
             assert rec["attempts"] == 6 and rec["error"], rec
             assert len(fakes.sms_to(phone)) == 6

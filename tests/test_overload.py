@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import Node, base_env, token
 from wire import Raw, plain, until
@@ -65,6 +65,51 @@ def test_a_full_send_queue_refuses_everything_at_once() -> None:
     assert not load.overloaded
 
 
+def test_a_slow_backend_sheds_a_growing_share_like_lag() -> None:
+    latency = [0.0]
+    limits = OverloadLimits(
+        lag_s=0.1, queued_frames=100, backend_calls=10, backend_latency_s=0.2, cool_s=1.0
+    )
+    load = LoadMonitor(limits, lambda: 0, lambda: 0, lambda: latency[0])
+    latency[0] = 0.2  # at the limit: fine
+    load.sample(0.0)
+    assert not load.overloaded
+    latency[0] = 0.21
+    load.sample(0.0)
+    load.sample(0.0)
+    assert load.reason == "backend latency" and load.fraction == pytest.approx(0.2)
+    latency[0] = 0.0
+    for _ in range(4):
+        load.sample(0.0)
+    assert load.fraction == pytest.approx(0.0) and not load.overloaded
+
+
+async def test_a_backend_call_still_waiting_counts_at_once() -> None:
+    """The latency signal: the moving average of answered calls, or the age of the oldest
+    call still waiting when that is longer (a store that stopped answering answers nothing)."""
+    from realtime_safety.channels.metrics import ChannelMetrics
+    from realtime_safety.channels.service import ChannelService
+
+    class NoHub:  # bounded() uses only the hub's metrics
+        metrics = ChannelMetrics()
+
+    service = ChannelService(None, NoHub(), timeout_s=5, recovery_limit=10)  # type: ignore[arg-type]
+    assert service.slowest_s() == 0.0
+    stuck = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(service.bounded("request", stuck))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await until(lambda: service.slowest_s() >= 0.05, 5, what="the waiting call to age")
+    assert service.slowest_s() <= time.monotonic() - started + 0.05
+    stuck.set_result(None)
+    await call
+    average = service.slowest_s()  # now the answered call's share of the moving average
+    assert 0.004 <= average < 0.05
+    for _ in range(30):  # fast calls bring the average down
+        await service.bounded("request", asyncio.sleep(0))
+    assert service.slowest_s() < average / 10
+
+
 # --- the embedded store's lanes -------------------------------------------------------------
 
 
@@ -111,13 +156,6 @@ def small_node(tmp_path: Path) -> Iterator[Node]:
     node.stop()
 
 
-def metric(node: Node, name: str) -> float:
-    for line in httpx.get(node.http + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name}")
-
-
 async def test_an_overloaded_node_refuses_chat_and_still_takes_an_sos(small_node: Node) -> None:
     ch = f"public:{uuid.uuid4().hex[:8]}"
     stalled = stalled_subscriber(small_node.port, token("stalled"), ch)
@@ -139,20 +177,20 @@ async def test_an_overloaded_node_refuses_chat_and_still_takes_an_sos(small_node
     await owner.ok("ping")
     assert await pub.error("history", channel=ch) == "unavailable"
     await pub.ok("unsubscribe", channel=ch)
-    assert await asyncio.to_thread(metric, small_node, "rt_shed_fraction") == 1
-    assert await asyncio.to_thread(metric, small_node, "rt_shed_commands_total") >= 2
+    assert await asyncio.to_thread(small_node.metric, "rt_shed_fraction") == 1
+    assert await asyncio.to_thread(small_node.metric, "rt_shed_commands_total") >= 2
     # the load goes (the stalled reader leaves): chat is taken again after the cool-down
     # The Python client retries a refused publish no sooner than it was told to, with the same
     # client_msg_id; once the load goes (the stalled reader leaves) the publish lands, once.
     async with Client([small_node.url], token("app")) as app:
         started = asyncio.get_running_loop().time()
         publishing = asyncio.create_task(app.publish(ch, plain("hi"), attempts=50))
-        await until(lambda: metric(small_node, "rt_shed_commands_total") >= 3, what="refused")
+        await until(lambda: (small_node.metric("rt_shed_commands_total") or 0) >= 3, what="refused")
         stalled[0].close()
         reply = await publishing
         assert asyncio.get_running_loop().time() - started >= refused["retry_after_ms"] / 1000
         history = await app.request("history", channel=ch, limit=5)
         assert [m["seq"] for m in history["messages"]].count(reply["seq"]) == 1
-    assert await asyncio.to_thread(metric, small_node, "rt_shed_fraction") < 1
+    assert await asyncio.to_thread(small_node.metric, "rt_shed_fraction") < 1
     await pub.close()
     await owner.close()
