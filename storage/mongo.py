@@ -66,7 +66,35 @@ async def _v3(db: Any) -> None:
     await db["docs"].create_index([("coll", ASCENDING), ("ix", ASCENDING)], name="coll_ix")
 
 
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3]
+async def _v4(db: Any) -> None:
+    """Device ids scoped per user (issue 23: a first-come global id could be squatted): the
+    key directory is keyed by (user, device). Sealed keys get the `user` field of their
+    device, the unique indexes move to (user, device); no document is removed or rewritten
+    beyond that field. Idempotent: a key that has its `user` is not touched again."""
+    devices, keys = db["devices"], db["channel_keys"]
+    await devices.create_index(
+        [("user", ASCENDING), ("device", ASCENDING)], unique=True, name="user_device"
+    )
+    async for d in devices.find({}, {"user": 1, "device": 1}):
+        await keys.update_many(
+            {"device": d["device"], "user": {"$exists": False}}, {"$set": {"user": d["user"]}}
+        )
+    await keys.create_index(
+        [("channel", ASCENDING), ("user", ASCENDING), ("device", ASCENDING), ("key_id", ASCENDING)],
+        unique=True,
+        name="channel_user_device_key",
+    )
+    await keys.create_index(
+        [("channel", ASCENDING), ("user", ASCENDING), ("device", ASCENDING), ("ts", DESCENDING)],
+        name="newest_of_device",
+    )
+    # the old unique indexes are what refused a second user's device of the same id
+    for col, name in ((devices, "device"), (keys, "channel_device_key")):
+        if name in await col.index_information():
+            await col.drop_index(name)
+
+
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.
@@ -78,10 +106,10 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "channel_heads": (("channel", "last_seq"), ("channel",)),
     "memberships": (("channel", "user", "since"), ("channel", "user")),
     "read_markers": (("channel", "user", "seq"), ("channel", "user")),
-    "devices": (("device", "user", "identity_key", "signing_key", "ts"), ("device",)),
+    "devices": (("device", "user", "identity_key", "signing_key", "ts"), ("user", "device")),
     "channel_keys": (
-        ("channel", "device", "key_id", "sealed", "from_device", "ts"),
-        ("channel", "device", "key_id"),
+        ("channel", "user", "device", "key_id", "sealed", "from_device", "ts"),
+        ("channel", "user", "device", "key_id"),
     ),
     "reports": (REPORT_FIELDS, ("id",)),
     "docs": (("coll", "key", "ix", "v", "doc"), ("coll", "key")),

@@ -17,8 +17,13 @@ def uid(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
-def sealed(*devices: str) -> dict[str, Any]:
-    return b64({d: os.urandom(80) for d in devices})
+def sealed(*devices: tuple[str, str]) -> dict[str, Any]:
+    """`keys.share`'s sealed map for (user, device) pairs (random boxes: the server cannot
+    tell)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for user, device in devices:
+        out.setdefault(user, {})[device] = os.urandom(80)
+    return b64(out)
 
 
 async def every_op(raw: Raw, room: str, seq: int, device: str) -> dict[str, str | None]:
@@ -53,10 +58,11 @@ async def test_a_banned_member_loses_every_op_and_her_place_in_the_room(
     for u, raw in raws.items():
         await devices[u].register(raw, u)
     dev = {u: d.keys.device for u, d in devices.items()}
+    ref = {u: (u, d) for u, d in dev.items()}
     a, b = raws[alice], raws[bob]
     await a.ok("subscribe", channel=room)
     await b.ok("subscribe", channel=room)
-    await a.ok("keys.share", channel=room, key_id="k1", sealed=sealed(*dev.values()))
+    await a.ok("keys.share", channel=room, key_id="k1", sealed=sealed(*ref.values()))
     seq = (
         await a.ok(
             "publish", channel=room, client_msg_id="m1", body=devices[alice].envelope(room, "m1")
@@ -80,7 +86,7 @@ async def test_a_banned_member_loses_every_op_and_her_place_in_the_room(
             "publish", channel=room, client_msg_id="m2", body=devices[alice].envelope(room, "m2")
         )
     )["seq"]
-    await a.ok("keys.share", channel=room, key_id="k2", sealed=sealed(dev[alice], dev[carl]))
+    await a.ok("keys.share", channel=room, key_id="k2", sealed=sealed(ref[alice], ref[carl]))
     refused = await every_op(b, room, later, dev[bob])
     assert refused == dict.fromkeys(refused, "forbidden"), refused
     reply = await b.cmd("keys.fetch", channel=room, device=dev[bob])  # the newest key
@@ -95,9 +101,9 @@ async def test_a_banned_member_loses_every_op_and_her_place_in_the_room(
     # she is gone from the list others see, and no key can be shared with her devices
     members = (await a.ok("members", channel=room))["members"]
     assert sorted(members) == sorted([alice, carl])
-    reply = await a.cmd("keys.share", channel=room, key_id="k3", sealed=sealed(dev[bob]))
+    reply = await a.cmd("keys.share", channel=room, key_id="k3", sealed=sealed(ref[bob]))
     assert reply["error"]["code"] == "forbidden", reply
-    await a.ok("keys.share", channel=room, key_id="k3", sealed=sealed(dev[carl]))
+    await a.ok("keys.share", channel=room, key_id="k3", sealed=sealed(ref[carl]))
 
     # unbanned, she is a member again (the ban, not the test, was what refused her)
     await mod.ok("mod.unban", user=bob, channel=room)

@@ -485,7 +485,7 @@ async def test_keys_share_sealed_box_is_48_to_256_bytes(
     user, device = uid("kay"), uid("dev")
     raw = await Raw.open(limits_node.url, token(user))
     await AppDevice(device).register(raw, user)
-    sealed = b64({device: os.urandom(size)})
+    sealed = b64({user: {device: os.urandom(size)}})
     reply = await raw.cmd("keys.share", channel=chan(), key_id="k1", sealed=sealed)
     if ok:
         assert reply["ok"] and reply["conflicts"] == [], reply
