@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from .base import RECORD_KINDS, StoreUnavailable
@@ -90,8 +90,11 @@ async def _v4(db: Any) -> None:
     )
     # the old unique indexes are what refused a second user's device of the same id
     for col, name in ((devices, "device"), (keys, "channel_device_key")):
-        if name in await col.index_information():
+        try:
             await col.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code != 27:  # IndexNotFound: gone already (another node migrated too)
+                raise
 
 
 MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
