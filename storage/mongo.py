@@ -194,6 +194,13 @@ class MongoStore:
         ops = []
         for r in records:
             doc = {f: r.get(f) for f in fields}
+            if kind == "channel_keys" and doc["user"] is None:  # exported before v4
+                owners = await guard(
+                    self._db["devices"].distinct("user", {"device": doc["device"]})
+                )
+                if len(owners) != 1:
+                    continue
+                doc["user"] = owners[0]
             if kind == "channel_heads":
                 ops.append(
                     UpdateOne(
@@ -204,6 +211,8 @@ class MongoStore:
                 )
             else:
                 ops.append(UpdateOne({k: doc[k] for k in key}, {"$setOnInsert": doc}, upsert=True))
+        if not ops:
+            return 0
         result = await guard(self._db[kind].bulk_write(ops, ordered=False))
         return int(result.upserted_count)
 

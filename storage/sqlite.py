@@ -125,6 +125,23 @@ _DUMP = {
 _TABLES = {"devices": "user_devices", "channel_keys": "user_channel_keys"}  # kind -> table
 
 
+def _with_users(db: sqlite3.Connection, rows: list[tuple[Any, ...]], names: list[str]) -> list[Any]:
+    """Sealed keys exported before device ids were scoped per user carry no `user`: it is the
+    one user with a device of that id (old ids were global); a key no device matches is left
+    out."""
+    at, dev = names.index("user"), names.index("device")
+    out = []
+    for row in rows:
+        if row[at] is None:
+            found = db.execute("SELECT user FROM user_devices WHERE device=?", (row[dev],))
+            users = found.fetchall()
+            if len(users) != 1:
+                continue
+            row = (*row[:at], users[0][0], *row[at + 1 :])
+        out.append(row)
+    return out
+
+
 class SqliteStore:
     """The embedded store (single-node topology)."""
 
@@ -214,6 +231,8 @@ class SqliteStore:
 
         def q(db: sqlite3.Connection) -> int:
             def work() -> int:
+                if kind == "channel_keys":
+                    rows[:] = _with_users(db, rows, names)
                 before = db.total_changes
                 db.executemany(
                     f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({placeholders})", rows

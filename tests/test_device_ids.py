@@ -230,3 +230,26 @@ async def test_a_mongodb_database_of_global_device_ids_is_migrated(mongo_uri: st
     finally:
         await client.drop_database(name)
         await client.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
+async def test_an_export_of_global_device_ids_imports_under_their_users(
+    backend: str, tmp_path: Path, mongo_uri: str
+) -> None:
+    """`realtime import` of an export written before device ids were scoped: its sealed keys
+    carry no `user`, and go to the one user with a device of that id."""
+    store: Any = (
+        SqliteStore(tmp_path) if backend == "sqlite" else MongoStore(mongo_uri, unique_db())
+    )
+    await store.open()
+    try:
+        fields = ("device", "user", "identity_key", "signing_key", "ts")
+        devices = [dict(zip(fields, d, strict=True)) for d in OLD_DEVICES]
+        kfields = ("channel", "device", "key_id", "sealed", "from_device", "ts")
+        keys = [dict(zip(kfields, k, strict=True)) for k in OLD_KEYS]
+        keys.append(dict(keys[0], device="nobody's"))  # no device of that id: left out
+        assert await store.load("devices", devices) == 2
+        assert await store.load("channel_keys", keys) == 1
+        assert await store.keys.fetch("room:a", "ivy", "ivy-laptop", None) == ("k1", b"S" * 80)
+    finally:
+        await store.close()
