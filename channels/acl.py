@@ -10,6 +10,8 @@
 A ban (from the channel, or global) refuses every action on the channel: subscribe, publish,
 history, typing, read markers, presence, members, reports, key fetches, and key shares to
 the banned user's devices. A removed member is no member, so the same holds for removal.
+What a session already holds is checked again when its identity changes (`refresh`:
+`ChannelOps.revoked`, realtime/access.py), with `SUBSCRIBE` as the subscribe op does.
 
 Room membership is read from the store and cached per node; every node drops its cached
 entry when the membership changes (a control message on the broker), so removal takes
