@@ -7,6 +7,12 @@
 | `user:<id>`   | user `<id>` only               | nobody (server)   | read: `<id>`  |
 | `alert:<id>`  | owner, recipients, moderators  | nobody (server)   | no            |
 
+A ban (from the channel, or global) refuses every action on the channel: subscribe, publish,
+history, typing, read markers, presence, members, reports, key fetches, and key shares to
+the banned user's devices. A removed member is no member, so the same holds for removal.
+What a session already holds is checked again when its identity changes (`refresh`:
+`ChannelOps.revoked`, realtime/access.py), with `SUBSCRIBE` as the subscribe op does.
+
 Room membership is read from the store and cached per node; every node drops its cached
 entry when the membership changes (a control message on the broker), so removal takes
 effect everywhere within one pub/sub hop.
@@ -80,12 +86,29 @@ class AccessControl:
                 "unavailable", f"access check on {channel.name}: the store is unavailable"
             ) from None
 
+    async def allows(self, who: Identity, channel: ChannelName, action: Action) -> bool:
+        """Whether `who` may do `action` on `channel` (`unavailable` if the store cannot say)."""
+        try:
+            await self.check(who, channel, action)
+        except ProtocolError as err:
+            if err.code == "forbidden":
+                return False
+            raise
+        return True
+
+    async def banned(self, user: str, channel: str) -> bool:
+        """Whether `user` is banned from `channel` (or everywhere)."""
+        if self.ban_reason is None:
+            return False
+        try:
+            return await self.ban_reason(user, channel) is not None
+        except StoreUnavailable:
+            raise ProtocolError(
+                "unavailable", f"ban check on {channel}: the store is unavailable"
+            ) from None
+
     async def _check(self, who: Identity, channel: ChannelName, action: Action) -> None:
-        if self.ban_reason is not None and action in (
-            Action.SUBSCRIBE,
-            Action.PUBLISH,
-            Action.TYPING,
-        ):
+        if self.ban_reason is not None:  # every action: a ban is a ban
             reason = await self.ban_reason(who.user, channel.name)
             if reason is not None:
                 raise ProtocolError("forbidden", f"banned from {channel.name}: {reason}")

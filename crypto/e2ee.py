@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,12 @@ class DeviceKeys:
     signing: SigningKey
 
     @classmethod
-    def generate(cls, device: str) -> DeviceKeys:
+    def generate(cls, device: str | None = None) -> DeviceKeys:
+        """New keys for a device. Without `device`, a random id (`d-` and 22 URL-safe
+        characters): ids are scoped per user, but a guessable one tells others which device
+        is which; pass one only to keep an id the app already has."""
+        if device is None:
+            device = f"d-{secrets.token_urlsafe(16)}"
         return cls(device, PrivateKey.generate(), SigningKey.generate())
 
     @property
