@@ -183,7 +183,7 @@ _FIELDS: dict[str, Callable[[Chooser], dict[str, Any]]] = {
     "keys.share": lambda c: {
         "channel": c.pick(CHANNELS),
         "key_id": "k1",
-        "sealed": {_str(c): c.blob(48)},
+        "sealed": {_str(c): {_str(c): c.blob(48)}},  # {user: {device: box}}
     },
     "keys.fetch": lambda c: {"channel": c.pick(CHANNELS), "key_id": "k1"},
     "members": lambda c: {"channel": "room:fz", "limit": c.integer(1, 1000)},
