@@ -159,9 +159,11 @@ class AlertService:
             raise ProtocolError("not_found", "no such alert")
         return doc
 
-    async def can_see(self, user: str, alert_id: str, moderator: bool) -> bool:
-        """Location is for the owner, recipients, acknowledging responders and moderators."""
-        return await views.can_see(self, user, alert_id, moderator)
+    async def can_see(
+        self, user: str, alert_id: str, moderator: bool, responder: bool = True
+    ) -> bool:
+        """Location is for the owner, recipients (a responder while still one) and moderators."""
+        return await views.can_see(self, user, alert_id, moderator, responder)
 
     async def update(
         self, alert_id: str, change: Callable[[dict[str, Any]], None]

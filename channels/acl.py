@@ -69,11 +69,11 @@ class AccessControl:
     def __init__(
         self,
         memberships: MembershipCache,
-        alert_access: Callable[[str, str, bool], Awaitable[bool]] | None = None,
+        alert_access: Callable[[str, str, frozenset[str]], Awaitable[bool]] | None = None,
         ban_reason: Callable[[str, str | None], Awaitable[str | None]] | None = None,
     ) -> None:
         self.memberships = memberships
-        self.alert_access = alert_access  # (user, alert id, moderator) -> may see it
+        self.alert_access = alert_access  # (user, alert id, roles) -> may see it
         self.ban_reason = ban_reason  # (user, channel) -> why they are banned, or None
 
     async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
@@ -134,7 +134,7 @@ class AccessControl:
                 if who.is_moderator:
                     return
                 if self.alert_access is not None and await self.alert_access(
-                    who.user, channel.rest, False
+                    who.user, channel.rest, frozenset(who.roles)
                 ):
                     return
             raise ProtocolError("forbidden", f"not a recipient of {channel.name}")

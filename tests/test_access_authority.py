@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest
 from conftest import Node, token
 from wire import Raw, plain
 
@@ -132,31 +131,37 @@ async def test_a_demoted_responder_loses_the_responder_role(single_node: Node) -
     await raw.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="alerts/views.can_see does not know the caller's roles: an ex-responder alerted "
-    "as a responder still sees the alert (needs the alerts owner: see the issue 23 report)",
-)
 async def test_a_demoted_responder_loses_the_alerts_a_responder_sees(single_node: Node) -> None:
+    """Alerted as a nearby responder, rita may watch the alert only while she is one; cleo, a
+    contact of the owner who is also a responder, keeps it as a contact (the control)."""
     url = single_node.url
-    rita, olga = uid("rita"), uid("olga")
+    rita, olga, cleo = uid("rita"), uid("olga"), uid("cleo")
+    r = single_node.api("PUT", f"/v1/users/{olga}/contacts", json={"contacts": [{"user": cleo}]})
+    assert r.status_code == 200, r.text
     raw = await Raw.open(url, token(rita, roles=["user", "responder"]))
+    contact = await Raw.open(url, token(cleo, roles=["user", "responder"]))
     await raw.ok("subscribe", channel=f"user:{rita}")
     await raw.ok("location.share", location=NEARBY)
+    await contact.ok("location.share", location=NEARBY)
     olga_ws = await Raw.open(url, token(olga))
     trigger = await olga_ws.ok(
         "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
     )
     assert (await raw.push(5))["alert_id"] == trigger["alert_id"]  # alerted as a responder
     await raw.ok("subscribe", channel=trigger["channel"])
+    await contact.ok("subscribe", channel=trigger["channel"])
     try:
         await raw.ok("refresh", token=token(rita, roles=["user"]))
-        ended = raw.pushes[:]
         assert {
             "push": "unsubscribed",
             "channel": trigger["channel"],
             "reason": "revoked",
-        } in ended
+        } in raw.pushes
+        assert await raw.error("subscribe", channel=trigger["channel"]) == "forbidden"
+        await contact.ok("refresh", token=token(cleo, roles=["user"]))
+        assert not [p for p in contact.pushes if p.get("push") == "unsubscribed"]
+        await contact.ok("unsubscribe", channel=trigger["channel"])
+        await contact.ok("subscribe", channel=trigger["channel"])  # still hers, as a contact
     finally:
-        await raw.close()
-        await olga_ws.close()
+        for ws in (raw, contact, olga_ws):
+            await ws.close()
