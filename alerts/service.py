@@ -1,4 +1,4 @@
-"""Safety alerts (PROTOCOL.md section 7): trigger, live location, ack, resolve, status,
+"""Safety alerts (docs/protocol-v1.md section 7): trigger, live location, ack, resolve, status,
 responders' shared locations, escalation, and the reconciler that keeps deliveries going.
 
 Records (in the store's small-document collections, so in SQLite or MongoDB):

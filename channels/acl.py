@@ -1,4 +1,4 @@
-"""Who may do what on which channel (PROTOCOL.md section 4), checked on every operation.
+"""Who may do what on which channel (docs/protocol-v1.md section 4), checked on every operation.
 
 | namespace     | subscribe / history / presence | publish (clients) | typing / read |
 |---------------|--------------------------------|-------------------|---------------|

@@ -1,5 +1,5 @@
 """The server side of end-to-end encryption: the key directory, envelope signature checks and
-franking tags (PROTOCOL.md sections 5 and 8). The server never holds a key that opens a
+franking tags (docs/protocol-v1.md sections 5 and 8). The server never holds a key that opens a
 message; it checks who signed what and keeps the sealed channel keys members hand each other.
 """
 

@@ -1,5 +1,5 @@
-"""Moderation (PROTOCOL.md section 8): watching channel streams, deleting, banning, reports and
-the audit log. Every op here requires the `moderator` role and every action is audited.
+"""Moderation (docs/protocol-v1.md section 8): watching channel streams, deleting, banning,
+reports and the audit log. Every op here requires the `moderator` role and every action is audited.
 
 - Watching: every published message is also sent once to one moderation stream (broker topic
   `rt:mod`); a node subscribes to that single topic only while it has local watchers and

@@ -1,4 +1,4 @@
-"""Every limit of the contract (../shared/PROTOCOL.md and docs/protocol.md), each at the
+"""Every limit of the contract (docs/protocol-v1.md and docs/protocol.md), each at the
 boundary, one under and one over, with the accepted case beside each refusal. The nodes run
 with small limits so each boundary is cheap to reach; nothing here waits on a fixed sleep
 (conditions with deadlines, and sentinel messages to prove that nothing arrived)."""

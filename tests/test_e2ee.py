@@ -1,4 +1,4 @@
-"""End-to-end encryption through a real server process (PROTOCOL.md sections 5 and 8)."""
+"""End-to-end encryption through a real server process (docs/protocol-v1.md sections 5 and 8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Moderation (PROTOCOL.md section 8) with real server processes on two nodes."""
+"""Moderation (docs/protocol-v1.md section 8) with real server processes on two nodes."""
 
 from __future__ import annotations
 
