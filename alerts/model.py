@@ -1,4 +1,4 @@
-"""Alert values and their validation (PROTOCOL.md section 7)."""
+"""Alert values and their validation (docs/protocol-v1.md section 7)."""
 
 from __future__ import annotations
 

@@ -253,8 +253,9 @@ class TwilioSms:
         except TwilioRestException as exc:
             # 4xx other than 429 will not get better by retrying (bad number, blocked, ...)
             permanent = 400 <= exc.status < 500 and exc.status != 429
+            said = f": {exc.msg}" if getattr(exc, "msg", None) else ""  # Twilio's own words
             raise ProviderError(
-                f"twilio: HTTP {exc.status} code {exc.code}", permanent=permanent
+                f"twilio: HTTP {exc.status} code {exc.code}{said}"[:300], permanent=permanent
             ) from None
         except (TimeoutError, OSError) as exc:
             raise ProviderError(f"twilio: {type(exc).__name__}") from None

@@ -1,4 +1,4 @@
-"""Safety alerts (PROTOCOL.md section 7): trigger, live location, ack, resolve, status,
+"""Safety alerts (docs/protocol-v1.md section 7): trigger, live location, ack, resolve, status,
 responders' shared locations, escalation, and the reconciler that keeps deliveries going.
 
 Records (in the store's small-document collections, so in SQLite or MongoDB):
@@ -159,9 +159,11 @@ class AlertService:
             raise ProtocolError("not_found", "no such alert")
         return doc
 
-    async def can_see(self, user: str, alert_id: str, moderator: bool) -> bool:
-        """Location is for the owner, recipients, acknowledging responders and moderators."""
-        return await views.can_see(self, user, alert_id, moderator)
+    async def can_see(
+        self, user: str, alert_id: str, moderator: bool, responder: bool = True
+    ) -> bool:
+        """Location is for the owner, recipients (a responder while still one) and moderators."""
+        return await views.can_see(self, user, alert_id, moderator, responder)
 
     async def update(
         self, alert_id: str, change: Callable[[dict[str, Any]], None]

@@ -70,9 +70,12 @@ def notified(alert: dict[str, Any]) -> bool:
     return alert["state"] in ("active", "resolved")
 
 
-async def can_see(svc: AlertService, user: str, alert_id: str, moderator: bool) -> bool:
+async def can_see(
+    svc: AlertService, user: str, alert_id: str, moderator: bool, responder: bool = True
+) -> bool:
     """`alert:<id>` (live location, acks): the owner, the people alerted once it went out,
-    and moderators."""
+    and moderators; someone alerted as a nearby responder only while they are one (`responder`:
+    the caller's role now), unless they are also the owner's contact."""
     if moderator:
         return True
     doc = await svc.docs.get("alerts", alert_id)
@@ -80,7 +83,11 @@ async def can_see(svc: AlertService, user: str, alert_id: str, moderator: bool) 
         return False
     if user == doc["owner"]:
         return owner_view(doc) is not None
-    return user in doc["users"] and notified(doc)
+    if user not in doc["users"] or not notified(doc):
+        return False
+    if responder or user not in doc.get("responders", ()):
+        return True
+    return any(c.get("user") == user for c in await svc.contacts(doc["owner"]))
 
 
 async def status(

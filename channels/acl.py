@@ -1,4 +1,4 @@
-"""Who may do what on which channel (PROTOCOL.md section 4), checked on every operation.
+"""Who may do what on which channel (docs/protocol-v1.md section 4), checked on every operation.
 
 | namespace     | subscribe / history / presence | publish (clients) | typing / read |
 |---------------|--------------------------------|-------------------|---------------|
@@ -6,6 +6,12 @@
 | `public:`     | any authenticated user         | any               | any           |
 | `user:<id>`   | user `<id>` only               | nobody (server)   | read: `<id>`  |
 | `alert:<id>`  | owner, recipients, moderators  | nobody (server)   | no            |
+
+A ban (from the channel, or global) refuses every action on the channel: subscribe, publish,
+history, typing, read markers, presence, members, reports, key fetches, and key shares to
+the banned user's devices. A removed member is no member, so the same holds for removal.
+What a session already holds is checked again when its identity changes (`refresh`:
+`ChannelOps.revoked`, realtime/access.py), with `SUBSCRIBE` as the subscribe op does.
 
 Room membership is read from the store and cached per node; every node drops its cached
 entry when the membership changes (a control message on the broker), so removal takes
@@ -63,11 +69,11 @@ class AccessControl:
     def __init__(
         self,
         memberships: MembershipCache,
-        alert_access: Callable[[str, str, bool], Awaitable[bool]] | None = None,
+        alert_access: Callable[[str, str, frozenset[str]], Awaitable[bool]] | None = None,
         ban_reason: Callable[[str, str | None], Awaitable[str | None]] | None = None,
     ) -> None:
         self.memberships = memberships
-        self.alert_access = alert_access  # (user, alert id, moderator) -> may see it
+        self.alert_access = alert_access  # (user, alert id, roles) -> may see it
         self.ban_reason = ban_reason  # (user, channel) -> why they are banned, or None
 
     async def check(self, who: Identity, channel: ChannelName, action: Action) -> None:
@@ -80,12 +86,29 @@ class AccessControl:
                 "unavailable", f"access check on {channel.name}: the store is unavailable"
             ) from None
 
+    async def allows(self, who: Identity, channel: ChannelName, action: Action) -> bool:
+        """Whether `who` may do `action` on `channel` (`unavailable` if the store cannot say)."""
+        try:
+            await self.check(who, channel, action)
+        except ProtocolError as err:
+            if err.code == "forbidden":
+                return False
+            raise
+        return True
+
+    async def banned(self, user: str, channel: str) -> bool:
+        """Whether `user` is banned from `channel` (or everywhere)."""
+        if self.ban_reason is None:
+            return False
+        try:
+            return await self.ban_reason(user, channel) is not None
+        except StoreUnavailable:
+            raise ProtocolError(
+                "unavailable", f"ban check on {channel}: the store is unavailable"
+            ) from None
+
     async def _check(self, who: Identity, channel: ChannelName, action: Action) -> None:
-        if self.ban_reason is not None and action in (
-            Action.SUBSCRIBE,
-            Action.PUBLISH,
-            Action.TYPING,
-        ):
+        if self.ban_reason is not None:  # every action: a ban is a ban
             reason = await self.ban_reason(who.user, channel.name)
             if reason is not None:
                 raise ProtocolError("forbidden", f"banned from {channel.name}: {reason}")
@@ -111,7 +134,7 @@ class AccessControl:
                 if who.is_moderator:
                     return
                 if self.alert_access is not None and await self.alert_access(
-                    who.user, channel.rest, False
+                    who.user, channel.rest, frozenset(who.roles)
                 ):
                     return
             raise ProtocolError("forbidden", f"not a recipient of {channel.name}")

@@ -1,4 +1,4 @@
-"""Message bodies (PROTOCOL.md section 5): the end-to-end encrypted envelope, or a plaintext
+"""Message bodies (docs/protocol-v1.md section 5): the end-to-end encrypted envelope, or a plaintext
 body where the namespace allows it. The server checks shape and sizes and keeps exactly the
 envelope's fields; it never sees chat plaintext in encrypted namespaces.
 

@@ -1,4 +1,5 @@
-"""Channel names (PROTOCOL.md section 4): `namespace:rest`, 1-255 bytes of [A-Za-z0-9_.:@-]."""
+"""Channel names (docs/protocol-v1.md section 4): `namespace:rest`, 1-255 bytes of
+[A-Za-z0-9_.:@-]."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from realtime_safety.protocol import (
     Feature,
+    Identity,
     ProtocolError,
     Reply,
     Session,
@@ -121,6 +122,30 @@ class ChannelOps(Feature):
                 self._hub.remove(channel, subs)
                 self._spawn(self._roster.remove(channel, user), "presence-remove")
                 session.send({"push": push, "channel": channel, "reason": reason})
+
+    async def revoked(self, session: Session, who: Identity) -> list[str]:
+        """The channels `session` is subscribed to that `who` (its identity after a `refresh`)
+        may no longer subscribe to: the subscribe op's own check, run again."""
+        subs = self._subs.get(session)
+        if subs is None:
+            return []
+        return [
+            name
+            for name in list(subs.by_channel)
+            if not await self._acl.allows(who, parse_channel(name), Action.SUBSCRIBE)
+        ]
+
+    def end(self, session: Session, channels: list[str], reason: str) -> None:
+        """End these subscriptions of `session`, each with an `unsubscribed` push saying why."""
+        subs = self._subs.get(session)
+        if subs is None:
+            return
+        user = session.identity.user
+        for channel in channels:
+            if subs.by_channel.pop(channel, None) is not None:
+                self._hub.remove(channel, subs)
+                self._spawn(self._roster.remove(channel, user), "presence-remove")
+                session.send({"push": "unsubscribed", "channel": channel, "reason": reason})
 
     # --- the ops ----------------------------------------------------------------------
 
@@ -235,9 +260,11 @@ class ChannelOps(Feature):
         after = arg_str(frame, "after", max_len=128, required=False)
         limit = arg_int(frame, "limit", minimum=1, maximum=1000) or 1000
         await self._acl.check(session.identity, ch, Action.HISTORY)
-        members = await self._service.members(ch.name, limit, after)
+        page = await self._service.members(ch.name, limit, after)
+        # a banned member is no member to share keys with: others never see her
+        members = [m for m in page if not await self._acl.banned(m, ch.name)]
         return {
             "channel": ch.name,
             "members": members,
-            "next": members[-1] if len(members) == limit else None,
+            "next": page[-1] if len(page) == limit else None,
         }

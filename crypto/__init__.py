@@ -1,4 +1,4 @@
-"""End-to-end encryption (PROTOCOL.md section 5): the PyNaCl client library and the server's
+"""End-to-end encryption (docs/protocol-v1.md section 5): the PyNaCl client library and the server's
 key directory. The threat model is in docs/threat-model.md.
 
 Offers, for apps (client side):

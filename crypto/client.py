@@ -1,6 +1,7 @@
 """Encryption without touching a nonce: the end-to-end encrypted client for apps.
 
-    keys = DeviceKeys.generate("alice-phone")          # or DeviceKeys.load(file, passphrase)
+    keys = DeviceKeys.generate()                        # a random device id; save() and
+                                                        # DeviceKeys.load(file, passphrase)
     async with SecureClient(urls, token, "alice", keys) as chat:
         await chat.subscribe("room:team")
         await chat.send("room:team", "hello")            # encrypted, franked, signed
@@ -62,7 +63,7 @@ class SecureClient:
         self._channel_keys: dict[str, dict[str, bytes]] = {}  # channel -> key id -> key
         self._current: dict[str, str] = {}  # channel -> key id used to send
         self._rekey: set[str] = set()  # channels whose key must rotate before the next send
-        self._signing_keys: dict[str, tuple[str, bytes]] = {}  # device -> (user, signing key)
+        self._signing_keys: dict[tuple[str, str], bytes] = {}  # (user, device) -> signing key
 
     async def __aenter__(self) -> SecureClient:
         await self.start()
@@ -98,8 +99,10 @@ class SecureClient:
             found = await self.client.request("keys.lookup", users=members[start : start + 100])
             devices += found["devices"]
         key, key_id = new_channel_key(), uuid.uuid4().hex[:16]
-        sealed = {d["device"]: seal_key(key, d["identity_key"]) for d in devices}
-        if self.keys.device not in sealed:
+        sealed: dict[str, dict[str, bytes]] = {}  # user -> device -> sealed box
+        for d in devices:
+            sealed.setdefault(d["user"], {})[d["device"]] = seal_key(key, d["identity_key"])
+        if self.keys.device not in sealed.get(self.user, {}):
             raise CryptoError("this device is not registered as a member's device")
         await self.client.request("keys.share", channel=channel, key_id=key_id, sealed=sealed)
         self._channel_keys.setdefault(channel, {})[key_id] = key
@@ -124,15 +127,14 @@ class SecureClient:
         return found["key_id"], key
 
     async def _signing_key(self, user: str, device: str) -> bytes | None:
-        cached = self._signing_keys.get(device)
+        """The signing key of `user`'s device `device` (device ids are scoped per user)."""
+        cached = self._signing_keys.get((user, device))
         if cached is None:
             found = await self.client.request("keys.lookup", users=[user])
             for d in found["devices"]:
-                self._signing_keys[d["device"]] = (d["user"], d["signing_key"])
-            cached = self._signing_keys.get(device)
-        if cached is None or cached[0] != user:
-            return None
-        return cached[1]
+                self._signing_keys[d["user"], d["device"]] = d["signing_key"]
+            cached = self._signing_keys.get((user, device))
+        return cached
 
     # --- messages ---------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The server side of end-to-end encryption: the key directory, envelope signature checks and
-franking tags (PROTOCOL.md sections 5 and 8). The server never holds a key that opens a
+franking tags (docs/protocol-v1.md sections 5 and 8). The server never holds a key that opens a
 message; it checks who signed what and keeps the sealed channel keys members hand each other.
 """
 
@@ -16,7 +16,7 @@ import nacl.exceptions
 from nacl.signing import VerifyKey
 
 from realtime_safety.protocol import Codec, ProtocolError
-from realtime_safety.storage import Device, KeyStore, Message
+from realtime_safety.storage import Device, DeviceRef, KeyStore, Message
 
 from .e2ee import device_statement, frank_commitment, message_statement
 
@@ -42,16 +42,19 @@ class KeyDirectory:
     def __init__(self, keys: KeyStore, franking_key: bytes, cache_size: int = 100_000) -> None:
         self._keys = keys
         self._franking_key = franking_key
-        self._cache: OrderedDict[str, Device] = OrderedDict()  # devices never change keys
+        # (user, device) -> its keys; devices never change keys
+        self._cache: OrderedDict[DeviceRef, Device] = OrderedDict()
         self._cache_size = cache_size
 
-    async def device(self, device_id: str) -> Device | None:
-        device = self._cache.get(device_id)
+    async def device(self, user: str, device_id: str) -> Device | None:
+        """`user`'s device of that id (device ids are scoped per user)."""
+        key = (user, device_id)
+        device = self._cache.get(key)
         if device is None:
-            device = await self._keys.device(device_id)
+            device = await self._keys.device(user, device_id)
             if device is None:
                 return None
-            self._cache[device_id] = device
+            self._cache[key] = device
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return device
@@ -68,9 +71,7 @@ class KeyDirectory:
         except (nacl.exceptions.BadSignatureError, ValueError):
             raise ProtocolError("forbidden", "sig does not verify with signing_key") from None
         wanted = Device(device_id, user, identity, signing, int(time.time() * 1000))
-        stored = await self._keys.register(wanted)
-        if stored.user != user:
-            raise ProtocolError("forbidden", f"device {device_id!r} belongs to another user")
+        stored = await self._keys.register(wanted)  # (user, device): another user's is apart
         if (stored.identity_key, stored.signing_key) != (identity, signing):
             raise ProtocolError("conflict", f"device {device_id!r} is registered with other keys")
         return stored
@@ -86,35 +87,42 @@ class KeyDirectory:
             )
         return await self._keys.devices_of(sorted(set(users)))
 
-    def sealed_map(self, value: object, codec: Codec) -> dict[str, bytes]:
-        if not isinstance(value, dict) or not 1 <= len(value) <= MAX_SHARE_DEVICES:
-            raise ProtocolError(
-                "bad_request", f"'sealed' must map 1-{MAX_SHARE_DEVICES} device ids to bytes"
-            )
-        out = {}
-        for device, box in value.items():
-            data = codec.bytes_field(box)
-            if (
-                not isinstance(device, str)
-                or data is None
-                or not (SEALED_MIN <= len(data) <= SEALED_MAX)
-            ):
-                raise ProtocolError(
-                    "bad_request",
-                    f"sealed[{device!r}] must be a sealed box of {SEALED_MIN}-{SEALED_MAX} bytes",
-                )
-            out[device] = data
+    def sealed_map(self, value: object, codec: Codec) -> dict[DeviceRef, bytes]:
+        """`sealed: {user: {device: box}}` (device ids are scoped per user) as
+        {(user, device): box}."""
+        shape = f"'sealed' must map users to {{device: sealed box}}, 1-{MAX_SHARE_DEVICES} in all"
+        if not isinstance(value, dict) or not value:
+            raise ProtocolError("bad_request", shape)
+        out: dict[DeviceRef, bytes] = {}
+        for user, boxes in value.items():
+            if not isinstance(user, str) or not isinstance(boxes, dict) or not boxes:
+                raise ProtocolError("bad_request", shape)
+            for device, box in boxes.items():
+                data = codec.bytes_field(box)
+                if (
+                    not isinstance(device, str)
+                    or data is None
+                    or not (SEALED_MIN <= len(data) <= SEALED_MAX)
+                ):
+                    raise ProtocolError(
+                        "bad_request",
+                        f"sealed[{user!r}][{device!r}] must be a sealed box of "
+                        f"{SEALED_MIN}-{SEALED_MAX} bytes",
+                    )
+                out[user, device] = data
+                if len(out) > MAX_SHARE_DEVICES:
+                    raise ProtocolError("bad_request", shape)
         return out
 
     async def verify_envelope(
         self, user: str, channel: str, client_msg_id: str, body: dict[str, Any]
     ) -> None:
         """`forbidden` unless the envelope is signed by a device registered to `user`."""
-        device = await self.device(body["device"])
+        device = await self.device(user, body["device"])
         if device is None:
-            raise ProtocolError("forbidden", f"device {body['device']!r} is not registered")
-        if device.user != user:
-            raise ProtocolError("forbidden", f"device {body['device']!r} belongs to another user")
+            raise ProtocolError(
+                "forbidden", f"device {body['device']!r} is not registered to the sender"
+            )
         statement = message_statement(
             channel, body["device"], client_msg_id, body["key_id"], body["nonce"], body["ct"]
         )

@@ -1,4 +1,4 @@
-"""The client side of end-to-end encryption (PROTOCOL.md section 5), on PyNaCl.
+"""The client side of end-to-end encryption (docs/protocol-v1.md section 5), on PyNaCl.
 
 - `DeviceKeys`: a device's X25519 identity key (key agreement: sealed boxes) and Ed25519 signing
   key, saved encrypted at rest under a passphrase (Argon2id -> XSalsa20-Poly1305 SecretBox).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,14 @@ def _pack(value: Any) -> bytes:
 
 
 def device_statement(user: str, device: str, identity_key: bytes) -> bytes:
-    """What `keys.register`'s `sig` signs (PROTOCOL.md section 5)."""
+    """What `keys.register`'s `sig` signs (docs/protocol-v1.md section 5)."""
     return _pack(["rt.v1.device", user, device, identity_key])
 
 
 def message_statement(
     channel: str, device: str, client_msg_id: str, key_id: str, nonce: bytes, ct: bytes
 ) -> bytes:
-    """What an envelope's `sig` signs (PROTOCOL.md section 5)."""
+    """What an envelope's `sig` signs (docs/protocol-v1.md section 5)."""
     return _pack(["rt.v1.msg", channel, device, client_msg_id, key_id, nonce, ct])
 
 
@@ -76,7 +77,12 @@ class DeviceKeys:
     signing: SigningKey
 
     @classmethod
-    def generate(cls, device: str) -> DeviceKeys:
+    def generate(cls, device: str | None = None) -> DeviceKeys:
+        """New keys for a device. Without `device`, a random id (`d-` and 22 URL-safe
+        characters): ids are scoped per user, but a guessable one tells others which device
+        is which; pass one only to keep an id the app already has."""
+        if device is None:
+            device = f"d-{secrets.token_urlsafe(16)}"
         return cls(device, PrivateKey.generate(), SigningKey.generate())
 
     @property

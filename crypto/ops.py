@@ -61,23 +61,30 @@ class KeyOps(Feature):
         key_id = require_str(frame, "key_id", max_len=64)
         sealed = self._dir.sealed_map(frame.get("sealed"), session.codec)
         await self._acl.check(session.identity, ch, Action.PUBLISH)
-        for device_id in sealed:
-            device = await session.bounded(self._dir.device(device_id))
+        for user, device_id in sealed:
+            device = await session.bounded(self._dir.device(user, device_id))
             if device is None:
-                raise ProtocolError("not_found", f"device {device_id!r} is not registered")
-            owner = Identity(user=device.user, roles=frozenset({"user"}), expires_at=0)
+                raise ProtocolError("not_found", f"{user!r} has no device {device_id!r} registered")
+        for user in {user for user, _ in sealed}:
+            owner = Identity(user=user, roles=frozenset({"user"}), expires_at=0)
             try:
                 await self._acl.check(owner, ch, Action.HISTORY)
-            except ProtocolError:
+            except ProtocolError as err:
+                if err.code != "forbidden":
+                    raise
                 raise ProtocolError(
-                    "forbidden", f"device {device_id!r} is not a member's device"
+                    "forbidden", f"{user!r} may not read {ch.name}: no key for their devices"
                 ) from None
         conflicts = await session.bounded(
             self._keys.share(
                 ch.name, key_id, sealed, session.identity.device, int(time.time() * 1000)
             )
         )
-        return {"channel": ch.name, "key_id": key_id, "conflicts": conflicts}
+        return {
+            "channel": ch.name,
+            "key_id": key_id,
+            "conflicts": [{"user": u, "device": d} for u, d in conflicts],
+        }
 
     async def fetch(self, session: Session, frame: dict[str, Any]) -> Reply:
         ch = channel_of(frame)
@@ -87,10 +94,10 @@ class KeyOps(Feature):
         if device_id is None:
             raise ProtocolError("bad_request", "'device' is required (or a token device claim)")
         await self._acl.check(who, ch, Action.HISTORY)
-        device = await session.bounded(self._dir.device(device_id))
-        if device is None or device.user != who.user:
-            raise ProtocolError("forbidden", f"device {device_id!r} is not yours")
-        found = await session.bounded(self._keys.fetch(ch.name, device_id, key_id))
+        device = await session.bounded(self._dir.device(who.user, device_id))
+        if device is None:
+            raise ProtocolError("forbidden", f"you have no device {device_id!r} registered")
+        found = await session.bounded(self._keys.fetch(ch.name, who.user, device_id, key_id))
         if found is None:
             raise ProtocolError("not_found", "no key shared with this device for that channel")
         return {"channel": ch.name, "key_id": found[0], "sealed": found[1]}

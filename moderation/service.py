@@ -1,5 +1,5 @@
-"""Moderation (PROTOCOL.md section 8): watching channel streams, deleting, banning, reports and
-the audit log. Every op here requires the `moderator` role and every action is audited.
+"""Moderation (docs/protocol-v1.md section 8): watching channel streams, deleting, banning,
+reports and the audit log. Every op here requires the `moderator` role and every action is audited.
 
 - Watching: every published message is also sent once to one moderation stream (broker topic
   `rt:mod`); a node subscribes to that single topic only while it has local watchers and
@@ -17,12 +17,14 @@ the audit log. Every op here requires the `moderator` role and every action is a
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from realtime_safety.channels.broker import BrokerUnavailable
 from realtime_safety.channels.hub import Hub
 from realtime_safety.channels.names import parse_channel
 from realtime_safety.channels.ops import Spawn
@@ -37,6 +39,8 @@ from realtime_safety.protocol import (
 from realtime_safety.storage import DocStore, MessageStore
 
 MAX_PATTERNS = 20
+
+log = logging.getLogger("realtime.moderation")
 
 # (user, channel, reason, push): end the user's subscriptions to the channel on this node
 Kick = Callable[..., None]
@@ -109,6 +113,15 @@ class Moderation:
             await self._hub.watch(False)
         return patterns
 
+    async def revoke(self, session: Session, reason: str) -> None:
+        """`session` is no moderator any more (a `refresh`): its watch patterns end, with a
+        `mod.unwatched` push naming them."""
+        patterns = self._watchers.get(session)
+        if not patterns:
+            return
+        session.send({"push": "mod.unwatched", "patterns": list(patterns), "reason": reason})
+        await self.unwatch(session, None)
+
     def on_stream(self, channel: str, frame: Frame) -> None:
         """A message or deletion from the moderation stream: to matching local watchers."""
         for session, patterns in list(self._watchers.items()):
@@ -162,6 +175,12 @@ class Moderation:
         )
         await self.audit(actor, "ban", user=user, channel=channel, until=until, reason=reason)
         await self._broadcast({"t": "ban", "u": user, "c": channel, "reason": reason})
+        if channel is not None and channel.startswith("room:"):
+            # as for a removal: the members left rotate the key she may hold
+            try:
+                await self._hub.publish_event(channel, "rekey")
+            except BrokerUnavailable as exc:
+                log.warning("rekey after a ban on %s not published: %s", channel, exc)
         return {"user": user, "channel": channel, "until": until}
 
     async def unban(self, actor: str, frame: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Presence: who is in a channel right now, across nodes and crashes (PROTOCOL.md section 6).
+"""Presence: who is in a channel right now, across nodes and crashes (docs/protocol-v1.md,
+section 6).
 
 Offers:
 - `PresenceStore` with `MemoryPresence` (embedded topology) and `RedisPresence` (shared by all

@@ -1,4 +1,4 @@
-"""Wire protocol v1 (PROTOCOL.md sections 1-2): codecs, error codes, close codes, arguments.
+"""Wire protocol v1 (docs/protocol-v1.md sections 1-2): codecs, error codes, close codes, arguments.
 
 Two codecs speak the same frames: `rt.v1.json` (text frames, bytes as padded base64) and
 `rt.v1.msgpack` (binary frames, bytes raw). Decoding failures raise `UndecodableFrame`

@@ -1,4 +1,4 @@
-"""JWT verification (PROTOCOL.md section 3) and development tokens.
+"""JWT verification (docs/protocol-v1.md section 3) and development tokens.
 
 Tokens are verified with an explicit algorithm list from the configuration, so `alg: none`
 and algorithm-confusion tokens are rejected. Required claims: `sub`, `exp`.

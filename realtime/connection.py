@@ -24,7 +24,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from realtime_safety.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
-    CLOSE_BANNED,
     CLOSE_POLICY,
     CLOSE_UNDECODABLE,
     Codec,
@@ -37,6 +36,7 @@ from realtime_safety.protocol import (
     wire_frame,
 )
 
+from .access import SAFETY_OPS, reauthorize, safety_only
 from .logs import CONNECTION
 from .websocket import direct_writer
 
@@ -95,6 +95,8 @@ class Connection:
         self._rejected = 0
         self._rejected_since = 0.0
         self._expiry: asyncio.TimerHandle | None = None
+        self._token_identity: Identity | None = None  # what the token says (roles included)
+        self._banned: str | None = None  # globally banned: why (then only SAFETY_OPS run)
 
     @property
     def identity(self) -> Identity:
@@ -296,10 +298,10 @@ class Connection:
             self._reply_error(cid, err)
             self.close(CLOSE_AUTH_FAILED, "unavailable")
             return False
-        if banned is not None:
-            self._reply_error(cid, ProtocolError("forbidden", f"banned: {banned}"))
-            self.close(CLOSE_BANNED, "banned")
-            return False
+        self._token_identity = identity
+        if banned is not None:  # chat ends, safety does not: the owner's alert ops only
+            self._banned = banned
+            identity = safety_only(identity)
         # Checked and registered with no await in between: concurrent auths cannot overshoot.
         limit = self.node.settings.limits.max_connections_per_user
         if len(self.node.of_user(identity.user)) >= limit:
@@ -313,16 +315,17 @@ class Connection:
         self.node.register(self)
         self._started = True
         await self.node.session_started(self)
-        self.send(
-            {
-                "id": cid,
-                "ok": True,
-                "user": identity.user,
-                "roles": sorted(identity.roles),
-                "session": self.id,
-                "node": self.node.settings.node_id,
-            }
-        )
+        reply = {
+            "id": cid,
+            "ok": True,
+            "user": identity.user,
+            "roles": sorted(identity.roles),
+            "session": self.id,
+            "node": self.node.settings.node_id,
+        }
+        if self._banned is not None:
+            reply["banned"] = self._banned
+        self.send(reply)
         return True
 
     def _set_identity(self, identity: Identity) -> None:
@@ -346,6 +349,8 @@ class Connection:
                 op = frame.get("op")
                 if not isinstance(op, str):
                     raise ProtocolError("bad_request", f"unknown op {type(op).__name__}")
+                if self._banned is not None and op not in SAFETY_OPS:
+                    await self._still_banned()
                 handler = self._ops.get(op)
                 if handler is not None:
                     if op in self._sheddable and self._load.refuse():
@@ -398,11 +403,30 @@ class Connection:
         raise ProtocolError("bad_request", "already authenticated: use refresh")
 
     async def _op_refresh(self, frame: dict[str, Any]) -> Reply:
-        identity = self.node.verifier.verify(frame.get("token"))
-        if identity.user != self.user:
+        """A new token for the same user. What the session holds is authorised again against
+        the new identity, through the checks the ops themselves use: subscriptions it may no
+        longer make end (`unsubscribed`, reason `revoked`), and so do a moderator's watch
+        patterns when the role is gone (`mod.unwatched`). All is checked before anything
+        changes: if the store cannot answer, the refresh is `unavailable` and nothing moved."""
+        token_identity = self.node.verifier.verify(frame.get("token"))
+        if token_identity.user != self.user:
             raise ProtocolError("forbidden", "refresh must be for the same user")
+        identity = token_identity if self._banned is None else safety_only(token_identity)
+        then = await self.bounded(reauthorize(self.node, self, identity))
+        self._token_identity = token_identity
         self._set_identity(identity)
-        return {"expires_at": int(identity.expires_at)}
+        await self.bounded(then())
+        return {"expires_at": int(identity.expires_at), "roles": sorted(identity.roles)}
+
+    async def _still_banned(self) -> None:
+        """A globally banned session asks for more than its alert ops: `forbidden` while the
+        ban holds; once it is lifted, the session is whole again (the token's roles)."""
+        banned = await self.bounded(self.node.moderation.banned(self.identity.user, None))
+        if banned is not None:
+            raise ProtocolError("forbidden", f"banned: {banned} (only alert ops are open)")
+        self._banned = None
+        assert self._token_identity is not None
+        self._identity = self._token_identity
 
     async def _op_ping(self, frame: dict[str, Any]) -> Reply:
         return {"ts": int(time.time() * 1000)}

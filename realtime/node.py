@@ -428,8 +428,9 @@ class Node:
         else:
             await self.hub.publish_event(target, "raw", p=push)
 
-    async def _can_see_alert(self, user: str, alert_id: str, moderator: bool) -> bool:
-        return await self.alerts.lane.run(self.alerts.can_see(user, alert_id, moderator))
+    async def _can_see_alert(self, user: str, alert_id: str, roles: frozenset[str]) -> bool:
+        see = self.alerts.can_see(user, alert_id, "moderator" in roles, "responder" in roles)
+        return await self.alerts.lane.run(see)
 
     async def _online(self, user: str) -> bool:
         try:

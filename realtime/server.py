@@ -1,4 +1,5 @@
-"""The ASGI application: `/ws`, the HTTP server API (PROTOCOL.md section 9), health and metrics.
+"""The ASGI application: `/ws`, the HTTP server API (docs/protocol-v1.md section 9), health and
+metrics.
 
 The server API is for the app's own backend and takes `Authorization: Bearer $RT_API_KEY`;
 it is documented in `realtime/openapi.json`, served at `/openapi.json`.

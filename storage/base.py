@@ -110,7 +110,8 @@ class ReadMarkerStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """A registered device: its public keys, bound for good to the user who registered it."""
+    """A registered device: its public keys, bound for good to the user who registered it.
+    A device id names a device within its user's devices only: (user, device) is the key."""
 
     device: str
     user: str
@@ -119,25 +120,34 @@ class Device:
     ts: int
 
 
+# (user, device id): a device, wherever the key directory names one
+DeviceRef = tuple[str, str]
+
+
 class KeyStore(Protocol):
     async def register(self, device: Device) -> Device:
-        """Store the device unless its id exists; returns what is stored for that id (the
-        caller compares it with what it asked for)."""
+        """Store the device unless (user, device id) exists; returns what is stored for it
+        (the caller compares it with what it asked for)."""
         ...
 
-    async def device(self, device_id: str) -> Device | None: ...
+    async def device(self, user: str, device_id: str) -> Device | None: ...
 
     async def devices_of(self, users: list[str]) -> list[Device]: ...
 
     async def share(
-        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
-    ) -> list[str]:
+        self,
+        channel: str,
+        key_id: str,
+        sealed: dict[DeviceRef, bytes],
+        from_device: str | None,
+        ts: int,
+    ) -> list[DeviceRef]:
         """Store sealed channel keys per device; returns the devices that already held a
         different sealed key under this key id (kept unchanged)."""
         ...
 
     async def fetch(
-        self, channel: str, device: str, key_id: str | None
+        self, channel: str, user: str, device: str, key_id: str | None
     ) -> tuple[str, bytes] | None:
         """(key_id, sealed) for the device: that key id, or the newest shared."""
         ...

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from .base import RECORD_KINDS, StoreUnavailable
@@ -66,7 +66,38 @@ async def _v3(db: Any) -> None:
     await db["docs"].create_index([("coll", ASCENDING), ("ix", ASCENDING)], name="coll_ix")
 
 
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3]
+async def _v4(db: Any) -> None:
+    """Device ids scoped per user (issue 23: a first-come global id could be squatted): the
+    key directory is keyed by (user, device). Sealed keys get the `user` field of their
+    device, the unique indexes move to (user, device); no document is removed or rewritten
+    beyond that field. Idempotent: a key that has its `user` is not touched again."""
+    devices, keys = db["devices"], db["channel_keys"]
+    await devices.create_index(
+        [("user", ASCENDING), ("device", ASCENDING)], unique=True, name="user_device"
+    )
+    async for d in devices.find({}, {"user": 1, "device": 1}):
+        await keys.update_many(
+            {"device": d["device"], "user": {"$exists": False}}, {"$set": {"user": d["user"]}}
+        )
+    await keys.create_index(
+        [("channel", ASCENDING), ("user", ASCENDING), ("device", ASCENDING), ("key_id", ASCENDING)],
+        unique=True,
+        name="channel_user_device_key",
+    )
+    await keys.create_index(
+        [("channel", ASCENDING), ("user", ASCENDING), ("device", ASCENDING), ("ts", DESCENDING)],
+        name="newest_of_device",
+    )
+    # the old unique indexes are what refused a second user's device of the same id
+    for col, name in ((devices, "device"), (keys, "channel_device_key")):
+        try:
+            await col.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code != 27:  # IndexNotFound: gone already (another node migrated too)
+                raise
+
+
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.
@@ -78,10 +109,10 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "channel_heads": (("channel", "last_seq"), ("channel",)),
     "memberships": (("channel", "user", "since"), ("channel", "user")),
     "read_markers": (("channel", "user", "seq"), ("channel", "user")),
-    "devices": (("device", "user", "identity_key", "signing_key", "ts"), ("device",)),
+    "devices": (("device", "user", "identity_key", "signing_key", "ts"), ("user", "device")),
     "channel_keys": (
-        ("channel", "device", "key_id", "sealed", "from_device", "ts"),
-        ("channel", "device", "key_id"),
+        ("channel", "user", "device", "key_id", "sealed", "from_device", "ts"),
+        ("channel", "user", "device", "key_id"),
     ),
     "reports": (REPORT_FIELDS, ("id",)),
     "docs": (("coll", "key", "ix", "v", "doc"), ("coll", "key")),
@@ -163,6 +194,13 @@ class MongoStore:
         ops = []
         for r in records:
             doc = {f: r.get(f) for f in fields}
+            if kind == "channel_keys" and doc["user"] is None:  # exported before v4
+                owners = await guard(
+                    self._db["devices"].distinct("user", {"device": doc["device"]})
+                )
+                if len(owners) != 1:
+                    continue
+                doc["user"] = owners[0]
             if kind == "channel_heads":
                 ops.append(
                     UpdateOne(
@@ -173,6 +211,8 @@ class MongoStore:
                 )
             else:
                 ops.append(UpdateOne({k: doc[k] for k in key}, {"$setOnInsert": doc}, upsert=True))
+        if not ops:
+            return 0
         result = await guard(self._db[kind].bulk_write(ops, ordered=False))
         return int(result.upserted_count)
 

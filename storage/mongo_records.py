@@ -9,7 +9,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from .base import Device, Ix, Report
+from .base import Device, DeviceRef, Ix, Report
 from .mongo_messages import guard
 
 
@@ -83,6 +83,8 @@ REPORT_FIELDS = (
 
 
 class MongoKeys:
+    """The key directory: devices and sealed channel keys, keyed by (user, device)."""
+
     def __init__(self, db: Any) -> None:
         self._devices = db["devices"]
         self._keys = db["channel_keys"]
@@ -96,13 +98,18 @@ class MongoKeys:
             "ts": device.ts,
         }
         await guard(
-            self._devices.update_one({"device": device.device}, {"$setOnInsert": doc}, upsert=True)
+            self._devices.update_one(
+                {"user": device.user, "device": device.device},
+                {"$setOnInsert": doc},
+                upsert=True,
+            )
         )
-        stored = await self.device(device.device)
+        stored = await self.device(device.user, device.device)
         return stored or device
 
-    async def device(self, device_id: str) -> Device | None:
-        doc = await guard(self._devices.find_one({"device": device_id}, _DEVICE_FIELDS))
+    async def device(self, user: str, device_id: str) -> Device | None:
+        query = {"user": user, "device": device_id}
+        doc = await guard(self._devices.find_one(query, _DEVICE_FIELDS))
         return _device_of(doc) if doc else None
 
     async def devices_of(self, users: list[str]) -> list[Device]:
@@ -113,31 +120,41 @@ class MongoKeys:
         return [_device_of(d) for d in docs]
 
     async def share(
-        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
-    ) -> list[str]:
+        self,
+        channel: str,
+        key_id: str,
+        sealed: dict[DeviceRef, bytes],
+        from_device: str | None,
+        ts: int,
+    ) -> list[DeviceRef]:
         if not sealed:
             return []
         ops = [
             UpdateOne(
-                {"channel": channel, "device": device, "key_id": key_id},
+                {"channel": channel, "user": user, "device": device, "key_id": key_id},
                 {"$setOnInsert": {"sealed": box, "from_device": from_device, "ts": ts}},
                 upsert=True,
             )
-            for device, box in sealed.items()
+            for (user, device), box in sealed.items()
         ]
         await guard(self._keys.bulk_write(ops, ordered=False))
+        users = sorted({user for user, _ in sealed})
         held = await guard(
             self._keys.find(
-                {"channel": channel, "key_id": key_id, "device": {"$in": list(sealed)}},
-                {"device": 1, "sealed": 1},
+                {"channel": channel, "key_id": key_id, "user": {"$in": users}},
+                {"user": 1, "device": 1, "sealed": 1},
             ).to_list()
         )
-        return [d["device"] for d in held if d["sealed"] != sealed[d["device"]]]
+        return [
+            (d["user"], d["device"])
+            for d in held
+            if (d["user"], d["device"]) in sealed and d["sealed"] != sealed[d["user"], d["device"]]
+        ]
 
     async def fetch(
-        self, channel: str, device: str, key_id: str | None
+        self, channel: str, user: str, device: str, key_id: str | None
     ) -> tuple[str, bytes] | None:
-        query: dict[str, Any] = {"channel": channel, "device": device}
+        query: dict[str, Any] = {"channel": channel, "user": user, "device": device}
         if key_id is not None:
             query["key_id"] = key_id
         doc = await guard(self._keys.find_one(query, sort=[("ts", DESCENDING)]))

@@ -79,6 +79,28 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS docs_ix ON docs (coll, ix);
     """,
+    # v4: device ids are scoped per user (issue 23: a first-come global id could be
+    # squatted). New tables keyed by (user, device), filled from the old ones, which stay
+    # (unused) so that the step only adds.
+    """
+    CREATE TABLE IF NOT EXISTS user_devices (
+        user TEXT NOT NULL, device TEXT NOT NULL, identity_key BLOB NOT NULL,
+        signing_key BLOB NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user, device)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO user_devices (user, device, identity_key, signing_key, ts)
+        SELECT user, device, identity_key, signing_key, ts FROM devices;
+    CREATE TABLE IF NOT EXISTS user_channel_keys (
+        channel TEXT NOT NULL, user TEXT NOT NULL, device TEXT NOT NULL, key_id TEXT NOT NULL,
+        sealed BLOB NOT NULL, from_device TEXT, ts INTEGER NOT NULL,
+        PRIMARY KEY (channel, user, device, key_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS user_channel_keys_newest
+        ON user_channel_keys (channel, user, device, ts);
+    INSERT OR IGNORE INTO user_channel_keys
+        (channel, user, device, key_id, sealed, from_device, ts)
+        SELECT k.channel, d.user, k.device, k.key_id, k.sealed, k.from_device, k.ts
+        FROM channel_keys k JOIN devices d ON d.device = k.device;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -90,16 +112,35 @@ _DUMP = {
     "read_markers": ("SELECT channel, user, seq FROM read_markers", "channel, user, seq"),
     "channel_heads": ("SELECT channel, last_seq FROM channel_heads", "channel, last_seq"),
     "devices": (
-        "SELECT device, user, identity_key, signing_key, ts FROM devices",
+        "SELECT device, user, identity_key, signing_key, ts FROM user_devices",
         "device, user, identity_key, signing_key, ts",
     ),
     "channel_keys": (
-        "SELECT channel, device, key_id, sealed, from_device, ts FROM channel_keys",
-        "channel, device, key_id, sealed, from_device, ts",
+        "SELECT channel, user, device, key_id, sealed, from_device, ts FROM user_channel_keys",
+        "channel, user, device, key_id, sealed, from_device, ts",
     ),
     "reports": (f"SELECT {REPORT_COLUMNS} FROM reports", REPORT_COLUMNS),
     "docs": ("SELECT coll, key, ix, v, doc FROM docs", "coll, key, ix, v, doc"),
 }
+
+_TABLES = {"devices": "user_devices", "channel_keys": "user_channel_keys"}  # kind -> table
+
+
+def _with_users(db: sqlite3.Connection, rows: list[tuple[Any, ...]], names: list[str]) -> list[Any]:
+    """Sealed keys exported before device ids were scoped per user carry no `user`: it is the
+    one user with a device of that id (old ids were global); a key no device matches is left
+    out."""
+    at, dev = names.index("user"), names.index("device")
+    out = []
+    for row in rows:
+        if row[at] is None:
+            found = db.execute("SELECT user FROM user_devices WHERE device=?", (row[dev],))
+            users = found.fetchall()
+            if len(users) != 1:
+                continue
+            row = (*row[:at], users[0][0], *row[at + 1 :])
+        out.append(row)
+    return out
 
 
 def create_private(data_dir: Path, db_path: Path) -> None:
@@ -197,11 +238,13 @@ class SqliteStore:
                 field = "body" if kind == "messages" else "doc"
                 values[field] = msgpack.packb(values[field], use_bin_type=True)
             rows.append(tuple(values.get(n) for n in names))
-        table = kind
+        table = _TABLES.get(kind, kind)
         placeholders = ",".join("?" * len(names))
 
         def q(db: sqlite3.Connection) -> int:
             def work() -> int:
+                if kind == "channel_keys":
+                    rows[:] = _with_users(db, rows, names)
                 before = db.total_changes
                 db.executemany(
                     f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({placeholders})", rows

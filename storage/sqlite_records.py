@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 
-from .base import Device, Ix, Report
+from .base import Device, DeviceRef, Ix, Report
 from .sqlite_db import Db, transaction
 
 
@@ -82,6 +82,8 @@ class SqliteReadMarkers:
 
 
 class SqliteKeys:
+    """The key directory: devices and sealed channel keys, keyed by (user, device)."""
+
     def __init__(self, writer: Db, reader: Db) -> None:
         self._w = writer
         self._r = reader
@@ -89,23 +91,23 @@ class SqliteKeys:
     async def register(self, device: Device) -> Device:
         def q(db: sqlite3.Connection) -> Device:
             db.execute(
-                "INSERT OR IGNORE INTO devices (device, user, identity_key, signing_key, ts) "
-                "VALUES (?,?,?,?,?)",
-                (device.device, device.user, device.identity_key, device.signing_key, device.ts),
+                "INSERT OR IGNORE INTO user_devices "
+                "(user, device, identity_key, signing_key, ts) VALUES (?,?,?,?,?)",
+                (device.user, device.device, device.identity_key, device.signing_key, device.ts),
             )
-            return _device(db, device.device) or device
+            return _device(db, device.user, device.device) or device
 
         return await self._w.run(q)
 
-    async def device(self, device_id: str) -> Device | None:
-        return await self._r.run(lambda db: _device(db, device_id))
+    async def device(self, user: str, device_id: str) -> Device | None:
+        return await self._r.run(lambda db: _device(db, user, device_id))
 
     async def devices_of(self, users: list[str]) -> list[Device]:
         marks = ",".join("?" * len(users))
 
         def q(db: sqlite3.Connection) -> list[Device]:
             rows = db.execute(
-                "SELECT device, user, identity_key, signing_key, ts FROM devices "
+                "SELECT device, user, identity_key, signing_key, ts FROM user_devices "
                 f"WHERE user IN ({marks}) ORDER BY user, device",
                 users,
             ).fetchall()
@@ -114,25 +116,31 @@ class SqliteKeys:
         return await self._r.run(q) if users else []
 
     async def share(
-        self, channel: str, key_id: str, sealed: dict[str, bytes], from_device: str | None, ts: int
-    ) -> list[str]:
-        def q(db: sqlite3.Connection) -> list[str]:
-            def work() -> list[str]:
+        self,
+        channel: str,
+        key_id: str,
+        sealed: dict[DeviceRef, bytes],
+        from_device: str | None,
+        ts: int,
+    ) -> list[DeviceRef]:
+        def q(db: sqlite3.Connection) -> list[DeviceRef]:
+            def work() -> list[DeviceRef]:
                 conflicts = []
-                for device, box in sealed.items():
+                for (user, device), box in sealed.items():
                     cur = db.execute(
-                        "INSERT OR IGNORE INTO channel_keys "
-                        "(channel, device, key_id, sealed, from_device, ts) VALUES (?,?,?,?,?,?)",
-                        (channel, device, key_id, box, from_device, ts),
+                        "INSERT OR IGNORE INTO user_channel_keys "
+                        "(channel, user, device, key_id, sealed, from_device, ts) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (channel, user, device, key_id, box, from_device, ts),
                     )
                     if cur.rowcount == 0:
                         (held,) = db.execute(
-                            "SELECT sealed FROM channel_keys "
-                            "WHERE channel=? AND device=? AND key_id=?",
-                            (channel, device, key_id),
+                            "SELECT sealed FROM user_channel_keys "
+                            "WHERE channel=? AND user=? AND device=? AND key_id=?",
+                            (channel, user, device, key_id),
                         ).fetchone()
                         if held != box:
-                            conflicts.append(device)
+                            conflicts.append((user, device))
                 return conflicts
 
             return transaction(db, work)
@@ -140,30 +148,31 @@ class SqliteKeys:
         return await self._w.run(q)
 
     async def fetch(
-        self, channel: str, device: str, key_id: str | None
+        self, channel: str, user: str, device: str, key_id: str | None
     ) -> tuple[str, bytes] | None:
         def q(db: sqlite3.Connection) -> tuple[str, bytes] | None:
+            where = "WHERE channel=? AND user=? AND device=?"
             if key_id is None:
                 row = db.execute(
-                    "SELECT key_id, sealed FROM channel_keys WHERE channel=? AND device=? "
+                    f"SELECT key_id, sealed FROM user_channel_keys {where} "
                     "ORDER BY ts DESC LIMIT 1",
-                    (channel, device),
+                    (channel, user, device),
                 ).fetchone()
             else:
                 row = db.execute(
-                    "SELECT key_id, sealed FROM channel_keys "
-                    "WHERE channel=? AND device=? AND key_id=?",
-                    (channel, device, key_id),
+                    f"SELECT key_id, sealed FROM user_channel_keys {where} AND key_id=?",
+                    (channel, user, device, key_id),
                 ).fetchone()
             return (row[0], row[1]) if row else None
 
         return await self._r.run(q)
 
 
-def _device(db: sqlite3.Connection, device_id: str) -> Device | None:
+def _device(db: sqlite3.Connection, user: str, device_id: str) -> Device | None:
     row = db.execute(
-        "SELECT device, user, identity_key, signing_key, ts FROM devices WHERE device=?",
-        (device_id,),
+        "SELECT device, user, identity_key, signing_key, ts FROM user_devices "
+        "WHERE user=? AND device=?",
+        (user, device_id),
     ).fetchone()
     return Device(*row) if row else None
 

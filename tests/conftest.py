@@ -1,6 +1,6 @@
 """Real parts for the tests: redis-server processes, MongoDB, and server node processes.
 
-MongoDB (../shared/MONGODB.md): a real server when MONGODB_URI is set, otherwise a
+MongoDB (docs/mongodb.md): a real server when MONGODB_URI is set, otherwise a
 SecantusDB process (wire-compatible, WiredTiger) on a free loopback port; always through
 pymongo's real driver. Every test that needs MongoDB gets its own database name.
 """

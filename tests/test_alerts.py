@@ -1,4 +1,4 @@
-"""Safety alerts (PROTOCOL.md section 7) end to end: real server processes, and the real
+"""Safety alerts (docs/protocol-v1.md section 7) end to end: real server processes, and the real
 firebase-admin and twilio SDKs talking to local fake servers that record every request."""
 
 from __future__ import annotations

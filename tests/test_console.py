@@ -256,6 +256,7 @@ async def test_console_failed_recipient_shows_its_reason(
     await row.wait_for(timeout=15_000)
     reason = await row.locator("td.reason").inner_text()
     assert "21211" in reason and "not a valid phone number" in reason, reason
+    assert "The 'To' number is not valid." in reason, reason  # Twilio's own words too
     assert await row.locator("td.attempts").inner_text() == "1 try"
     assert await page.inner_text("#alert-count") == "· 1 active alert"
     summary = await panel.locator(".recipients-summary").inner_text()

@@ -1,4 +1,4 @@
-"""End-to-end encryption through a real server process (PROTOCOL.md sections 5 and 8)."""
+"""End-to-end encryption through a real server process (docs/protocol-v1.md sections 5 and 8)."""
 
 from __future__ import annotations
 
@@ -142,25 +142,24 @@ async def test_tampering_is_refused_with_a_specific_error(node: Node) -> None:
         "forbidden: envelope signature does not verify"
     )
     assert await refused(mallory, ch, "m1", good) == (
-        f"forbidden: device '{phone.keys.device}' belongs to another user"
+        f"forbidden: device '{phone.keys.device}' is not registered to the sender"
     )
     unknown = AppDevice("never-registered").envelope(ch, "m1", json=False)
     assert await refused(alice, ch, "m1", unknown) == (
-        "forbidden: device 'never-registered' is not registered"
+        "forbidden: device 'never-registered' is not registered to the sender"
     )
     assert (await alice.ok("publish", channel=ch, client_msg_id="m1", body=b64(good)))["seq"] == 1
-    # the key directory: a device belongs to its first registrant, keys never change
-    taken = phone.keys.registration("mallory")
-    reply = await mallory.cmd("keys.register", **b64(taken))
-    assert reply["error"]["code"] == "forbidden"  # signature is over "alice", not "mallory"
+    # the key directory: device ids are per user, a device's keys never change
     thief = DeviceKeys(
         phone.keys.device, DeviceKeys.generate("x").identity, DeviceKeys.generate("x").signing
     )
-    reply = await mallory.cmd("keys.register", **b64(thief.registration("mallory")))
-    assert reply["error"] == {
-        "code": "forbidden",
-        "message": f"device '{phone.keys.device}' belongs to another user",
-    }
+    reply = await mallory.cmd("keys.register", **b64(thief.registration("alice")))
+    assert reply["error"]["code"] == "forbidden"  # signed over "alice", sent by "mallory"
+    # mallory may name her own device the same: it is hers, and alice's stays alice's
+    await mallory.ok("keys.register", **b64(thief.registration("mallory")))
+    assert await refused(mallory, ch, "m1", good) == (
+        "forbidden: envelope signature does not verify"
+    )
     rekeyed = DeviceKeys(phone.keys.device, DeviceKeys.generate("y").identity, phone.keys.signing)
     reply = await alice.cmd("keys.register", **b64(rekeyed.registration("alice")))
     assert reply["error"]["code"] == "conflict"

@@ -161,10 +161,10 @@ async def test_a_removed_member_can_no_longer_fetch_the_room_keys(node: Node) ->
     ann, ann_device = await member_with_device(node, room, "ann")
     bob, bob_device = await member_with_device(node, room, "bob")
     try:
-        sealed = {ann_device: os.urandom(80), bob_device: os.urandom(80)}
+        sealed = {"ann": {ann_device: os.urandom(80)}, "bob": {bob_device: os.urandom(80)}}
         await ann.ok("keys.share", channel=room, key_id="k1", sealed=b64(sealed))
         fetched = await bob.ok("keys.fetch", channel=room, key_id="k1")
-        assert (fetched["key_id"], fetched["sealed"]) == ("k1", b64(sealed[bob_device]))
+        assert (fetched["key_id"], fetched["sealed"]) == ("k1", b64(sealed["bob"][bob_device]))
         assert node.api("DELETE", f"/v1/channels/{room}/members/bob").status_code == 204
 
         async def refused() -> bool:
@@ -186,7 +186,9 @@ async def test_a_shared_key_records_when_it_was_shared_in_milliseconds(node: Nod
     ann, device = await member_with_device(node, room, "ann")
     try:
         before = int(time.time() * 1000)
-        await ann.ok("keys.share", channel=room, key_id="k1", sealed=b64({device: bytes(64)}))
+        await ann.ok(
+            "keys.share", channel=room, key_id="k1", sealed=b64({"ann": {device: bytes(64)}})
+        )
         after = int(time.time() * 1000)
     finally:
         await ann.close()
@@ -196,8 +198,8 @@ async def test_a_shared_key_records_when_it_was_shared_in_milliseconds(node: Nod
         shared = [r async for r in store.dump("channel_keys") if r["channel"] == room]
     finally:
         await store.close()
-    assert [(r["device"], r["key_id"], r["from_device"]) for r in shared] == [
-        (device, "k1", device)
+    assert [(r["user"], r["device"], r["key_id"], r["from_device"]) for r in shared] == [
+        ("ann", device, "k1", device)
     ]
     assert before <= shared[0]["ts"] <= after
 

@@ -43,7 +43,7 @@ async def test_unwatch_removes_one_pattern_or_all(single_node: Node) -> None:
 
 
 async def test_history_without_a_limit_returns_the_newest_50(single_node: Node) -> None:
-    """`history` without `limit` gives the newest 50 messages (PROTOCOL.md section 4: limit
+    """`history` without `limit` gives the newest 50 messages (docs/protocol-v1.md section 4: limit
     ≤ 200, default 50; mutant: realtime/connection.py, the default 50 as 51)."""
     ch = f"public:{uuid.uuid4().hex[:8]}"
     ann = await Raw.open(single_node.url, token("ann"))

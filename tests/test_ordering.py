@@ -1,5 +1,5 @@
-"""Each subscriber gets a channel's messages in seq order, each once (PROTOCOL.md section 4),
-driven step by step instead of raced:
+"""Each subscriber gets a channel's messages in seq order, each once (docs/protocol-v1.md,
+section 4), driven step by step instead of raced:
 
 - gap repair: a message written straight into the shared store and never fanned out (a node
   that died between store and publish) reaches subscribers, before the next one, once;

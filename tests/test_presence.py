@@ -1,4 +1,5 @@
-"""Presence (PROTOCOL.md section 6) on one node and across nodes, crashes and Redis restarts."""
+"""Presence (docs/protocol-v1.md section 6) on one node and across nodes, crashes and Redis
+restarts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md sections 1-4 against one real server process on embedded defaults."""
+"""docs/protocol-v1.md sections 1-4 against one real server process on embedded defaults."""
 
 from __future__ import annotations
 

@@ -289,18 +289,26 @@ async def test_key_directory(factory: Any) -> None:
     keys = (await factory()).keys
     phone = Device("phone-1", "alice", b"i" * 32, b"s" * 32, 1)
     assert await keys.register(phone) == phone
-    assert await keys.register(Device("phone-1", "mallory", b"x" * 32, b"y" * 32, 2)) == phone
+    assert await keys.register(Device("phone-1", "alice", b"x" * 32, b"y" * 32, 2)) == phone
+    # device ids are scoped per user: mallory's phone-1 is another device, alice's is kept
+    mallory = Device("phone-1", "mallory", b"x" * 32, b"y" * 32, 2)
+    assert await keys.register(mallory) == mallory
+    assert await keys.device("alice", "phone-1") == phone
+    assert await keys.device("mallory", "phone-1") == mallory
     await keys.register(Device("laptop-1", "alice", b"j" * 32, b"t" * 32, 3))
     await keys.register(Device("bob-1", "bob", b"k" * 32, b"u" * 32, 4))
     assert [d.device for d in await keys.devices_of(["alice"])] == ["laptop-1", "phone-1"]
-    assert await keys.device("nope") is None
-    assert await keys.share("room:a", "k1", {"phone-1": b"A", "bob-1": b"B"}, "phone-1", 10) == []
-    assert await keys.share("room:a", "k1", {"phone-1": b"A"}, "phone-1", 11) == []  # same: fine
-    assert await keys.share("room:a", "k1", {"phone-1": b"Z"}, "bob-1", 12) == ["phone-1"]
-    await keys.share("room:a", "k2", {"phone-1": b"A2"}, "phone-1", 20)
-    assert await keys.fetch("room:a", "phone-1", None) == ("k2", b"A2")  # the newest
-    assert await keys.fetch("room:a", "phone-1", "k1") == ("k1", b"A")
-    assert await keys.fetch("room:a", "bob-1", "k2") is None
+    assert await keys.device("alice", "nope") is None
+    assert await keys.device("bob", "phone-1") is None
+    a, b, m = ("alice", "phone-1"), ("bob", "bob-1"), ("mallory", "phone-1")
+    assert await keys.share("room:a", "k1", {a: b"A", b: b"B"}, "phone-1", 10) == []
+    assert await keys.share("room:a", "k1", {a: b"A"}, "phone-1", 11) == []  # same: fine
+    assert await keys.share("room:a", "k1", {a: b"Z", m: b"M"}, "bob-1", 12) == [a]
+    await keys.share("room:a", "k2", {a: b"A2"}, "phone-1", 20)
+    assert await keys.fetch("room:a", "alice", "phone-1", None) == ("k2", b"A2")  # the newest
+    assert await keys.fetch("room:a", "alice", "phone-1", "k1") == ("k1", b"A")
+    assert await keys.fetch("room:a", "mallory", "phone-1", None) == ("k1", b"M")
+    assert await keys.fetch("room:a", "bob", "bob-1", "k2") is None
 
 
 async def test_reports(factory: Any) -> None:

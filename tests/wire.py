@@ -1,4 +1,4 @@
-"""A minimal outside client written only from PROTOCOL.md, for the protocol tests."""
+"""A minimal outside client written only from docs/protocol-v1.md, for the protocol tests."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ JSON_PROTO = "rt.v1.json"
 MSGPACK_PROTO = "rt.v1.msgpack"
 PROTOS = (JSON_PROTO, MSGPACK_PROTO)
 
-# Close codes the protocol documents (docs/protocol.md, PROTOCOL.md section 1).
+# Close codes the protocol documents (docs/protocol.md, docs/protocol-v1.md section 1).
 DOCUMENTED_CLOSES = frozenset({1000, 1001, 1007, 1009, 1011, 4001, 4003, 4008, 4009})
 
 T = TypeVar("T")
@@ -183,7 +183,7 @@ _FIELDS: dict[str, Callable[[Chooser], dict[str, Any]]] = {
     "keys.share": lambda c: {
         "channel": c.pick(CHANNELS),
         "key_id": "k1",
-        "sealed": {_str(c): c.blob(48)},
+        "sealed": {_str(c): {_str(c): c.blob(48)}},  # {user: {device: box}}
     },
     "keys.fetch": lambda c: {"channel": c.pick(CHANNELS), "key_id": "k1"},
     "members": lambda c: {"channel": "room:fz", "limit": c.integer(1, 1000)},

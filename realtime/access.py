@@ -1,0 +1,55 @@
+"""Access that ends when it should (issue 23): what a session keeps after a `refresh`, and
+what a globally banned user may still do."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from realtime_safety.protocol import Identity, Session
+
+if TYPE_CHECKING:
+    from .node import Node
+
+# What a globally banned user may still do (a ban limits chat, not safety): the alert ops an
+# owner has, under a "user"-only identity, so a banned moderator or responder acts as the owner.
+SAFETY_OPS = frozenset(
+    {
+        "auth",
+        "refresh",
+        "ping",
+        "alert.trigger",
+        "alert.location",
+        "alert.resolve",
+        "alert.cancel",
+        "alert.status",
+        "alert.trail",
+        "checkin.start",
+        "checkin.location",
+        "checkin.extend",
+        "checkin.done",
+    }
+)
+
+
+def safety_only(identity: Identity) -> Identity:
+    """The identity a globally banned user's session runs under: the role `user` only."""
+    return dataclasses.replace(identity, roles=frozenset({"user"}))
+
+
+async def reauthorize(
+    node: Node, session: Session, identity: Identity
+) -> Callable[[], Awaitable[None]]:
+    """Check what `session` holds against `identity` (its identity after a `refresh`), with
+    the checks the ops themselves use; changes nothing. Returns what ends it, to run once the
+    session has the new identity: subscriptions it may no longer make (`unsubscribed`, reason
+    `revoked`) and, for one that is no moderator now, its watch patterns (`mod.unwatched`)."""
+    revoked = await node.channel_ops.revoked(session, identity)
+
+    async def end() -> None:
+        node.channel_ops.end(session, revoked, "revoked")
+        if not identity.is_moderator:
+            await node.moderation.revoke(session, "revoked")
+
+    return end

@@ -1,0 +1,167 @@
+"""Access that ends when it should (issue 23, hole 1): a `refresh` with a token of fewer roles
+ends what the old roles held. Each test is the attacker's attempt (an ex-moderator, an
+ex-responder, a stolen token of another user) with a positive control beside it: a second
+session with the role keeps receiving, so a refusal cannot pass because delivery is broken."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from conftest import Node, token
+from wire import Raw, plain
+
+HERE = {"lat": 52.52, "lon": 13.405, "accuracy_m": 12.0}
+NEARBY = {"lat": 52.521, "lon": 13.406}
+
+
+def uid(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def here() -> dict[str, float]:
+    return {**HERE, "ts": int(time.time() * 1000)}
+
+
+async def test_a_demoted_moderator_loses_watches_and_alert_channels(single_node: Node) -> None:
+    url = single_node.url
+    mia, max_ = uid("mia"), uid("max")
+    tag = uid("w")
+    room, pattern, public = f"public:{tag}-room", f"public:{tag}-*", f"public:{uid('p')}"
+    alice, olga = uid("alice"), uid("olga")
+    ex = await Raw.open(url, token(mia, roles=["user", "moderator"]))
+    still = await Raw.open(url, token(max_, roles=["user", "moderator"]))  # the control
+    alice_ws = await Raw.open(url, token(alice))
+    olga_ws = await Raw.open(url, token(olga))
+    trigger = await olga_ws.ok(
+        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    )
+    alert = trigger["channel"]
+    for mod in (ex, still):
+        await mod.ok("mod.watch", pattern=pattern)
+        await mod.ok("subscribe", channel=alert)
+    await ex.ok("subscribe", channel=public)  # allowed to any user: it stays
+
+    # before: the moderator sees the watched room and the live location
+    await alice_ws.ok("publish", channel=room, client_msg_id="m1", body=plain("one"))
+    await olga_ws.ok("alert.location", alert_id=trigger["alert_id"], location=here())
+    for mod in (ex, still):
+        got = [await mod.push(5) for _ in range(2)]
+        got = [p for p in got if p["push"] != "alert"]  # the moderators' alert push
+        while len(got) < 2:
+            got.append(await mod.push(5))
+        assert {p["push"] for p in got} == {"message", "alert.location"}, got
+
+    # the backend demotes her; the app refreshes with a user-only token
+    reply = await ex.cmd("refresh", token=token(mia, roles=["user"]))
+    assert reply["ok"] and reply["roles"] == ["user"], reply
+    ended = ex.pushes[:]
+    ex.pushes.clear()
+    assert {"push": "unsubscribed", "channel": alert, "reason": "revoked"} in ended, ended
+    assert {"push": "mod.unwatched", "patterns": [pattern], "reason": "revoked"} in ended
+    assert not [p for p in ended if p.get("channel") == public]  # kept
+
+    # after: the control still gets both; the ex-moderator neither (single node: fan-out is
+    # a direct call, so by the time the control has them, hers would be queued before a ping)
+    await alice_ws.ok("publish", channel=room, client_msg_id="m2", body=plain("two"))
+    await olga_ws.ok("alert.location", alert_id=trigger["alert_id"], location=here())
+    got = {(await still.push(5))["push"] for _ in range(2)}
+    assert got == {"message", "alert.location"}
+    await ex.quiet()
+    # and she cannot take them back
+    assert await ex.error("subscribe", channel=alert) == "forbidden"
+    assert await ex.error("mod.watch", pattern=pattern) == "forbidden"
+    # the subscription she is still entitled to still delivers
+    await alice_ws.ok("publish", channel=public, client_msg_id="p1", body=plain("hi"))
+    assert (await ex.push(5))["channel"] == public
+    for raw in (ex, still, alice_ws, olga_ws):
+        await raw.close()
+
+
+async def test_a_refresh_with_the_same_roles_keeps_everything(single_node: Node) -> None:
+    """The control for the above: a moderator refreshing as a moderator loses nothing."""
+    url = single_node.url
+    mia, olga = uid("mia"), uid("olga")
+    mod = await Raw.open(url, token(mia, roles=["user", "moderator"]))
+    olga_ws = await Raw.open(url, token(olga))
+    trigger = await olga_ws.ok(
+        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    )
+    assert (await mod.push(5))["push"] == "alert"
+    await mod.ok("subscribe", channel=trigger["channel"])
+    await mod.ok("mod.watch", pattern="room:*")
+    reply = await mod.ok("refresh", token=token(mia, roles=["user", "moderator"]))
+    assert reply["roles"] == ["moderator", "user"]
+    await mod.quiet()  # no unsubscribed, no mod.unwatched
+    assert (await mod.ok("mod.unwatch", pattern="room:*"))["patterns"] == []
+    await olga_ws.ok("alert.location", alert_id=trigger["alert_id"], location=here())
+    assert (await mod.push(5))["push"] == "alert.location"
+    await mod.close()
+    await olga_ws.close()
+
+
+async def test_a_refresh_for_another_user_is_refused_and_changes_nothing(
+    single_node: Node,
+) -> None:
+    url = single_node.url
+    ivy, eve = uid("ivy"), uid("eve")
+    own = f"user:{ivy}"
+    raw = await Raw.open(url, token(ivy))
+    await raw.ok("subscribe", channel=own)
+    # eve's token (say, stolen by ivy) does not turn ivy's session into eve's
+    reply = await raw.cmd("refresh", token=token(eve, roles=["user", "moderator"]))
+    assert reply["error"]["code"] == "forbidden", reply
+    assert await raw.error("subscribe", channel=f"user:{eve}") == "forbidden"
+    assert await raw.error("mod.watch", pattern="*") == "forbidden"
+    # nor does a token that does not verify
+    assert (await raw.cmd("refresh", token="x.y.z"))["error"]["code"] == "unauthorized"
+    await raw.quiet()  # ivy's subscription did not end: nothing was revoked
+    assert await raw.error("subscribe", channel=own) == "conflict"  # still subscribed
+    await raw.close()
+
+
+async def test_a_demoted_responder_loses_the_responder_role(single_node: Node) -> None:
+    url = single_node.url
+    rita = uid("rita")
+    raw = await Raw.open(url, token(rita, roles=["user", "responder"]))
+    await raw.ok("location.share", location=NEARBY)  # the control: allowed as a responder
+    reply = await raw.ok("refresh", token=token(rita, roles=["user"]))
+    assert reply["roles"] == ["user"]
+    assert await raw.error("location.share", location=NEARBY) == "forbidden"
+    await raw.close()
+
+
+async def test_a_demoted_responder_loses_the_alerts_a_responder_sees(single_node: Node) -> None:
+    """Alerted as a nearby responder, rita may watch the alert only while she is one; cleo, a
+    contact of the owner who is also a responder, keeps it as a contact (the control)."""
+    url = single_node.url
+    rita, olga, cleo = uid("rita"), uid("olga"), uid("cleo")
+    r = single_node.api("PUT", f"/v1/users/{olga}/contacts", json={"contacts": [{"user": cleo}]})
+    assert r.status_code == 200, r.text
+    raw = await Raw.open(url, token(rita, roles=["user", "responder"]))
+    contact = await Raw.open(url, token(cleo, roles=["user", "responder"]))
+    await raw.ok("subscribe", channel=f"user:{rita}")
+    await raw.ok("location.share", location=NEARBY)
+    await contact.ok("location.share", location=NEARBY)
+    olga_ws = await Raw.open(url, token(olga))
+    trigger = await olga_ws.ok(
+        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    )
+    assert (await raw.push(5))["alert_id"] == trigger["alert_id"]  # alerted as a responder
+    await raw.ok("subscribe", channel=trigger["channel"])
+    await contact.ok("subscribe", channel=trigger["channel"])
+    try:
+        await raw.ok("refresh", token=token(rita, roles=["user"]))
+        assert {
+            "push": "unsubscribed",
+            "channel": trigger["channel"],
+            "reason": "revoked",
+        } in raw.pushes
+        assert await raw.error("subscribe", channel=trigger["channel"]) == "forbidden"
+        await contact.ok("refresh", token=token(cleo, roles=["user"]))
+        assert not [p for p in contact.pushes if p.get("push") == "unsubscribed"]
+        await contact.ok("unsubscribe", channel=trigger["channel"])
+        await contact.ok("subscribe", channel=trigger["channel"])  # still hers, as a contact
+    finally:
+        for ws in (raw, contact, olga_ws):
+            await ws.close()
