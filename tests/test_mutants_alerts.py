@@ -448,19 +448,3 @@ async def test_an_sms_the_outbox_could_not_write_is_retried_until_it_can(tmp_pat
         await otto.close()
     finally:
         node.stop()
-
-
-async def test_pin_set_says_whether_a_duress_pin_is_set(alert_node: Node) -> None:
-    """`pin.set` answers `{pin: true, duress_pin: bool}` (docs/protocol.md): whether a duress
-    PIN is now set, and nothing of the PINs themselves (mutant: alerts/pins.py, the reply's
-    `duress is not None` with `is`)."""
-    owner = f"pia-{uuid.uuid4().hex[:5]}"
-    pia = await Raw.open(alert_node.url, token(owner))
-    reply = await pia.ok("pin.set", pin="2468", duress_pin="1357")
-    assert {k: v for k, v in reply.items() if k not in ("id", "ok")} == {
-        "pin": True, "duress_pin": True
-    }  # fmt: skip
-    # replaced without a duress PIN: none is set any more
-    reply = await pia.ok("pin.set", pin="8642", current_pin="2468")
-    assert (reply["pin"], reply["duress_pin"]) == (True, False)
-    await pia.close()
