@@ -96,6 +96,10 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_alerts_cancel.py",
             "tests/test_alerts_checkin.py",
             "tests/test_alerts_cluster.py",
+            # the alert lane's thread and loop (alerts/lane.py), in process: a few seconds
+            "tests/test_alert_lane.py",
+            # the warning of an alert with no recipients, as a JSON log line with its connection
+            "tests/test_metrics.py::test_json_logs_carry_the_node_and_the_connection",
         ],
     ),
     "crypto": (

@@ -400,3 +400,51 @@ async def test_a_contact_whose_number_is_also_a_contact_gets_one_sms_and_the_fal
         await fio.close()
     finally:
         node.stop()
+
+
+async def test_an_sms_the_outbox_could_not_write_is_retried_until_it_can(tmp_path: Path) -> None:
+    """A delivery that fails on the node's side (here the development outbox cannot be
+    written: `outbox.jsonl` is a directory, an OSError as a full or read-only disk would be)
+    is a transient failure: it is retried with backoff, and the SMS goes out once the file
+    can be written, instead of being dead-lettered at the first attempt (mutant:
+    alerts/delivery.py, `_failed(..., type(exc).__name__, False, None)` for StoreUnavailable,
+    OSError and TimeoutError with `True`: permanent)."""
+    import json
+
+    data = tmp_path / "ob"
+    outbox = data / "outbox.jsonl"
+    outbox.mkdir(parents=True)  # nothing can be appended to it
+    node = Node(base_env(data), "outbox-blocked").start()  # no credentials: the outbox
+    try:
+        phone, owner = "+15550808", f"otto-{uuid.uuid4().hex[:5]}"
+        r = node.api("PUT", f"/v1/users/{owner}/contacts", json={"contacts": [{"phone": phone}]})
+        assert r.status_code == 200, r.text
+        otto = await Raw.open(node.url, token(owner))
+        reply = await otto.ok("alert.trigger", kind="fire", location=HERE, client_alert_id="b1")
+
+        async def failed_once() -> dict[str, Any] | None:
+            status = await otto.ok("alert.status", alert_id=reply["alert_id"])
+            [sms] = status["recipients"]
+            return sms if sms["attempts"] >= 1 else None
+
+        sms = await until(failed_once, 20, what="the first attempt to fail")
+        assert sms["error"] == "IsADirectoryError", sms
+        assert sms["status"] != "failed", sms  # one failed attempt of six: not given up yet
+        outbox.rmdir()  # the disk is writable again; the next attempt (1 s backoff) sends it
+
+        def written() -> list[dict[str, Any]]:
+            if not outbox.is_file():
+                return []
+            return [json.loads(line) for line in outbox.read_text().splitlines() if line]
+
+        [record] = await until(written, 30, what="the retried SMS in the outbox")
+        assert (record["route"], record["to"]) == ("sms", phone)
+
+        async def sent() -> bool:
+            status = await otto.ok("alert.status", alert_id=reply["alert_id"])
+            return status["recipients"][0]["status"] == "outbox"
+
+        await until(sent, 10, what="the SMS to show as written to the outbox")
+        await otto.close()
+    finally:
+        node.stop()
