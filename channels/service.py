@@ -36,6 +36,9 @@ class Replay:
     recovered: bool
 
 
+LATENCY_HALF_LIFE_S = 0.5  # of the backend latency signal without answers (see slowest_s)
+
+
 class ChannelService:
     def __init__(
         self,
@@ -56,14 +59,20 @@ class ChannelService:
         self._calls = itertools.count()
         self._started: dict[int, float] = {}  # call -> when it was made (for `slowest_s`)
         self._latency_s = 0.0  # moving average of answered calls' durations
+        self._latency_at = 0.0  # when it last moved
 
     def slowest_s(self) -> float:
         """How slow the backend is now (a load signal): the longer of the calls' moving
         average and the age of the oldest call still waiting (so a store that has stopped
-        answering counts at once)."""
+        answering counts at once). The average halves every LATENCY_HALF_LIFE_S without
+        answers: a node that refuses chat because the store was slow makes no calls that
+        could bring it down again, and would otherwise refuse for good."""
         waiting = next(iter(self._started.values()), None)  # insertion order: the oldest
         oldest = 0.0 if waiting is None else time.monotonic() - waiting
-        return max(self._latency_s, oldest)
+        return max(self._average(time.monotonic()), oldest)
+
+    def _average(self, now: float) -> float:
+        return float(self._latency_s * 0.5 ** ((now - self._latency_at) / LATENCY_HALF_LIFE_S))
 
     async def bounded(self, what: str, call: Awaitable[T]) -> T:
         self.in_flight += 1
@@ -86,7 +95,10 @@ class ChannelService:
         finally:
             self.in_flight -= 1
             del self._started[key]
-            self._latency_s += 0.1 * (time.monotonic() - started - self._latency_s)
+            now = time.monotonic()
+            self._latency_s = self._average(now)
+            self._latency_s += 0.1 * (now - started - self._latency_s)
+            self._latency_at = now
 
     async def publish(
         self,

@@ -96,18 +96,40 @@ async def test_a_backend_call_still_waiting_counts_at_once() -> None:
     service = ChannelService(None, NoHub(), timeout_s=5, recovery_limit=10)  # type: ignore[arg-type]
     assert service.slowest_s() == 0.0
     stuck = asyncio.get_running_loop().create_future()
-    call = asyncio.ensure_future(service.bounded("request", stuck))
-    await asyncio.sleep(0)
     started = time.monotonic()
+    call = asyncio.ensure_future(service.bounded("request", stuck))
     await until(lambda: service.slowest_s() >= 0.05, 5, what="the waiting call to age")
-    assert service.slowest_s() <= time.monotonic() - started + 0.05
+    assert service.slowest_s() <= time.monotonic() - started  # its age, no more
     stuck.set_result(None)
     await call
+    took = time.monotonic() - started
     average = service.slowest_s()  # now the answered call's share of the moving average
-    assert 0.004 <= average < 0.05
+    assert 0.004 <= average <= took / 10
     for _ in range(30):  # fast calls bring the average down
         await service.bounded("request", asyncio.sleep(0))
     assert service.slowest_s() < average / 10
+
+
+async def test_a_slow_backends_average_fades_without_calls() -> None:
+    """A node that refuses chat because its store was slow makes no calls that could lower
+    the average again: it fades by itself (else a store pause would stop chat for good)."""
+    from realtime_safety.channels.metrics import ChannelMetrics
+    from realtime_safety.channels.service import LATENCY_HALF_LIFE_S, ChannelService
+
+    class NoHub:
+        metrics = ChannelMetrics()
+
+    service = ChannelService(None, NoHub(), timeout_s=5, recovery_limit=10)  # type: ignore[arg-type]
+    stuck = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(service.bounded("request", stuck))
+    await until(lambda: service.slowest_s() >= 0.5, 5, what="a slow call")
+    stuck.set_result(None)
+    await call
+    slow = service.slowest_s()
+    assert slow >= 0.05  # a tenth of a call of 0.5 s or more
+    started = time.monotonic()
+    await until(lambda: service.slowest_s() < slow / 4, 10, what="the average to fade")
+    assert time.monotonic() - started >= LATENCY_HALF_LIFE_S  # two half-lives, not at once
 
 
 # --- the embedded store's lanes -------------------------------------------------------------
