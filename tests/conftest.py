@@ -258,8 +258,12 @@ class Node:
                 self.env["RT_PUBLIC_URL"] = self.http
         raise RuntimeError(f"{self.name}: no free port after 3 attempts")
 
+    log_level = "warning"  # of the server's own log
+    makes_data_dir = True  # False: the server makes RT_DATA_DIR itself (log_path is elsewhere)
+
     def _start(self) -> Node:
-        Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        if self.makes_data_dir:
+            Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
@@ -272,7 +276,7 @@ class Node:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "warning",
+                self.log_level,
             ],
             env=self.env,
             stdout=log,

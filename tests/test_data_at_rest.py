@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Node, base_env, token, wait_port
+from conftest import ROOT, Node, base_env, token
 from wire import Raw, plain, until
 
 from realtime_safety.alerts.providers import OutboxSms
@@ -37,24 +37,7 @@ class ServerMadeNode(Node):
     """A `Node` whose RT_DATA_DIR the server itself creates (the harness's `Node` makes it
     first, for its log file, which here lives outside)."""
 
-    def _start(self) -> Node:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", self.module, "serve", "--host", "127.0.0.1"),
-                    *("--port", str(self.port), "--log-level", "warning"),
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        try:
-            wait_port(self.port, timeout=30, proc=self.proc)
-        except Exception:
-            raise RuntimeError(f"{self.name} did not start:\n{self.log()}") from None
-        self.started = True
-        return self
+    makes_data_dir = False
 
 
 def node_in(open_dir: Path) -> Node:

@@ -11,14 +11,12 @@ there (the control that the test would see it).
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import ROOT, Node, base_env, token, wait_port
+from conftest import Node, base_env, token
 from wire import Raw, plain, until
 
 ACCEPTED = '"WebSocket /ws" [accepted]'
@@ -27,25 +25,7 @@ ACCEPTED = '"WebSocket /ws" [accepted]'
 class DebugNode(Node):
     """A `Node` that logs everything (`--log-level debug`)."""
 
-    def _start(self) -> Node:
-        Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", self.module, "serve", "--host", "127.0.0.1"),
-                    *("--port", str(self.port), "--log-level", "debug"),
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        try:
-            wait_port(self.port, timeout=30, proc=self.proc)
-        except Exception:
-            raise RuntimeError(f"{self.name} did not start:\n{self.log()}") from None
-        self.started = True
-        return self
+    log_level = "debug"
 
 
 async def _a_logged_session(tmp_path: Path, **env: str) -> tuple[str, dict[str, Any]]:
