@@ -244,6 +244,8 @@ class Deliverer:
             if purpose != "resolve":
                 doc["attempts"] = doc.get("attempts", 0) + 1
                 doc["error"] = error
+            else:  # the alert notice's status stands; the "resolved" notice has its own
+                doc["resolve_error"] = error
             if final:
                 mark(purpose, "dead")(doc)
                 if purpose != "resolve" and not doc.get("sent"):

@@ -135,9 +135,17 @@ def recipient_view(doc: dict[str, Any]) -> dict[str, Any]:
         "attempts": doc["attempts"],
         "error": doc.get("error"),
     }
-    for extra in ("received_at", "fallback_for"):
+    for extra in ("received_at", "fallback_for", "resolve_error"):
         if doc.get(extra) is not None:
             view[extra] = doc[extra]
+    # the "resolved" notice, once there is one: sent, failed (given up), skipped, or pending
+    for how, word in (("sent", "sent"), ("dead", "failed"), ("skipped", "skipped")):
+        if "resolve" in doc.get(how, ()):
+            view["resolve"] = word
+            break
+    else:
+        if doc.get("resolve_error") is not None:
+            view["resolve"] = "pending"
     return view
 
 

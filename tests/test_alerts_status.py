@@ -358,6 +358,42 @@ async def test_a_critical_notice_carries_the_critical_sound(
     assert message["android"]["priority"] == "high"
 
 
+async def test_the_resolved_notice_has_its_own_status_and_reason(
+    tmp_path: Path, fakes: FakeProviders
+) -> None:
+    """The "resolved" SMS to a number the provider now refuses: its own status and reason
+    show (`resolve`, `resolve_error`), and the alert notice's `sent` stands; the other
+    number's resolve notice is `sent` (the control)."""
+    node = start_node(tmp_path, fakes, "resolved")
+    try:
+        owner = f"rae-{uuid.uuid4().hex[:5]}"
+        ok_phone, gone_phone = "+15557100001", "+15557100002"
+        put_contacts(node, owner, [{"phone": ok_phone}, {"phone": gone_phone}])
+        rae = await Raw.open(node.url, token(owner))
+        alert_id = (await rae.ok("alert.trigger", kind="sos", location=HERE, client_alert_id="r1"))[
+            "alert_id"
+        ]
+        by = await settled(rae, alert_id)
+        assert {by[("sms", n)]["status"] for n in (ok_phone, gone_phone)} == {"sent"}
+        assert "resolve" not in by[("sms", ok_phone)]
+        fakes.script.twilio_permanent.add(gone_phone)  # the number is gone since
+        await rae.ok("alert.resolve", alert_id=alert_id, outcome="safe")
+
+        async def resolved() -> dict[tuple[str, str], dict[str, Any]] | None:
+            found = await status_of(rae, alert_id)
+            done = all(found[("sms", n)].get("resolve") for n in (ok_phone, gone_phone))
+            return found if done else None
+
+        by = await until(resolved, 30, what="both resolve notices")
+        assert by[("sms", ok_phone)]["resolve"] == "sent"
+        gone = by[("sms", gone_phone)]
+        assert gone["resolve"] == "failed" and "21211" in gone["resolve_error"], gone
+        assert gone["status"] == "sent" and gone["attempts"] == 1  # the alert itself went out
+        await rae.close()
+    finally:
+        node.stop()
+
+
 # --- fallback across routes -------------------------------------------------------------------
 
 
