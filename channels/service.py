@@ -63,12 +63,13 @@ class ChannelService:
 
     def slowest_s(self) -> float:
         """How slow the backend is now (a load signal): the longer of the calls' moving
-        average and the age of the oldest call still waiting (so a store that has stopped
-        answering counts at once). The average halves every LATENCY_HALF_LIFE_S without
-        answers: a node that refuses chat because the store was slow makes no calls that
-        could bring it down again, and would otherwise refuse for good."""
+        average and a quarter of the age of the oldest call still waiting (so a store that has
+        stopped answering counts before any call comes back, while one slow fsync does not).
+        The average halves every LATENCY_HALF_LIFE_S without answers: a node that refuses
+        chat because the store was slow makes no calls that could bring it down again, and
+        would otherwise refuse for good."""
         waiting = next(iter(self._started.values()), None)  # insertion order: the oldest
-        oldest = 0.0 if waiting is None else time.monotonic() - waiting
+        oldest = 0.0 if waiting is None else (time.monotonic() - waiting) / 4
         return max(self._average(time.monotonic()), oldest)
 
     def _average(self, now: float) -> float:

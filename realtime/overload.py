@@ -5,9 +5,9 @@ The load signal, sampled every `interval_s` by one task per node:
 - **event-loop lag**: how late a timer fires (every await on any path waits about that long);
 - **send-queue depth**: frames waiting behind full sockets, across the node's connections;
 - **backend calls in flight**: store and broker calls made for commands and not yet answered;
-- **backend latency**: how long those calls take (a moving average, or the age of the oldest
-  one still waiting if that is longer): a shared store that falls behind (chat writes from
-  every node) slows the alert writes too, so chat is refused before it does.
+- **backend latency**: how long those calls take (a moving average, or a quarter of the age
+  of the oldest one still waiting if that is longer): a shared store that falls behind (chat
+  writes from every node) slows the alert writes too, so chat is refused before it does.
 
 From it the node keeps a *shed fraction*: the share of sheddable commands (those features
 declare: publish, typing, history, members, presence) it refuses with `unavailable` and a

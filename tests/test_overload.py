@@ -85,8 +85,9 @@ def test_a_slow_backend_sheds_a_growing_share_like_lag() -> None:
 
 
 async def test_a_backend_call_still_waiting_counts_at_once() -> None:
-    """The latency signal: the moving average of answered calls, or the age of the oldest
-    call still waiting when that is longer (a store that stopped answering answers nothing)."""
+    """The latency signal: the moving average of answered calls, or a quarter of the age of
+    the oldest call still waiting when that is longer (a store that stopped answering answers
+    nothing)."""
     from realtime_safety.channels.metrics import ChannelMetrics
     from realtime_safety.channels.service import ChannelService
 
@@ -99,7 +100,7 @@ async def test_a_backend_call_still_waiting_counts_at_once() -> None:
     started = time.monotonic()
     call = asyncio.ensure_future(service.bounded("request", stuck))
     await until(lambda: service.slowest_s() >= 0.05, 5, what="the waiting call to age")
-    assert service.slowest_s() <= time.monotonic() - started  # its age, no more
+    assert service.slowest_s() <= (time.monotonic() - started) / 4  # a quarter of its age
     stuck.set_result(None)
     await call
     took = time.monotonic() - started
@@ -122,11 +123,11 @@ async def test_a_slow_backends_average_fades_without_calls() -> None:
     service = ChannelService(None, NoHub(), timeout_s=5, recovery_limit=10)  # type: ignore[arg-type]
     stuck = asyncio.get_running_loop().create_future()
     call = asyncio.ensure_future(service.bounded("request", stuck))
-    await until(lambda: service.slowest_s() >= 0.5, 5, what="a slow call")
+    await until(lambda: service.slowest_s() >= 0.2, 5, what="a slow call")
     stuck.set_result(None)
     await call
     slow = service.slowest_s()
-    assert slow >= 0.05  # a tenth of a call of 0.5 s or more
+    assert slow >= 0.08  # a tenth of a call of 0.8 s or more
     started = time.monotonic()
     await until(lambda: service.slowest_s() < slow / 4, 10, what="the average to fade")
     assert time.monotonic() - started >= LATENCY_HALF_LIFE_S  # two half-lives, not at once
