@@ -346,6 +346,10 @@ def _redis_restart_scenario(scale: float) -> FaultResult:
             RT_JWT_SECRET=SECRET,
             RT_ALERT_RECONCILE_S="1",
             RT_ALERT_RETRY_BASE_S="0.2",
+            # A job whose `done` did not reach Redis while it came back stays leased and runs
+            # again after its lease (finding its SMS sent): shorter than the 20 s settle wait.
+            RT_ALERT_LEASE_S="5",
+            RT_ALERT_PROVIDER_TIMEOUT_S="2",
             **fakes.env(cluster.work),
         )
         with cluster:
