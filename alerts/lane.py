@@ -77,26 +77,29 @@ class Lane:
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await `coro` on the lane. Cancelling the caller cancels it there."""
-        loop = self._loop
-        if loop is None or _running() is loop:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        return await _on(self._loop, coro)
 
     def back(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """`fn` (a coroutine function of the node's) made callable from the lane: it runs on
         the loop that started the lane."""
 
+        async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await fn(*args, **kwargs)
+
         async def on_main(*args: P.args, **kwargs: P.kwargs) -> T:
             main = self._main
-            if main is None or _running() is main or main.is_closed():
-                return await fn(*args, **kwargs)
-
-            async def call() -> T:
-                return await fn(*args, **kwargs)
-
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), main))
+            return await _on(
+                None if main is None or main.is_closed() else main, call(*args, **kwargs)
+            )
 
         return on_main
+
+
+async def _on(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` on `loop` (here, if it is this thread's loop or None)."""
+    if loop is None or _running() is loop:
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
 
 def _running() -> asyncio.AbstractEventLoop | None:

@@ -20,6 +20,7 @@ import uvicorn
 from realtime_safety.protocol import ROLES, valid_user_id
 from realtime_safety.storage import StoreUnavailable, open_store
 from realtime_safety.storage.backup import ImportError_, export_store, import_store
+from realtime_safety.storage.sqlite import SqliteStore
 
 from . import config, logs, redact
 from . import files as files_mod
@@ -145,8 +146,8 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
 
 def _nothing_to_back_up(settings: config.Settings, args: argparse.Namespace) -> str | None:
     """Why `export`/`import` must not run (a mistyped directory), before anything is made."""
-    embedded: Path | None = getattr(open_store(settings.store), "path", None)  # SQLite's file
-    if args.command == "export" and embedded is not None and not embedded.exists():
+    embedded = not settings.store.mongodb_uri  # (the SQLite file is made by opening it)
+    if args.command == "export" and embedded and not SqliteStore(settings.data_dir).path.exists():
         return (
             f"no store in RT_DATA_DIR={settings.data_dir} (nothing to export: is RT_DATA_DIR "
             "the node's data directory?)"
