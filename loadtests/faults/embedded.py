@@ -68,6 +68,19 @@ class EmbeddedNode:
     def open_files(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def open_sockets(self) -> int:
+        """Sockets the node holds (files it opens lazily, such as SQLite's, are not counted)."""
+        return sum(1 for target in self._fd_targets() if target.startswith("socket:"))
+
+    def _fd_targets(self) -> list[str]:
+        targets = []
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+            except OSError:  # closed while listed
+                pass
+        return targets
+
     def log(self) -> str:
         return (self.work / "node.log").read_text(errors="replace")
 

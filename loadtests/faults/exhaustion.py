@@ -273,7 +273,7 @@ def never_reads(scale: float, *, ping_s: float = 5.0) -> FaultResult:
         channel = "public:flood"
 
         async def main() -> dict[str, Any]:
-            base_files = node.open_files()
+            base_sockets = node.open_sockets()
             with RssSampler(node) as rss:
                 stalled = await asyncio.gather(
                     *(
@@ -300,8 +300,10 @@ def never_reads(scale: float, *, ping_s: float = 5.0) -> FaultResult:
                     assert reply["ok"], reply
                 published_s = time.monotonic() - t0
                 pub.close()  # (a client that stops reading is what this scenario is about)
-                # The readers are gone from the node once its open files are back.
-                gone = await until(lambda: node.open_files() <= base_files, 4 * ping_s + 30, 0.1)
+                # The readers are gone from the node once its sockets are back to the start.
+                wait_s = 4 * ping_s + 30
+                gone = await until(lambda: node.open_sockets() <= base_sockets, wait_s, 0.1)
+                left = node.open_sockets() - base_sockets
                 gone_s = time.monotonic() - t0 - published_s
                 t1 = time.perf_counter()
                 after = await WireClient.open(node.port)
@@ -312,6 +314,7 @@ def never_reads(scale: float, *, ping_s: float = 5.0) -> FaultResult:
             return {
                 "published_s": round(published_s, 1),
                 "readers_gone": gone,
+                "sockets_left": left,
                 "gone_after_publishing_s": round(gone_s, 1),
                 "reader_ends": dict(sorted(ends.items())),
                 "new_client_auth_ms": round(ping_ms, 2),
