@@ -1,4 +1,8 @@
-"""The embedded store: one SQLite file in WAL mode under RT_DATA_DIR.
+"""The embedded store: SQLite files in WAL mode under RT_DATA_DIR.
+
+`realtime.sqlite3` holds chat (messages, memberships, keys, reports); `alerts.sqlite3` holds
+the documents (alerts, their delivery jobs and statuses, check-ins, bans), with writer and
+reader threads of its own: an SOS never waits behind chat's group commits (issue 21).
 
 All writes run on one dedicated thread with one connection and `synchronous=FULL`, so `seq`
 assignment is serialised and nothing is acknowledged before it is on disk: a SIGKILL of the
@@ -101,8 +105,23 @@ MIGRATIONS: list[str] = [
         SELECT k.channel, d.user, k.device, k.key_id, k.sealed, k.from_device, k.ts
         FROM channel_keys k JOIN devices d ON d.device = k.device;
     """,
+    # v5: the documents live in alerts.sqlite3 (moved there by _open_alerts before this runs).
+    """
+    DROP TABLE IF EXISTS docs;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+DOCS_MOVED = 5  # the version that dropped `docs` from realtime.sqlite3
+
+# alerts.sqlite3: one schema version so far.
+ALERTS_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS main.docs (
+        coll TEXT NOT NULL, key TEXT NOT NULL, ix, v INTEGER NOT NULL, doc BLOB NOT NULL,
+        PRIMARY KEY (coll, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS main.docs_ix ON docs (coll, ix);
+"""
+ALERTS_SCHEMA_VERSION = 1
 
 
 # Export/import: the plain documents of each kind, as columns -> values.
@@ -159,41 +178,29 @@ class SqliteStore:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "realtime.sqlite3"
+        self.alerts_path = data_dir / "alerts.sqlite3"
         self._data_dir = data_dir
         self._writer = Db(self.path, "writer")
         self._reader = Db(self.path, "reader")
+        self._alerts_writer = Db(self.alerts_path, "alerts-writer")
+        self._alerts_reader = Db(self.alerts_path, "alerts-reader")
         self.messages = SqliteMessages(self._writer, self._reader)
         self.memberships = SqliteMemberships(self._writer, self._reader)
         self.read_markers = SqliteReadMarkers(self._writer, self._reader)
         self.keys = SqliteKeys(self._writer, self._reader)
         self.reports = SqliteReports(self._writer, self._reader)
-        self.docs = SqliteDocs(self._writer, self._reader)
+        self.docs = SqliteDocs(self._alerts_writer, self._alerts_reader)
 
     async def open(self) -> None:
         try:
             create_private(self._data_dir, self.path)
+            create_private(self._data_dir, self.alerts_path)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create RT_DATA_DIR {self._data_dir}: {exc}") from exc
-
-        def migrate(db: sqlite3.Connection) -> None:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"{self.path} has schema version {version}, newer than this server "
-                    f"({SCHEMA_VERSION}): upgrade the server"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version={target}")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-
-        await self._writer.run(migrate)
+        path = self.path
+        await self._writer.run(lambda db: _migrate(db, path, DOCS_MOVED - 1))
+        await self._alerts_writer.run(lambda db: _open_alerts(db, self.alerts_path, path))
+        await self._writer.run(lambda db: _migrate(db, path, SCHEMA_VERSION))
 
     async def schema_version(self) -> int:
         return await self._reader.run(
@@ -202,7 +209,8 @@ class SqliteStore:
 
     async def ping(self) -> bool:
         try:
-            await self._reader.run(lambda db: db.execute("SELECT 1").fetchone())
+            for db in (self._reader, self._alerts_reader):
+                await db.run(lambda c: c.execute("SELECT 1").fetchone())
         except StoreUnavailable:
             return False
         return True
@@ -211,9 +219,10 @@ class SqliteStore:
         assert kind in RECORD_KINDS, kind
         query, columns = _DUMP[kind]
         names = [c.strip() for c in columns.split(",")]
+        reader = self._dbs(kind)[1]
         offset, page = 0, 1000
         while True:
-            rows = await self._reader.run(
+            rows = await reader.run(
                 lambda db, o=offset: db.execute(f"{query} LIMIT ? OFFSET ?", (page, o)).fetchall()  # type: ignore[misc]
             )
             for row in rows:
@@ -253,8 +262,68 @@ class SqliteStore:
 
             return transaction(db, work)
 
-        return await self._writer.run(q)
+        return await self._dbs(kind)[0].run(q)
 
     async def close(self) -> None:
-        await self._writer.close()
-        await self._reader.close()
+        for db in (self._writer, self._reader, self._alerts_writer, self._alerts_reader):
+            await db.close()
+
+    def _dbs(self, kind: str) -> tuple[Db, Db]:
+        """The (writer, reader) holding records of `kind`."""
+        if kind == "docs":
+            return self._alerts_writer, self._alerts_reader
+        return self._writer, self._reader
+
+
+def _version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(db: sqlite3.Connection, path: Path, upto: int) -> None:
+    """Bring realtime.sqlite3 up to version `upto`, one transaction per step."""
+    version = _version(db)
+    if version > SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"{path} has schema version {version}, newer than this server "
+            f"({SCHEMA_VERSION}): upgrade the server"
+        )
+    for target in range(version + 1, upto + 1):
+
+        def step(target: int = target) -> None:
+            for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={target}")
+
+        transaction(db, step)
+
+
+def _open_alerts(db: sqlite3.Connection, path: Path, chat_path: Path) -> None:
+    """Create alerts.sqlite3's schema; a new one takes the documents an older server kept in
+    realtime.sqlite3 (copied in the same transaction; the chat file drops them afterwards)."""
+    version = _version(db)
+    if version > ALERTS_SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"{path} has schema version {version}, newer than this server "
+            f"({ALERTS_SCHEMA_VERSION}): upgrade the server"
+        )
+    if version == ALERTS_SCHEMA_VERSION:
+        return
+    db.execute("ATTACH DATABASE ? AS chat", (str(chat_path),))
+    try:
+        old = db.execute(
+            "SELECT 1 FROM chat.sqlite_master WHERE type='table' AND name='docs'"
+        ).fetchone()
+
+        def create() -> None:
+            for statement in filter(str.strip, ALERTS_SCHEMA.split(";")):
+                db.execute(statement)
+            if old:
+                db.execute(
+                    "INSERT OR IGNORE INTO main.docs (coll, key, ix, v, doc) "
+                    "SELECT coll, key, ix, v, doc FROM chat.docs"
+                )
+            db.execute(f"PRAGMA user_version={ALERTS_SCHEMA_VERSION}")
+
+        transaction(db, create)
+    finally:
+        db.execute("DETACH DATABASE chat")

@@ -1,8 +1,8 @@
 """The embedded store's plumbing: a SQLite connection owned by one thread, and transactions.
 
-Each connection's thread takes calls from two lanes: `urgent` ones (the documents: alerts,
-their delivery jobs, bans) always before the others (chat's messages and its records), so an
-SOS never waits behind a queue of chat writes or reads.
+Each connection's thread runs its calls in order. The documents (alerts, their delivery jobs,
+bans) are in a file of their own with threads of their own (`storage.sqlite`), so an SOS never
+waits behind a queue of chat writes or reads.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ _Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.AbstractEventLoop, "as
 
 
 class Db:
-    """A connection owned by one thread; every call runs there, urgent calls first."""
+    """A connection owned by one thread; every call runs there, in order."""
 
     def __init__(self, path: Path, name: str) -> None:
         self._path = path
         self._name = name
-        self._lanes: tuple[deque[_Job], deque[_Job]] = (deque(), deque())  # urgent, normal
+        self._jobs: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -42,7 +42,7 @@ class Db:
             self._conn = conn
         return self._conn
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._ready:
@@ -53,7 +53,7 @@ class Db:
                     target=self._work, name=f"sqlite-{self._name}", daemon=True
                 )
                 self._thread.start()
-            self._lanes[0 if urgent else 1].append((fn, loop, future))
+            self._jobs.append((fn, loop, future))
             self._ready.notify()
         try:
             return await future
@@ -61,14 +61,14 @@ class Db:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     def _work(self) -> None:
-        urgent, normal = self._lanes
+        jobs = self._jobs
         while True:
             with self._ready:
-                while not urgent and not normal and not self._closing:
+                while not jobs and not self._closing:
                     self._ready.wait()
-                if not urgent and not normal:
+                if not jobs:
                     return  # closing, and nothing left to do
-                fn, loop, future = urgent.popleft() if urgent else normal.popleft()
+                fn, loop, future = jobs.popleft()
             if future.cancelled():
                 continue  # its caller gave up (timeout) before it ran
             try:

@@ -250,7 +250,7 @@ class SqliteDocs:
             ).fetchone()
             return _doc(row)
 
-        return await self._w.run(q, urgent=True)
+        return await self._w.run(q)
 
     async def get(self, coll: str, key: str) -> dict[str, Any] | None:
         def q(db: sqlite3.Connection) -> dict[str, Any] | None:
@@ -259,7 +259,7 @@ class SqliteDocs:
             ).fetchone()
             return _doc(row) if row else None
 
-        return await self._r.run(q, urgent=True)
+        return await self._r.run(q)
 
     async def put(
         self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None, *, version: int | None = None
@@ -282,7 +282,7 @@ class SqliteDocs:
             )
             return cur.rowcount == 1
 
-        return await self._w.run(q, urgent=True)
+        return await self._w.run(q)
 
     async def prefix(self, coll: str, key_prefix: str, limit: int) -> list[dict[str, Any]]:
         def q(db: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -292,7 +292,7 @@ class SqliteDocs:
             ).fetchall()
             return [_doc(r) for r in rows]
 
-        return await self._r.run(q, urgent=True)
+        return await self._r.run(q)
 
     async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
@@ -302,7 +302,7 @@ class SqliteDocs:
             ).fetchall()
             return [(r[0], _doc(r[1:])) for r in rows]
 
-        return await self._r.run(q, urgent=True)
+        return await self._r.run(q)
 
     async def find_ix(self, coll: str, ix: int | str) -> list[tuple[str, dict[str, Any]]]:
         def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
@@ -311,20 +311,20 @@ class SqliteDocs:
             ).fetchall()
             return [(r[0], _doc(r[1:])) for r in rows]
 
-        return await self._r.run(q, urgent=True)
+        return await self._r.run(q)
 
     async def delete(self, coll: str, key: str) -> bool:
         def q(db: sqlite3.Connection) -> bool:
             cur = db.execute("DELETE FROM docs WHERE coll=? AND key=?", (coll, key))
             return cur.rowcount == 1
 
-        return await self._w.run(q, urgent=True)
+        return await self._w.run(q)
 
     async def delete_below(self, coll: str, ix: int | str) -> int:
         def q(db: sqlite3.Connection) -> int:
             return db.execute("DELETE FROM docs WHERE coll=? AND ix<?", (coll, ix)).rowcount
 
-        return await self._w.run(q, urgent=True)
+        return await self._w.run(q)
 
 
 def _doc(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -164,7 +164,7 @@ async def test_an_alert_reaches_every_route_once_and_nobody_else(
 async def _sids(node: Node, alert_id: str) -> set[str]:
     import sqlite3
 
-    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
     rows = db.execute(
         "SELECT ix FROM docs WHERE coll='deliveries' AND key LIKE ?", (f"{alert_id}|sms|%",)
     ).fetchall()

@@ -343,7 +343,7 @@ async def test_pins_are_set_with_the_current_one_and_stored_only_hashed(
         assert await pia.error("pin.set", pin="555555", current_pin="000000") == "forbidden"
         await pia.ok("pin.set", pin="555555", current_pin="473829")
         assert await pia.error("pin.set", pin="666666", current_pin="473829") == "forbidden"
-        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
         (stored,) = db.execute(
             "SELECT doc FROM docs WHERE coll='pins' AND key=?", (owner,)
         ).fetchone()

@@ -63,7 +63,7 @@ def texts(fakes: FakeProviders, phone: str) -> list[str]:
 
 def stored(node: Node, coll: str, key: str) -> tuple[Any, dict[str, Any]] | None:
     """(ix, document) of a record in the node's SQLite store."""
-    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
     try:
         row = db.execute("SELECT ix, doc FROM docs WHERE coll=? AND key=?", (coll, key)).fetchone()
     finally:

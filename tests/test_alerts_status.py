@@ -87,7 +87,7 @@ async def settled(raw: Raw, alert_id: str) -> dict[tuple[str, str], dict[str, An
 
 def sid_of(node: Node, alert_id: str, phone: str) -> str:
     """The Twilio message id the node stored for an SMS (its delivery record's index)."""
-    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+    db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
     try:
         row = db.execute(
             "SELECT ix FROM docs WHERE coll='deliveries' AND key=?", (f"{alert_id}|sms|{phone}",)
@@ -450,7 +450,7 @@ async def test_a_contact_whose_app_does_not_confirm_gets_the_sms(
 
         record = await until(texted, 20, what="the fallback SMS in the status")
         # the durable records say what became of each fallback, and why
-        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
         try:
             rows = db.execute(
                 "SELECT key, doc FROM docs WHERE coll='alert_fallbacks' AND key LIKE ?",
@@ -483,7 +483,7 @@ async def test_a_fallback_armed_before_the_node_died_still_goes_out(
     ]
 
     def armed() -> bool:
-        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+        db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
         try:
             return bool(
                 db.execute(

@@ -383,7 +383,7 @@ async def test_a_contact_whose_number_is_also_a_contact_gets_one_sms_and_the_fal
         ]
 
         def fallback() -> dict[str, Any] | None:
-            db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "realtime.sqlite3")
+            db = sqlite3.connect(Path(node.env["RT_DATA_DIR"]) / "alerts.sqlite3")
             try:
                 row = db.execute(
                     "SELECT doc FROM docs WHERE coll='alert_fallbacks' AND key LIKE ?",

@@ -5,7 +5,6 @@ embedded store serves the alert documents' lane before chat's."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from wire import Raw, plain, until
 from realtime_safety.client import Client
 from realtime_safety.loadtests.support import stalled_subscriber
 from realtime_safety.realtime.overload import LoadMonitor, OverloadLimits
-from realtime_safety.storage.sqlite_db import Db
 
 # --- the load signal ------------------------------------------------------------------------
 
@@ -131,33 +129,6 @@ async def test_a_slow_backends_average_fades_without_calls() -> None:
     started = time.monotonic()
     await until(lambda: service.slowest_s() < slow / 4, 10, what="the average to fade")
     assert time.monotonic() - started >= LATENCY_HALF_LIFE_S  # two half-lives, not at once
-
-
-# --- the embedded store's lanes -------------------------------------------------------------
-
-
-async def test_urgent_store_calls_overtake_queued_ones(tmp_path: Path) -> None:
-    db = Db(tmp_path / "lanes.db", "lanes")
-    order: list[str] = []
-    gate = threading.Event()
-
-    def step(name: str, *, wait: bool = False) -> object:
-        def run(_: object) -> None:
-            if wait:
-                gate.wait(10)
-            order.append(name)
-
-        return run
-
-    first = asyncio.create_task(db.run(step("first", wait=True)))  # type: ignore[arg-type]
-    await until(lambda: db._thread is not None and not any(db._lanes), what="first running")
-    chat = [asyncio.create_task(db.run(step(f"chat{i}"))) for i in range(3)]  # type: ignore[arg-type]
-    sos = asyncio.create_task(db.run(step("sos"), urgent=True))  # type: ignore[arg-type]
-    await until(lambda: len(db._lanes[1]) == 3 and len(db._lanes[0]) == 1, what="queued")
-    gate.set()
-    await asyncio.gather(first, *chat, sos)
-    assert order == ["first", "sos", "chat0", "chat1", "chat2"]
-    await db.close()
 
 
 # --- a real node -----------------------------------------------------------------------------

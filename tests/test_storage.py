@@ -357,3 +357,44 @@ async def test_redact_and_resolve(factory: Any) -> None:
     assert await store.reports.resolve("r9", "actioned") is True
     assert await store.reports.resolve("r9", "dismissed") is False  # no longer open
     assert [r.id for r in await store.reports.list("actioned", 5)] == ["r9"]
+
+
+async def test_sqlite_documents_move_to_their_own_file_and_chat_keeps_none(
+    tmp_path: Path,
+) -> None:
+    """Alerts are documents in alerts.sqlite3, with their own writer (an SOS never waits
+    behind chat's group commits); a database from before keeps its documents, moved."""
+    import sqlite3
+
+    from realtime_safety.storage.sqlite import DOCS_MOVED, MIGRATIONS
+
+    chat = sqlite3.connect(tmp_path / "realtime.sqlite3", isolation_level=None)
+    for version, script in enumerate(MIGRATIONS[: DOCS_MOVED - 1], start=1):
+        for statement in filter(str.strip, script.split(";")):
+            chat.execute(statement)
+        chat.execute(f"PRAGMA user_version={version}")
+    chat.execute("INSERT INTO docs VALUES ('alerts', 'a1', 5, 3, ?)", (b"\x81\xa1k\xa1v",))
+    chat.close()
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        assert await store.docs.get("alerts", "a1") == {"k": "v", "_v": 3}
+        assert await store.docs.below("alerts", 6, 10) == [("a1", {"k": "v", "_v": 3})]
+        await store.docs.insert("alerts", "a2", {"n": 1})
+    finally:
+        await store.close()
+    chat = sqlite3.connect(tmp_path / "realtime.sqlite3")
+    tables = {r[0] for r in chat.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    chat.close()
+    assert "docs" not in tables and "messages" in tables  # no phone number left behind
+    alerts = sqlite3.connect(tmp_path / "alerts.sqlite3")
+    assert alerts.execute("SELECT key FROM docs ORDER BY key").fetchall() == [("a1",), ("a2",)]
+    alerts.close()
+    assert oct((tmp_path / "alerts.sqlite3").stat().st_mode & 0o777) == "0o600"
+    again = SqliteStore(tmp_path)  # opening again moves nothing twice
+    await again.open()
+    try:
+        assert [k for k, _ in await again.docs.below("alerts", 6, 10)] == ["a1"]
+        assert [r["key"] async for r in again.dump("docs")] == ["a1", "a2"]
+    finally:
+        await again.close()

@@ -94,7 +94,7 @@ def queues_idle(work: Path) -> bool:
     """Whether an embedded node (data in `work`/data) has no delivery job left: none queued,
     taken or waiting to retry (a job that is done has no index). With every planned delivery
     finished as well, nothing more goes to a provider: a count taken then is final."""
-    db = sqlite3.connect(work / "data" / "realtime.sqlite3")
+    db = sqlite3.connect(work / "data" / "alerts.sqlite3")
     try:
         (pending,) = db.execute(
             "SELECT count(*) FROM docs WHERE coll LIKE 'jobs:%' AND ix IS NOT NULL"
