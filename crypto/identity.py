@@ -103,6 +103,12 @@ def _need_text(what: str, value: object) -> str:
     return value
 
 
+def _need_int(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CryptoError(f"{what} must be an integer")
+    return value
+
+
 def _need_ms(what: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise CryptoError(f"{what} must be a non-negative integer (ms)")
@@ -507,9 +513,7 @@ class UserKeys:
         if not isinstance(outer, dict) or outer.get("magic") != BACKUP_MAGIC:
             raise CryptoError("not a user-key backup")
         salt = _need_bytes("salt", outer.get("salt"), nacl.pwhash.argon2id.SALTBYTES)
-        ops, mem = outer.get("ops"), outer.get("mem")
-        if not isinstance(ops, int) or not isinstance(mem, int):
-            raise CryptoError("backup limits must be integers")
+        ops, mem = _need_int("ops", outer.get("ops")), _need_int("mem", outer.get("mem"))
         _check_limits(ops, mem)
         box = outer.get("box")
         if not isinstance(box, bytes):

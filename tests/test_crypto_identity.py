@@ -562,6 +562,7 @@ def test_a_damaged_or_foreign_backup_is_refused() -> None:
         {**outer, "magic": "rt-device-keys-v1"},
         {**outer, "mem": nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE * 2},  # refused before Argon2
         {**outer, "ops": 0},
+        {**outer, "ops": True},
         {**outer, "salt": b"short"},
         {k: v for k, v in outer.items() if k != "box"},
     ]
