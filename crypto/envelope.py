@@ -297,7 +297,10 @@ def decrypt_v2(
         and isinstance(payload["text"], str)
         and w.is_bytes(payload["fk"], FRANK_BYTES)
         and w.is_int(payload["ts"], 0, MAX_TS)
-        and (payload["sth"] is None or isinstance(payload["sth"], bytes))
+        and (
+            payload["sth"] is None
+            or (isinstance(payload["sth"], bytes) and len(payload["sth"]) <= MAX_STH_BYTES)
+        )
     ):
         raise CryptoError("payload has the wrong shape")
     if payload["ts"] != checked["ts"]:
@@ -321,10 +324,12 @@ def decrypt_v2(
 Kind = Literal["v2", "v1", "plain"]
 
 
-def classify(body: object, encrypted_channel: bool) -> Kind:
+def classify(body: object, encrypted_channel: bool, *, v1_allowed: bool = True) -> Kind:
     """Which path opens `body`: "v2" (`decrypt_v2`), "v1" (`open_v1`; readable, not
     `verified`) or "plain" (`{"alg": "none"}`, only outside encrypted channels). Plaintext in
-    an encrypted channel raises CryptoError("plaintext in an encrypted channel")."""
+    an encrypted channel raises CryptoError("plaintext in an encrypted channel"). A channel
+    the client knows has moved to v2 can pass `v1_allowed=False`: a v1 envelope is then
+    refused too (its keys come from the server, so it is the next downgrade)."""
     if not isinstance(body, dict):
         raise CryptoError("body is not a map")
     alg, version = body.get("alg"), body.get("v")
@@ -335,6 +340,8 @@ def classify(body: object, encrypted_channel: bool) -> Kind:
     if type(version) is int and version == VERSION and alg == ALG:
         return "v2"
     if type(version) is int and version == 1 and alg == V1_ALG:
+        if not v1_allowed:
+            raise CryptoError("v1 envelope in a channel that moved to v2")
         return "v1"
     raise CryptoError("unknown envelope version or algorithm")
 

@@ -223,7 +223,10 @@ class Olm:
                 vodozemac.Curve25519PublicKey.from_bytes(curve25519), prekey
             )
         except (vodozemac.SessionCreationException, vodozemac.KeyException, ValueError):
-            raise CryptoError("Olm pre-key message is not from that device's key") from None
+            raise CryptoError(
+                "Olm pre-key message does not open: made from another identity key, "
+                "with a one-time key already used, or replayed"
+            ) from None
         self._remember(user, device, _OlmEntry(curve25519, session))
         return OlmPlaintext(user, device, curve25519, plaintext)
 

@@ -215,7 +215,7 @@ def test_olm_refuses_a_prekey_message_from_another_key(trio: tuple[Device, Devic
     kind, ct = carol.olm.encrypt("bob", "b1", bob.account.curve25519, b"I am alice")
     # the server says it comes from alice; bob uses alice's verified Curve25519 key
     expect(
-        "not from that device's key",
+        "pre-key message does not open",
         bob.olm.decrypt,
         "alice",
         "a1",
@@ -559,6 +559,43 @@ def test_the_wrong_sender_device_or_user_is_refused(
     expect("bad signature", open_at, bob, alice, {**body, "device": "a2"}, "m-1")
 
 
+def _signed_body(sender: Device, out: env.OutboundSession, payload: bytes, cmid: str) -> Any:
+    """An envelope the sender's device really signed, around an arbitrary Megolm plaintext."""
+    index = out.message_index
+    mm = out.session.encrypt(payload).to_bytes()
+    body = {
+        "v": 2,
+        "alg": "megolm.v1",
+        "device": sender.name,
+        "session": out.session_id,
+        "index": index,
+        "ts": T0,
+        "mm": mm,
+        "sig": b"",
+        "frank": b"f" * 32,
+    }
+    return _resign(sender, body, cmid)
+
+
+def test_a_payload_of_the_wrong_shape_is_refused(
+    sent: tuple[Device, Device, Device, env.OutboundSession, dict[str, Any]],
+) -> None:
+    alice, bob, _, out, _ = sent
+    fk = b"k" * 32
+    bad = [
+        pack({"text": "t", "fk": fk, "ts": T0}),  # no sth
+        pack({"text": "t", "fk": fk, "ts": T0, "sth": None, "extra": 1}),
+        pack({"text": "t", "fk": fk, "ts": T0, "sth": b"s" * 4097}),
+        pack({"text": b"t", "fk": fk, "ts": T0, "sth": None}),
+        pack(["t", fk, T0, None]),
+    ]
+    for n, payload in enumerate(bad):
+        body = _signed_body(alice, out, payload, f"x-{n}")
+        expect("payload has the wrong shape", open_at, bob, alice, body, f"x-{n}")
+    body = _signed_body(alice, out, b"\xc1", "x-9")
+    expect("payload is not msgpack", open_at, bob, alice, body, "x-9")
+
+
 def test_the_payload_time_must_be_the_envelope_time(
     sent: tuple[Device, Device, Device, env.OutboundSession, dict[str, Any]],
 ) -> None:
@@ -627,6 +664,10 @@ def test_plaintext_is_refused_in_an_encrypted_channel_and_v1_is_routed() -> None
     assert env.classify(plain, False) == "plain"
     assert env.classify({"v": 2, "alg": "megolm.v1"}, True) == "v2"
     assert env.classify({"v": 1, "alg": "xchacha20poly1305"}, True) == "v1"
+    expect(
+        "moved to v2", env.classify, {"v": 1, "alg": "xchacha20poly1305"}, True, v1_allowed=False
+    )
+    assert env.classify({"v": 2, "alg": "megolm.v1"}, True, v1_allowed=False) == "v2"
     expect("unknown envelope", env.classify, {"v": 3, "alg": "megolm.v1"}, True)
     expect("unknown envelope", env.classify, {"v": True, "alg": "xchacha20poly1305"}, True)
     expect("unknown envelope", env.classify, {"v": 2, "alg": "xchacha20poly1305"}, True)
