@@ -12,6 +12,7 @@ only compared against it (`diff`), never believed.
   evidence; `check_head` compares a head heard elsewhere (gossip) with ours.
 - Client rules: `recipients` (the users whose devices get key shares), `must_rotate`
   (a removal or leave happened), `check_send` (refuse a session older than the last removal),
+  `check_received` (a share or message stamped ahead of our log, or from a non-member),
   `diff` (what the server lists that the log does not, and the reverse).
 
 Nothing here trusts the server for device keys: `apply` takes a `device_key(user, device)`
@@ -65,8 +66,9 @@ class MembershipError(CryptoError):
     """An entry or log that does not verify, or a send the log forbids.
 
     `kind` is a stable short code (the spec's error list): "malformed", "channel", "epoch",
-    "prev_hash", "unknown_device", "signature", "forbidden", "invalid", "fork",
-    "stale_session"; `reason` says exactly what is wrong, for logs and people."""
+    "prev_hash", "unknown_device", "signature", "forbidden", "invalid", "fork" (entries);
+    "stale_session", "behind", "not_member" (the client rules); `reason` says exactly what
+    is wrong, for logs and people."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
@@ -503,6 +505,21 @@ def check_send(session_epoch: int, state: MembershipState) -> None:
             "stale_session",
             f"the session is from epoch {session_epoch}, the verified log is at {state.epoch}",
         )
+
+
+def check_received(share_epoch: int, sender_user: str, state: MembershipState) -> None:
+    """Judge a key share (or message) by its sender's user and the membership epoch it was
+    stamped with: `behind` when the stamp is ahead of our verified log (fetch the log, apply,
+    and judge again; still behind: the server withholds entries, surface it), `not_member`
+    when the sender is not a member of the room as the verified log says."""
+    if share_epoch > state.epoch:
+        raise MembershipError(
+            "behind",
+            f"stamped with epoch {share_epoch}, our verified log is at {state.epoch}: "
+            "fetch the log first",
+        )
+    if sender_user not in state.members:
+        raise MembershipError("not_member", f"{sender_user!r} is not a member of {state.channel}")
 
 
 def diff(state: MembershipState, server_members: Iterable[str]) -> tuple[set[str], set[str]]:

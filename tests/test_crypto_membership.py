@@ -31,6 +31,7 @@ from realtime_safety.crypto.membership import (
     MemberEntry,
     MembershipError,
     MembershipState,
+    check_received,
     check_send,
     diff,
     entry_hash,
@@ -523,6 +524,17 @@ def test_check_send_refuses_sessions_older_than_the_last_removal() -> None:
     with pytest.raises(MembershipError) as caught:  # a session from a log we no longer see
         check_send(7, state)
     assert caught.value.kind == "stale_session"
+
+
+def test_check_received_wants_a_member_and_a_stamp_we_have_reached() -> None:
+    state = room(*STAFFED, ("bob", "remove", "carol", ""))  # epoch 5
+    check_received(5, "bob", state)
+    check_received(1, "alice", state)
+    for epoch, sender, kind in [(6, "bob", "behind"), (4, "carol", "not_member"),
+                                (5, "mallory", "not_member"), (6, "carol", "behind")]:  # fmt: skip
+        with pytest.raises(MembershipError) as caught:
+            check_received(epoch, sender, state)
+        assert caught.value.kind == kind
 
 
 def test_diff_says_what_the_server_lists_that_the_log_does_not() -> None:
