@@ -5,7 +5,8 @@ the device that made the change. Clients compute who is in the room, with which 
 which *epoch* (the log's length) from the verified chain alone; the server's `members` reply is
 only compared against it (`diff`), never believed.
 
-- `MemberEntry`, `entry_statement`, `entry_hash`, `sign_entry`: the bytes of one entry.
+- `MemberEntry`, `entry_statement`, `entry_hash`, `sign_entry`: the bytes of one entry;
+  `sign_next`: the next entry on a state, checked as members will check it.
 - `MembershipState`: a verified log; `apply` checks one entry (channel, epoch, link, device
   key, signature, the actor's authority, the op's validity) and appends it; `from_log` checks a
   whole chain; two different valid entries for one epoch are a `ForkError` with both as
@@ -255,8 +256,8 @@ def sign_entry(
     actor_device: str,
     ts_ms: int,
 ) -> MemberEntry:
-    """A signed entry. It is not checked against any state: apply it to a copy of the state
-    (`MembershipState.copy`) before sending it, to know whether members will accept it."""
+    """A signed entry, checked against nothing (`sign_next` builds and checks the next entry
+    of a state)."""
     statement = entry_statement(
         channel, epoch, prev_hash, op, target_user, role, actor_user, actor_device, ts_ms
     )
@@ -264,6 +265,37 @@ def sign_entry(
     return MemberEntry(
         channel, epoch, prev_hash, op, target_user, role, actor_user, actor_device, ts_ms, sig
     )
+
+
+def sign_next(
+    state: MembershipState,
+    signing_key: SigningKey,
+    *,
+    op: str,
+    target_user: str,
+    role: str,
+    actor_user: str,
+    actor_device: str,
+    ts_ms: int,
+) -> MemberEntry:
+    """The next entry on `state` (epoch + 1, linked to its head), signed, and checked against
+    the rules as members will check it: raises the `MembershipError` they would (the state is
+    not changed; apply the entry once the server has taken it)."""
+    entry = sign_entry(
+        signing_key,
+        channel=state.channel,
+        epoch=state.epoch + 1,
+        prev_hash=state.head,
+        op=op,
+        target_user=target_user,
+        role=role,
+        actor_user=actor_user,
+        actor_device=actor_device,
+        ts_ms=ts_ms,
+    )
+    own = bytes(signing_key.verify_key)
+    state.copy().apply(entry, lambda u, d: own if (u, d) == (actor_user, actor_device) else None)
+    return entry
 
 
 class MembershipState:
@@ -300,8 +332,8 @@ class MembershipState:
 
     @property
     def members(self) -> Mapping[str, str]:
-        """user -> role ("owner" | "admin" | "member"), read-only."""
-        return MappingProxyType(self._members)
+        """user -> role ("owner" | "admin" | "member"), read-only, as of now."""
+        return MappingProxyType(dict(self._members))  # a snapshot: later entries leave it
 
     @property
     def epoch(self) -> int:

@@ -39,6 +39,7 @@ from realtime_safety.crypto.membership import (
     must_rotate,
     recipients,
     sign_entry,
+    sign_next,
 )
 
 FILE = Path(__file__).parent / "vectors" / "membership-v2.json"
@@ -334,6 +335,26 @@ def test_a_member_added_again_starts_with_the_role_given_then() -> None:
     state = room(*STAFFED, ("alice", "remove", "bob", ""), ("alice", "add", "bob", "member"))
     assert state.members["bob"] == "member"
     rejected(state, nxt(state, "bob", "remove", "carol"), "forbidden")
+
+
+def test_sign_next_links_signs_and_refuses_what_members_would_refuse() -> None:
+    state = room(*STAFFED)
+    entry = sign_next(state, KEYS["bob"], op="add", target_user="dave", role="member",
+                      actor_user="bob", actor_device=DEVICE["bob"], ts_ms=T0)  # fmt: skip
+    assert (entry.epoch, entry.prev_hash) == (5, state.head) and state.epoch == 4
+    assert entry == nxt(state, "bob", "add", "dave", "member", ts_ms=T0)
+    with pytest.raises(MembershipError) as caught:
+        sign_next(state, KEYS["bob"], op="remove", target_user="alice", role="",
+                  actor_user="bob", actor_device=DEVICE["bob"], ts_ms=T0)  # fmt: skip
+    assert caught.value.kind == "forbidden" and state.epoch == 4
+    assert state.apply(entry, lookup) and "dave" in state.members
+
+
+def test_members_is_a_snapshot() -> None:
+    state = room()
+    before = state.members
+    state.apply(nxt(state, "alice", "add", "bob", "member"), lookup)
+    assert dict(before) == {"alice": "owner"} and "bob" in state.members
 
 
 # -- chain breaks ------------------------------------------------------------------------------
