@@ -21,6 +21,7 @@ RECORD_KINDS = (
     "channel_keys",
     "reports",
     "docs",
+    "records",
 )
 
 
@@ -236,7 +237,15 @@ class Store(Protocol):
     def reports(self) -> ReportStore: ...
 
     @property
-    def docs(self) -> DocStore: ...
+    def docs(self) -> DocStore:
+        """Alerts and what serves them (jobs, statuses, check-ins, bans, contacts)."""
+        ...
+
+    @property
+    def records(self) -> DocStore:
+        """The same kind of documents for chat and end-to-end encryption (the key log,
+        one-time keys, to-device messages, membership logs), apart from the alerts'."""
+        ...
 
     async def open(self) -> None:
         """Connect, create collections/tables and indexes idempotently."""

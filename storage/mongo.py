@@ -97,7 +97,15 @@ async def _v4(db: Any) -> None:
                 raise
 
 
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
+async def _v5(db: Any) -> None:
+    """Chat's and end-to-end encryption's documents, apart from the alerts' (`docs`)."""
+    await db["records"].create_index(
+        [("coll", ASCENDING), ("key", ASCENDING)], unique=True, name="coll_key"
+    )
+    await db["records"].create_index([("coll", ASCENDING), ("ix", ASCENDING)], name="coll_ix")
+
+
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.
@@ -116,6 +124,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "reports": (REPORT_FIELDS, ("id",)),
     "docs": (("coll", "key", "ix", "v", "doc"), ("coll", "key")),
+    "records": (("coll", "key", "ix", "v", "doc"), ("coll", "key")),
 }
 
 
@@ -148,6 +157,7 @@ class MongoStore:
         self.keys = MongoKeys(self._db)
         self.reports = MongoReports(self._db)
         self.docs = MongoDocs(self._db)
+        self.records = MongoDocs(self._db, "records")
 
     async def open(self) -> None:
         meta = self._db["meta"]

@@ -195,8 +195,8 @@ class MongoReports:
 
 
 class MongoDocs:
-    def __init__(self, db: Any) -> None:
-        self._col = db["docs"]
+    def __init__(self, db: Any, collection: str = "docs") -> None:
+        self._col = db[collection]
 
     @staticmethod
     def _out(d: dict[str, Any]) -> dict[str, Any]:

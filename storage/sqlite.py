@@ -109,6 +109,14 @@ MIGRATIONS: list[str] = [
     """
     DROP TABLE IF EXISTS docs;
     """,
+    # v6: chat's and end-to-end encryption's documents (the same shape as the alerts' docs).
+    """
+    CREATE TABLE IF NOT EXISTS records (
+        coll TEXT NOT NULL, key TEXT NOT NULL, ix, v INTEGER NOT NULL, doc BLOB NOT NULL,
+        PRIMARY KEY (coll, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS records_ix ON records (coll, ix);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 DOCS_MOVED = 5  # the version that dropped `docs` from realtime.sqlite3
@@ -140,6 +148,7 @@ _DUMP = {
     ),
     "reports": (f"SELECT {REPORT_COLUMNS} FROM reports", REPORT_COLUMNS),
     "docs": ("SELECT coll, key, ix, v, doc FROM docs", "coll, key, ix, v, doc"),
+    "records": ("SELECT coll, key, ix, v, doc FROM records", "coll, key, ix, v, doc"),
 }
 
 _TABLES = {"devices": "user_devices", "channel_keys": "user_channel_keys"}  # kind -> table
@@ -190,6 +199,7 @@ class SqliteStore:
         self.keys = SqliteKeys(self._writer, self._reader)
         self.reports = SqliteReports(self._writer, self._reader)
         self.docs = SqliteDocs(self._alerts_writer, self._alerts_reader)
+        self.records = SqliteDocs(self._writer, self._reader, table="records")
 
     async def open(self) -> None:
         try:
@@ -227,7 +237,7 @@ class SqliteStore:
             )
             for row in rows:
                 record = dict(zip(names, row, strict=True))
-                if kind in ("messages", "docs"):
+                if kind in ("messages", "docs", "records"):
                     field = "body" if kind == "messages" else "doc"
                     record[field] = msgpack.unpackb(record[field], raw=False)
                 yield record
@@ -243,7 +253,7 @@ class SqliteStore:
         rows = []
         for r in records:
             values = dict(r)
-            if kind in ("messages", "docs"):
+            if kind in ("messages", "docs", "records"):
                 field = "body" if kind == "messages" else "doc"
                 values[field] = msgpack.packb(values[field], use_bin_type=True)
             rows.append(tuple(values.get(n) for n in names))

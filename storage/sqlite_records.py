@@ -229,9 +229,10 @@ class SqliteReports:
 
 
 class SqliteDocs:
-    def __init__(self, writer: Db, reader: Db) -> None:
+    def __init__(self, writer: Db, reader: Db, table: str = "docs") -> None:
         self._w = writer
         self._r = reader
+        self._t = table
 
     async def insert(
         self, coll: str, key: str, doc: dict[str, Any], ix: Ix = None
@@ -240,13 +241,13 @@ class SqliteDocs:
 
         def q(db: sqlite3.Connection) -> dict[str, Any] | None:
             cur = db.execute(
-                "INSERT OR IGNORE INTO docs (coll, key, ix, v, doc) VALUES (?,?,?,1,?)",
+                f"INSERT OR IGNORE INTO {self._t} (coll, key, ix, v, doc) VALUES (?,?,?,1,?)",
                 (coll, key, ix, blob),
             )
             if cur.rowcount == 1:
                 return None
             row = db.execute(
-                "SELECT v, doc FROM docs WHERE coll=? AND key=?", (coll, key)
+                f"SELECT v, doc FROM {self._t} WHERE coll=? AND key=?", (coll, key)
             ).fetchone()
             return _doc(row)
 
@@ -255,7 +256,7 @@ class SqliteDocs:
     async def get(self, coll: str, key: str) -> dict[str, Any] | None:
         def q(db: sqlite3.Connection) -> dict[str, Any] | None:
             row = db.execute(
-                "SELECT v, doc FROM docs WHERE coll=? AND key=?", (coll, key)
+                f"SELECT v, doc FROM {self._t} WHERE coll=? AND key=?", (coll, key)
             ).fetchone()
             return _doc(row) if row else None
 
@@ -270,14 +271,14 @@ class SqliteDocs:
         def q(db: sqlite3.Connection) -> bool:
             if version is None:
                 db.execute(
-                    "INSERT INTO docs (coll, key, ix, v, doc) VALUES (?,?,?,1,?) "
+                    f"INSERT INTO {self._t} (coll, key, ix, v, doc) VALUES (?,?,?,1,?) "
                     "ON CONFLICT (coll, key) DO UPDATE SET ix=excluded.ix, v=v+1, "
                     "doc=excluded.doc",
                     (coll, key, ix, blob),
                 )
                 return True
             cur = db.execute(
-                "UPDATE docs SET ix=?, v=v+1, doc=? WHERE coll=? AND key=? AND v=?",
+                f"UPDATE {self._t} SET ix=?, v=v+1, doc=? WHERE coll=? AND key=? AND v=?",
                 (ix, blob, coll, key, version),
             )
             return cur.rowcount == 1
@@ -287,7 +288,8 @@ class SqliteDocs:
     async def prefix(self, coll: str, key_prefix: str, limit: int) -> list[dict[str, Any]]:
         def q(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = db.execute(
-                "SELECT v, doc FROM docs WHERE coll=? AND key>=? AND key<? ORDER BY key LIMIT ?",
+                f"SELECT v, doc FROM {self._t} "
+                "WHERE coll=? AND key>=? AND key<? ORDER BY key LIMIT ?",
                 (coll, key_prefix, key_prefix + "\U0010ffff", limit),
             ).fetchall()
             return [_doc(r) for r in rows]
@@ -297,7 +299,7 @@ class SqliteDocs:
     async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
             rows = db.execute(
-                "SELECT key, v, doc FROM docs WHERE coll=? AND ix<? ORDER BY ix LIMIT ?",
+                f"SELECT key, v, doc FROM {self._t} WHERE coll=? AND ix<? ORDER BY ix LIMIT ?",
                 (coll, ix, limit),
             ).fetchall()
             return [(r[0], _doc(r[1:])) for r in rows]
@@ -307,7 +309,7 @@ class SqliteDocs:
     async def find_ix(self, coll: str, ix: int | str) -> list[tuple[str, dict[str, Any]]]:
         def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
             rows = db.execute(
-                "SELECT key, v, doc FROM docs WHERE coll=? AND ix=?", (coll, ix)
+                f"SELECT key, v, doc FROM {self._t} WHERE coll=? AND ix=?", (coll, ix)
             ).fetchall()
             return [(r[0], _doc(r[1:])) for r in rows]
 
@@ -315,14 +317,14 @@ class SqliteDocs:
 
     async def delete(self, coll: str, key: str) -> bool:
         def q(db: sqlite3.Connection) -> bool:
-            cur = db.execute("DELETE FROM docs WHERE coll=? AND key=?", (coll, key))
+            cur = db.execute(f"DELETE FROM {self._t} WHERE coll=? AND key=?", (coll, key))
             return cur.rowcount == 1
 
         return await self._w.run(q)
 
     async def delete_below(self, coll: str, ix: int | str) -> int:
         def q(db: sqlite3.Connection) -> int:
-            return db.execute("DELETE FROM docs WHERE coll=? AND ix<?", (coll, ix)).rowcount
+            return db.execute(f"DELETE FROM {self._t} WHERE coll=? AND ix<?", (coll, ix)).rowcount
 
         return await self._w.run(q)
 

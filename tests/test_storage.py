@@ -240,6 +240,8 @@ async def test_dump_and_load_round_trip_between_backends(
     await source.messages.purge("public", before_ts=10)
     await source.memberships.add("room:a", "alice", 7)
     await source.read_markers.set("room:a", "alice", 2)
+    await source.docs.put("alerts", "a1", {"loc": b"\x01"}, ix=3)
+    await source.records.put("kt", "0000000001", {"entry": b"\x02"}, ix=1)
     from realtime_safety.storage import RECORD_KINDS
 
     dumped = {kind: [r async for r in source.dump(kind)] for kind in RECORD_KINDS}
@@ -257,6 +259,8 @@ async def test_dump_and_load_round_trip_between_backends(
             assert await other.load(kind, dumped[kind]) == len(dumped[kind])
             assert await other.load(kind, dumped[kind]) == 0
         assert [r async for r in other.dump("messages")] == dumped["messages"]
+        assert (await other.docs.get("alerts", "a1") or {}).get("loc") == b"\x01"
+        assert (await other.records.get("kt", "0000000001") or {}).get("entry") == b"\x02"
         assert await other.messages.last_seq("public:x") == 1
         assert await other.memberships.is_member("room:a", "alice")
         assert await other.read_markers.get("room:a", "alice") == 2
@@ -323,8 +327,12 @@ async def test_reports(factory: Any) -> None:
     assert listed[1].text is None and listed[1].verified is False
 
 
-async def test_docs(factory: Any) -> None:
-    docs = (await factory()).docs
+@pytest.mark.parametrize("which", ["docs", "records"])
+async def test_docs(factory: Any, which: str) -> None:
+    store = await factory()
+    docs = getattr(store, which)
+    other = store.records if which == "docs" else store.docs
+    await other.put("alerts", "a1", {"state": "elsewhere"})  # the two never mix
     assert await docs.insert("alerts", "a1", {"state": "active", "loc": b"\x01"}, ix=100) is None
     existing = await docs.insert("alerts", "a1", {"state": "other"}, ix=5)
     assert existing is not None and existing["state"] == "active" and existing["_v"] == 1
@@ -342,6 +350,7 @@ async def test_docs(factory: Any) -> None:
     assert await docs.delete_below("trail", 2) == 2
     assert await docs.delete("trail", "a2|0000") is True
     assert [d["i"] for d in await docs.prefix("trail", "", 10)] == [2]
+    assert (await other.get("alerts", "a1") or {})["state"] == "elsewhere"
 
 
 async def test_redact_and_resolve(factory: Any) -> None:
