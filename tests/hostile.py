@@ -16,16 +16,19 @@ every frame with that codec (`realtime_safety.protocol.CODECS`).
     proxy.requests("publish", user="alice")                     # what alice really sent
 
 A rule is `fn(frame, hit) -> frame | None`: it gets the decoded frame (bytes as the
-connection's codec gives them: raw bytes for msgpack, base64 text for JSON) and a `Hit`
+connection's codec gives them: raw bytes for msgpack, base64 text for JSON; raw bytes put
+into a frame go out as base64 on JSON, as the node's own do) and a `Hit`
 naming the connection (its user, known from the `auth` reply) and, for a reply, the request
 it answers (the proxy remembers request ids per connection). Rules of one kind run in the
 order they were added. Everything is recorded in `proxy.log`: requests as the client sent them
 (before any rule: what the client really did), replies and pushes as delivered (after the
 rules; `None` when dropped), forged pushes as `injected`.
 
-Injected message pushes without a `seq` get the next one of that connection's channel, and
-the proxy shifts every later server `seq` of that channel on that connection, so the client's
-own gap and duplicate checks (`client.core.Client._on_push`) see an unbroken sequence.
+The node's close code is passed on to the client. Injected message pushes without a `seq`
+get the next one of that connection's channel, and the proxy shifts every later server `seq`
+of that channel on that connection, so the client's own gap and duplicate checks
+(`client.core.Client._on_push`) see an unbroken sequence (a dropped push leaves a gap, as a
+dropping server would).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
-from wire import b64
 
 from realtime_safety.protocol import CODECS, JSON, Codec, UndecodableFrame
 
@@ -169,8 +171,8 @@ class HostileProxy:
 
     async def inject(self, target: Conn | str, frame: Frame) -> None:
         """Send a forged push to one connection, or to every connection of a user. Bytes are
-        given raw and base64-encoded for a JSON connection; a message push without `seq`
-        gets the next one of its channel on that connection."""
+        given raw (the JSON codec sends them as base64, as the node does); a message push
+        without `seq` gets the next one of its channel on that connection."""
         targets = [target] if isinstance(target, Conn) else self.connections(target)
         assert targets, f"no connection of {target!r} through the proxy"
         for conn in targets:
@@ -182,7 +184,7 @@ class HostileProxy:
             if forged.get("push") == "message" and channel is not None:
                 conn.last_seq[channel] = max(conn.last_seq.get(channel, 0), forged["seq"])
             self.log.append(Seen("injected", conn.user, forged, forged))
-            await conn.send(b64(forged) if conn.codec is JSON else forged)
+            await conn.send(forged)
 
     # --- what was seen ----------------------------------------------------------------
 
@@ -273,7 +275,11 @@ class HostileProxy:
                 for task in pumps:
                     task.cancel()
                     self._tasks.discard(task)
-                await client.close()
+                # the node's close code reaches the client (4003, 4009: the client stops)
+                code = upstream.close_code
+                if code is None or code in (1005, 1006, 1015):  # not sendable in a close
+                    code = 1000
+                await client.close(code, upstream.close_reason or "")
 
     async def _client_to_node(self, conn: Conn) -> None:
         with contextlib.suppress(ConnectionClosed):

@@ -59,7 +59,7 @@ from hostile import (
     hostile_node,  # noqa: F401 (a fixture)
     unique,
 )
-from wire import until
+from wire import Raw, plain, until
 
 from realtime_safety.client import ServerError
 from realtime_safety.crypto.client import Decrypted, SecureClient
@@ -744,3 +744,66 @@ async def test_revoked_device_still_offered(world: World, attack: bool) -> None:
     stolen = stolen_keys(world.proxy, bob.user, old.keys)
     assert attacker_reads(world.proxy, ch, stolen, since=mark) == []
     assert not world.proxy.sent_mentioning(alice.user, old.keys.device, since=mark)
+
+
+# --- the proxy itself --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proto", ["rt.v1.json", "rt.v1.msgpack"])
+async def test_the_proxy_speaks_both_codecs_and_applies_its_rules(
+    hostile: HostileProxy,  # noqa: F811
+    proto: str,
+) -> None:
+    """The fixture the attacks stand on: the client's subprotocol is passed through, rules
+    fire for their op or kind and user only, requests are logged as sent, forged pushes are
+    numbered into the sequence (bytes base64 for JSON), and the node's close code arrives."""
+    ivy, jon = unique("ivy"), unique("jon")
+    ch = f"public:{uuid.uuid4().hex[:8]}"
+    reader = await Raw.open(hostile.url, token(ivy), proto=proto)
+    writer = await Raw.open(hostile.url, token(jon), proto=proto)
+    assert reader.ws.subprotocol == proto
+    hostile.on_reply("ping", lambda reply, hit: {**reply, "asked": (hit.request or {})["op"]})
+    hostile.on_reply("ping", lambda reply, _hit: {**reply, "jon": True}, user=jon)
+    hostile.on_request(
+        "publish",
+        lambda req, _hit: (
+            {**req, "body": plain("rewritten")} if req["body"]["text"] == "secret" else req
+        ),
+    )
+    hostile.on_push(
+        "message", lambda p, _hit: None if p["body"]["text"] == "drop me" else p, user=ivy
+    )
+    assert (await reader.ok("ping"))["asked"] == "ping"
+    assert "jon" not in await reader.ok("ping")
+    assert (await writer.ok("ping"))["jon"] is True
+    await reader.ok("subscribe", channel=ch)
+    for cmid, text in [("a", "one"), ("b", "secret"), ("c", "drop me"), ("d", "sentinel")]:
+        await writer.ok("publish", channel=ch, client_msg_id=cmid, body=plain(text))
+        if cmid == "a":
+            assert (await reader.push())["seq"] == 1
+            forged = {"push": "message", "channel": ch, "from": {"user": jon}, "blob": b"\1\2"}
+            await hostile.inject(ivy, {**forged, "client_msg_id": "x", "body": plain("forged")})
+    got = [await reader.push() for _ in range(3)]
+    assert [(p["seq"], p["body"]["text"]) for p in got] == [
+        (2, "forged"),
+        (3, "rewritten"),
+        (5, "sentinel"),  # the node's 4, after one forged push; its 3 was dropped: a gap
+    ]
+    assert got[0]["blob"] == ("AQI=" if proto == "rt.v1.json" else b"\1\2")
+    assert [f["body"]["text"] for f in hostile.requests("publish", user=jon)] == [
+        "one",
+        "secret",  # as jon's client sent it
+        "drop me",
+        "sentinel",
+    ]
+    assert [s.frame is None for s in hostile.seen("push", "message", user=ivy)] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    stranger = await Raw.open(hostile.url, proto=proto)
+    await stranger.send({"id": 1, "op": "auth", "token": "not a token"})
+    assert await stranger.close_code() == 4003
+    for raw in (reader, writer):
+        await raw.close()
