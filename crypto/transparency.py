@@ -30,13 +30,13 @@ SIG_BYTES = 64
 ENTRY_TAG = "rt.v2.log-entry"
 HEAD_TAG = "rt.v2.sth"
 MONITOR_TAG = "rt.v2.log-monitor"
-KINDS = ("user-key", "device", "revoke")
 MAX_INT = 2**63 - 1  # sizes, indices and times fit a signed 64-bit integer (TypeScript: BigInt)
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 HISTORY = 256  # how many earlier verified heads a monitor remembers (to answer gossip cheaply)
 
 Kind = Literal["user-key", "device", "revoke"]
 Comparison = Literal["same", "older", "newer", "needs-proof"]
+KINDS: tuple[Kind, ...] = ("user-key", "device", "revoke")
 
 
 class TransparencyError(CryptoError):
@@ -457,13 +457,14 @@ class LogMonitor:
         return sth
 
     def _remember(self, sth: SignedTreeHead) -> None:
-        self._history[sth.size] = sth
+        """Adds a verified head on our line; the same tree signed later replaces the earlier
+        signature (fresher); the largest becomes the current head."""
+        seen = self._history.get(sth.size)
+        if seen is None or sth.ts > seen.ts:
+            self._history[sth.size] = sth
         while len(self._history) > HISTORY:
             del self._history[min(self._history)]
-        if self.head is None or sth.size > self.head.size:
-            self.head = sth
-        elif sth.same_tree(self.head) and sth.ts > self.head.ts:
-            self.head = sth  # the same tree, signed again later: fresher
+        self.head = self._history[max(self._history)]
 
     def _known(self, sth: SignedTreeHead) -> SignedTreeHead | None:
         """A head of the same size that we verified before; ForkDetected if its root differs."""
@@ -589,18 +590,18 @@ class LogMonitor:
     # persistence
 
     def to_bytes(self) -> bytes:
-        """The monitor's state, for the client's own storage."""
+        """The monitor's state, for the client's own storage:
+        pack(["rt.v2.log-monitor", log_pub, [head wire...], scanned, [frontier hash...]])."""
         heads = [h.to_wire() for _, h in sorted(self._history.items())]
-        current = None if self.head is None else self.head.to_wire()
-        return _pack([MONITOR_TAG, self.log_pub, current, heads, self.scanned, self._frontier])
+        return _pack([MONITOR_TAG, self.log_pub, heads, self.scanned, self._frontier])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LogMonitor:
         """Restores a monitor saved by `to_bytes`, re-verifying every head it holds."""
         value = _unpack(data, "log monitor")
-        if not (isinstance(value, list) and len(value) == 6 and value[0] == MONITOR_TAG):
+        if not (isinstance(value, list) and len(value) == 5 and value[0] == MONITOR_TAG):
             raise TransparencyError("not a log monitor: wrong shape or tag")
-        _, log_pub, current, heads, scanned, frontier = value
+        _, log_pub, heads, scanned, frontier = value
         if not (isinstance(log_pub, bytes) and len(log_pub) == 32 and isinstance(heads, list)):
             raise TransparencyError("not a log monitor: bad key or heads")
         monitor = cls(log_pub)
@@ -608,14 +609,9 @@ class LogMonitor:
             if not isinstance(wire, bytes):
                 raise TransparencyError("not a log monitor: bad head")
             sth = monitor._parse(wire)
-            monitor._history[sth.size] = sth
-        if current is not None:
-            if not isinstance(current, bytes):
-                raise TransparencyError("not a log monitor: bad current head")
-            head = monitor._parse(current)
-            if monitor._known(head) is None:
-                raise TransparencyError("not a log monitor: current head not in its history")
-            monitor.head = head
+            if sth.size in monitor._history:
+                raise TransparencyError("not a log monitor: two heads of one size")
+            monitor._remember(sth)
         if not (_is_int(scanned) and isinstance(frontier, list)):
             raise TransparencyError("not a log monitor: bad scan state")
         if len(frontier) != bin(scanned).count("1") or not all(_is_hash(h) for h in frontier):
