@@ -480,6 +480,7 @@ def test_a_rollback_a_rewrite_and_a_bad_proof_are_forks_and_change_nothing() -> 
     with pytest.raises(t.ForkDetected) as info:
         monitor.update(smaller, [])
     assert not info.value.proven and info.value.theirs == smaller
+    assert "smaller" in info.value.reason
     rewritten = Server([*events(5), t.entry("device", "alice", b"attacker", 9)])
     with pytest.raises(t.ForkDetected) as info:
         monitor.update(rewritten.head(), [])
@@ -597,6 +598,9 @@ def test_the_owner_sees_each_entry_about_itself_once_and_cannot_be_shown_a_parti
         alice.own_entries([(7, server.entries[8]), (8, server.entries[8])], "alice")  # swapped
     with pytest.raises(t.TransparencyError):
         alice.own_entries(indexed[:8], "alice")  # stops short of any verified head
+    with pytest.raises(t.TransparencyError) as info:
+        alice.own_entries([indexed[7], indexed[7]], "alice")  # a repeat
+    assert not isinstance(info.value, t.ForkDetected)  # a malformed answer, not evidence
     assert alice.scanned == 7
     assert alice.own_entries(indexed, "alice") == [(7, t.parse_entry(server.entries[7]))]
     assert alice.scanned == 9
