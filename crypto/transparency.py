@@ -213,16 +213,16 @@ class MerkleLog:
         `size` without the leaves before it (`LogMonitor.start_scan`)."""
         size = self.size if size is None else size
         self._check_size(size)
-        return _frontier_of(self, size)
+        hashes, lo = [], 0
+        for width in _subtree_sizes(size):
+            hashes.append(self._hash(lo, lo + width))
+            lo += width
+        return hashes
 
 
-def _frontier_of(log: MerkleLog, size: int) -> list[bytes]:
-    hashes, lo = [], 0
-    for bit in reversed(range(size.bit_length())):
-        if size >> bit & 1:
-            hashes.append(log._hash(lo, lo + (1 << bit)))
-            lo += 1 << bit
-    return hashes
+def _subtree_sizes(size: int) -> list[int]:
+    """The sizes of the perfect subtrees that make up a tree of `size` leaves, largest first."""
+    return [1 << bit for bit in reversed(range(size.bit_length())) if size >> bit & 1]
 
 
 def _fold(frontier: Sequence[bytes]) -> bytes:
@@ -478,10 +478,12 @@ class LogMonitor:
         head's size to its size (empty for the first head). A smaller head than the current
         one, or a proof that fails, raises ForkDetected."""
         sth = self._parse(head)
-        self._known(sth)
+        known = self._known(sth)
         cur = self.head
         if cur is not None and sth.size < cur.size:
-            raise ForkDetected("the log went back to a smaller size", cur, sth, False)
+            if known is not None:  # on our line already: a lagging answer, not a fork
+                raise TransparencyError("stale head: older than the current one")
+            raise ForkDetected("rollback: the log went back to a smaller size", cur, sth, False)
         old_size, old_root = (0, EMPTY_ROOT) if cur is None else (cur.size, cur.root)
         if not verify_consistency(old_size, sth.size, old_root, sth.root, proof):
             if cur is None:
@@ -551,8 +553,7 @@ class LogMonitor:
         sth = self._history.get(size)
         if sth is None:
             raise TransparencyError("no verified head of that size")
-        want = [1 << b for b in reversed(range(size.bit_length())) if size >> b & 1]
-        if len(frontier) != len(want) or not all(_is_hash(h) for h in frontier):
+        if len(frontier) != len(_subtree_sizes(size)) or not all(_is_hash(h) for h in frontier):
             raise TransparencyError("frontier has the wrong shape for that size")
         if _fold(frontier) != sth.root:
             raise TransparencyError("frontier does not make the head's root")
@@ -614,7 +615,7 @@ class LogMonitor:
             monitor._remember(sth)
         if not (_is_int(scanned) and isinstance(frontier, list)):
             raise TransparencyError("not a log monitor: bad scan state")
-        if len(frontier) != bin(scanned).count("1") or not all(_is_hash(h) for h in frontier):
+        if len(frontier) != len(_subtree_sizes(scanned)) or not all(_is_hash(h) for h in frontier):
             raise TransparencyError("not a log monitor: bad frontier")
         monitor.scanned, monitor._frontier = scanned, frontier
         return monitor

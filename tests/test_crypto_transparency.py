@@ -475,23 +475,28 @@ def test_the_first_head_needs_an_empty_proof_and_a_good_signature() -> None:
 def test_a_rollback_a_rewrite_and_a_bad_proof_are_forks_and_change_nothing() -> None:
     server = Server(events(6))
     monitor = following(server)
-    before = monitor.to_bytes()
     smaller = t.sign_head(LOG_KEY, 5, server.log.root(5), 2000)
     with pytest.raises(t.ForkDetected) as info:
         monitor.update(smaller, [])
     assert not info.value.proven and info.value.theirs == smaller
     assert "smaller" in info.value.reason
-    rewritten = Server([*events(5), t.entry("device", "alice", b"attacker", 9)])
+    server.add(events(1, 6)[0])
+    monitor.update(server.head(), server.log.consistency(6))
+    with pytest.raises(t.TransparencyError) as stale:  # a head it verified before: only late
+        monitor.update(t.sign_head(LOG_KEY, 6, server.log.root(6), 3000), [])
+    assert not isinstance(stale.value, t.ForkDetected)
+    before = monitor.to_bytes()
+    rewritten = Server([*events(6), t.entry("device", "alice", b"attacker", 9)])
     with pytest.raises(t.ForkDetected) as info:
         monitor.update(rewritten.head(), [])
     assert info.value.proven and info.value.ours == server.head()
     assert info.value.theirs == rewritten.head()
-    rewritten.add(events(1, 6)[0])
+    rewritten.add(events(1, 7)[0])
     with pytest.raises(t.ForkDetected) as info:
-        monitor.update(rewritten.head(), rewritten.log.consistency(6))
+        monitor.update(rewritten.head(), rewritten.log.consistency(7))
     assert not info.value.proven
-    server.add(events(1, 6)[0])
-    proof = server.log.consistency(6)
+    server.add(events(1, 7)[0])
+    proof = server.log.consistency(7)
     with pytest.raises(t.ForkDetected):
         monitor.update(server.head(), [bytes([proof[0][0] ^ 1]) + proof[0][1:], *proof[1:]])
     assert monitor.to_bytes() == before
