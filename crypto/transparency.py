@@ -475,8 +475,9 @@ class LogMonitor:
 
     def update(self, head: SignedTreeHead | bytes, proof: Sequence[bytes]) -> None:
         """Moves to `head` (the server's answer), given the consistency proof from the current
-        head's size to its size (empty for the first head). A smaller head than the current
-        one, or a proof that fails, raises ForkDetected."""
+        head's size to its size (empty for the first head). A proof that fails, or a smaller
+        head than the current one that it has not verified before (a rollback), raises
+        ForkDetected; a smaller one it verified before raises TransparencyError (stale)."""
         sth = self._parse(head)
         known = self._known(sth)
         cur = self.head

@@ -395,6 +395,8 @@ def test_a_head_does_not_verify_with_another_key_or_any_field_changed() -> None:
         (LOG_PUB, t.SignedTreeHead(7, sth.root, 1235, sth.sig)),
         (LOG_PUB, t.SignedTreeHead(7, sth.root, sth.ts, bytes([sth.sig[0] ^ 1]) + sth.sig[1:])),
         (LOG_PUB[:31], sth),
+        (LOG_PUB, t.SignedTreeHead(7, sth.root, sth.ts, sth.sig[:63])),
+        (LOG_PUB, t.SignedTreeHead(7, sth.root[:31], sth.ts, sth.sig)),
     ]
     for key, head in cases:
         with pytest.raises(t.TransparencyError):
