@@ -15,6 +15,9 @@ from typing import Any
 from realtime_safety.protocol import Codec, ProtocolError
 
 ALG_ENVELOPE = "xchacha20poly1305"
+ALG_MEGOLM = "megolm.v1"  # the v2 envelope (docs/e2ee/messages.md)
+V2_FIELDS = frozenset({"v", "alg", "device", "session", "index", "ts", "mm", "sig", "frank"})
+V2_BYTES = ("mm", "sig", "frank")
 ALG_PLAIN = "none"
 NONCE_BYTES = 24
 SIG_BYTES = 64
@@ -34,8 +37,10 @@ def parse_body(
     `forbidden` error."""
     if not isinstance(raw, dict):
         raise ProtocolError("bad_request", "'body' must be an object")
+    if raw.get("v") == 2 and raw.get("alg") == ALG_MEGOLM:
+        return _v2_body(raw, codec, max_bytes)
     if raw.get("v") != 1:
-        raise ProtocolError("bad_request", "body.v must be 1")
+        raise ProtocolError("bad_request", "body.v must be 1 (or 2 with alg megolm.v1)")
     alg = raw.get("alg")
     if alg == ALG_PLAIN:
         if not plaintext_allowed:
@@ -75,4 +80,22 @@ def parse_body(
         if frank is None or len(frank) != FRANK_BYTES:
             raise ProtocolError("bad_request", f"body.frank must be {FRANK_BYTES} bytes")
         body["frank"] = frank
+    return body
+
+
+def _v2_body(raw: dict[str, Any], codec: Codec, max_bytes: int) -> dict[str, Any]:
+    """A v2 envelope with its byte fields as bytes. Only the shape the server needs is checked
+    here (exactly the envelope's fields, `device`, sizes); `crypto.envelope.server_verify_v2`
+    checks the rest, with the sender device's key, before anything is stored."""
+    if set(raw) != V2_FIELDS:
+        raise ProtocolError("bad_request", f"a v2 body has exactly {', '.join(sorted(V2_FIELDS))}")
+    body = dict(raw)
+    body["device"] = _short_str(raw["device"], "device")
+    for name in V2_BYTES:
+        data = codec.bytes_field(raw[name])
+        if data is None:
+            raise ProtocolError("bad_request", f"body.{name} must be bytes")
+        body[name] = data
+    if len(body["mm"]) > max_bytes:
+        raise ProtocolError("too_large", f"body.mm is over {max_bytes} bytes")
     return body

@@ -22,7 +22,7 @@ from realtime_safety.protocol import (
 )
 
 from .acl import AccessControl, Action
-from .body import ALG_ENVELOPE, parse_body
+from .body import ALG_ENVELOPE, ALG_MEGOLM, parse_body
 from .hub import Hub, message_item
 from .metrics import ChannelMetrics
 from .names import ChannelName, parse_channel
@@ -191,7 +191,7 @@ class ChannelOps(Feature):
         )
         who = session.identity
         await self._acl.check(who, ch, Action.PUBLISH)
-        if body["alg"] == ALG_ENVELOPE:
+        if body["alg"] in (ALG_ENVELOPE, ALG_MEGOLM):
             await session.bounded(self._verify_envelope(who.user, ch.name, cmid, body))
         device = body.get("device") or who.device
         appended = await self._service.publish(ch.name, who.user, device, cmid, body)

@@ -16,9 +16,12 @@ import nacl.exceptions
 from nacl.signing import VerifyKey
 
 from realtime_safety.protocol import Codec, ProtocolError
-from realtime_safety.storage import Device, DeviceRef, KeyStore, Message
+from realtime_safety.storage import Device, DeviceRef, DocStore, KeyStore, Message
 
-from .e2ee import device_statement, frank_commitment, message_statement
+from .directory_v2 import certified_device
+from .e2ee import CryptoError, device_statement, frank_commitment, message_statement
+from .envelope import ALG as V2_ALG
+from .envelope import server_verify_v2
 
 MAX_LOOKUP_USERS = 100
 MAX_SHARE_DEVICES = 1000
@@ -39,8 +42,15 @@ def server_tag(franking_key: bytes, frank: bytes, channel: str, user: str, ts: i
 
 
 class KeyDirectory:
-    def __init__(self, keys: KeyStore, franking_key: bytes, cache_size: int = 100_000) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        franking_key: bytes,
+        records: DocStore | None = None,
+        cache_size: int = 100_000,
+    ) -> None:
         self._keys = keys
+        self._records = records  # the v2 directory (docs/e2ee/server.md), for v2 envelopes
         self._franking_key = franking_key
         # (user, device) -> its keys; devices never change keys
         self._cache: OrderedDict[DeviceRef, Device] = OrderedDict()
@@ -117,7 +127,11 @@ class KeyDirectory:
     async def verify_envelope(
         self, user: str, channel: str, client_msg_id: str, body: dict[str, Any]
     ) -> None:
-        """`forbidden` unless the envelope is signed by a device registered to `user`."""
+        """`forbidden` unless the envelope is signed by a device registered to `user` (v1) or
+        by a certified, unrevoked device of `user` (v2)."""
+        if body["alg"] == V2_ALG:
+            await self._verify_v2(user, channel, client_msg_id, body)
+            return
         device = await self.device(user, body["device"])
         if device is None:
             raise ProtocolError(
@@ -130,6 +144,21 @@ class KeyDirectory:
             VerifyKey(device.signing_key).verify(statement, body["sig"])
         except nacl.exceptions.BadSignatureError:
             raise ProtocolError("forbidden", "envelope signature does not verify") from None
+
+    async def _verify_v2(
+        self, user: str, channel: str, client_msg_id: str, body: dict[str, Any]
+    ) -> None:
+        found = None
+        if self._records is not None:
+            found = await certified_device(self._records, user, body["device"])
+        if found is None:
+            raise ProtocolError(
+                "forbidden", f"device {body['device']!r} is not a certified device of the sender"
+            )
+        try:
+            server_verify_v2(body, channel, user, client_msg_id, found.ed25519)
+        except CryptoError as err:
+            raise ProtocolError("forbidden", f"v2 envelope does not verify: {err}") from None
 
     def tag(self, body: dict[str, Any], channel: str, user: str, ts: int) -> None:
         """Add the server's franking tag to a franked envelope (before it is stored)."""

@@ -34,6 +34,7 @@ from realtime_safety.channels.metrics import ChannelMetrics
 from realtime_safety.channels.ops import ChannelLimits, ChannelOps
 from realtime_safety.channels.service import ChannelService
 from realtime_safety.crypto.directory import KeyDirectory
+from realtime_safety.crypto.member_log import e2ee_v2_features
 from realtime_safety.crypto.ops import KeyOps
 from realtime_safety.moderation.ops import ModerationOps
 from realtime_safety.moderation.service import Moderation
@@ -88,7 +89,7 @@ class Node:
         )
         self.hub.on_mod = self.moderation.on_stream
         self.acl = AccessControl(self.memberships, self._can_see_alert, self.moderation.banned)
-        self.keys = KeyDirectory(self.store.keys, settings.franking_key)
+        self.keys = KeyDirectory(self.store.keys, settings.franking_key, self.store.records)
         self.channels = ChannelService(
             self.store,
             self.hub,
@@ -143,6 +144,7 @@ class Node:
                 PresenceVisibility(self.store, settings.presence_visibility).may_see,
             ),
             KeyOps(self.keys, self.store.keys, self.acl),
+            *e2ee_v2_features(self),  # to-device messages, membership logs
             AlertOps(self.alerts),
             CheckinOps(self.alerts.checkins, self.alerts.lane),
             PinOps(self.alerts.pins, self.alerts.lane),
