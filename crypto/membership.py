@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 from nacl.signing import SigningKey
@@ -228,8 +228,33 @@ def check_shape(entry: MemberEntry) -> None:
         raise MembershipError("malformed", "remove someone else; to go yourself, 'leave'")
 
 
+class DeviceSigner(Protocol):
+    """A device key that signs without handing out its private half (E2EE v2's
+    `envelope.DeviceAccount`): 64-byte Ed25519 signatures, and the 32-byte public key."""
+
+    @property
+    def ed25519(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+Signer = SigningKey | DeviceSigner
+
+
+def signature(signing_key: Signer, message: bytes) -> bytes:
+    if isinstance(signing_key, SigningKey):
+        return signing_key.sign(message).signature
+    return signing_key.sign(message)
+
+
+def public_key(signing_key: Signer) -> bytes:
+    if isinstance(signing_key, SigningKey):
+        return bytes(signing_key.verify_key)
+    return signing_key.ed25519
+
+
 def sign_entry(
-    signing_key: SigningKey,
+    signing_key: Signer,
     *,
     channel: str,
     epoch: int,
@@ -246,7 +271,7 @@ def sign_entry(
     statement = entry_statement(
         channel, epoch, prev_hash, op, target_user, role, actor_user, actor_device, ts_ms
     )
-    sig = signing_key.sign(statement).signature
+    sig = signature(signing_key, statement)
     return MemberEntry(
         channel, epoch, prev_hash, op, target_user, role, actor_user, actor_device, ts_ms, sig
     )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 import nacl.exceptions
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import VerifyKey
 
 from .membership import (
     HASH_BYTES,
@@ -33,10 +33,12 @@ from .membership import (
     ForkError,
     MemberEntry,
     MembershipError,
+    Signer,
     _bytes,
     _int,
     check_shape,
     entry_hash,
+    public_key,
     sign_entry,
 )
 
@@ -47,7 +49,7 @@ through cross-signing, else None. Never answered from an unverified server reply
 
 def sign_next(
     state: MembershipState,
-    signing_key: SigningKey,
+    signing_key: Signer,
     *,
     op: str,
     target_user: str,
@@ -71,7 +73,7 @@ def sign_next(
         actor_device=actor_device,
         ts_ms=ts_ms,
     )
-    own = bytes(signing_key.verify_key)
+    own = public_key(signing_key)
     state.copy().apply(entry, lambda u, d: own if (u, d) == (actor_user, actor_device) else None)
     return entry
 
