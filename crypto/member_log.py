@@ -30,7 +30,8 @@ from realtime_safety.protocol import Codec, Feature, ProtocolError, Reply, Sessi
 from realtime_safety.storage import DocStore, Store
 
 from .directory_v2 import certified_device
-from .membership import WIRE_FIELDS, MemberEntry, MembershipError, MembershipState
+from .membership import WIRE_FIELDS, MemberEntry, MembershipError
+from .membership_state import MembershipState
 from .todevice import Publish, ToDeviceOps, publish_quietly
 
 log = logging.getLogger("realtime.member_log")

@@ -38,7 +38,7 @@ async def people(node: Node) -> AsyncIterator[tuple[Person, Person]]:
     await bob.close()
 
 
-def msg(to: Device, ct: bytes = b"olm", kind: int = 0) -> dict[str, Any]:
+def msg(to: Device, ct: bytes | str = b"olm", kind: int = 0) -> dict[str, Any]:
     return {"user": to.user, "device": to.id, "type": kind, "ct": ct}
 
 
