@@ -7,7 +7,7 @@ Records (`store.records`, coll `todevice`): key `<user>|<device>|<%013d ts>|<ran
 `{id, from_user, from_device, type, ct, ts}` with `id` the key's last two parts, index `ts`.
 At most MAX_WAITING wait per device; they expire after TTL_MS (purged lazily: expired ones are
 deleted when their device fetches, and every node drops all expired ones at most once a
-minute as it serves a fetch).
+minute as it serves a send or a fetch).
 """
 
 from __future__ import annotations
@@ -118,12 +118,10 @@ class ToDeviceOps(Feature):
             out.append((user, device, int(kind), ct))
         return out
 
-    async def _waiting(self, session: Session, user: str, device: str, now: int) -> int:
-        """How many unexpired messages wait for the device (at most MAX_WAITING + 1)."""
-        docs = await session.bounded(
-            self._records.prefix(COLL, f"{user}|{device}|", MAX_WAITING + 1)
-        )
-        return sum(1 for d in docs if d["ts"] >= now - TTL_MS)
+    async def _waiting(self, session: Session, user: str, device: str) -> int:
+        """How many messages wait for the device (counting at most MAX_WAITING + 1)."""
+        prefix = f"{user}|{device}|"
+        return await session.bounded(self._records.count(COLL, prefix, MAX_WAITING + 1))
 
     async def send(self, session: Session, frame: dict[str, Any]) -> Reply:
         sender = session.identity.user
@@ -131,6 +129,7 @@ class ToDeviceOps(Feature):
         messages = self._messages(session, frame)
         await own_device(session, self._records, from_device)
         now = int(time.time() * 1000)
+        await self._purge(session, now - TTL_MS)  # expired messages take no room
         per_device: dict[tuple[str, str], int] = {}
         for user, device, _, _ in messages:
             per_device[user, device] = per_device.get((user, device), 0) + 1
@@ -139,7 +138,7 @@ class ToDeviceOps(Feature):
                 raise ProtocolError(
                     "not_found", f"{user!r} has no certified, unrevoked device {device!r}"
                 )
-            if await self._waiting(session, user, device, now) + n > MAX_WAITING:
+            if await self._waiting(session, user, device) + n > MAX_WAITING:
                 raise ProtocolError(
                     "too_large",
                     f"{MAX_WAITING} messages already wait for {user!r}'s device {device!r}",

@@ -207,6 +207,11 @@ class DocStore(Protocol):
         """Documents whose key starts with the prefix, in key order."""
         ...
 
+    async def count(self, coll: str, key_prefix: str, limit: int) -> int:
+        """How many documents' keys start with the prefix, counting at most `limit` (the
+        documents themselves are not read)."""
+        ...
+
     async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         """(key, document) with index value < ix, lowest first."""
         ...

@@ -245,6 +245,10 @@ class MongoDocs:
         docs = await guard(cursor.sort("key", ASCENDING).limit(limit).to_list())
         return [self._out(d) for d in docs]
 
+    async def count(self, coll: str, key_prefix: str, limit: int) -> int:
+        query = {"coll": coll, "key": {"$regex": f"^{re.escape(key_prefix)}"}}
+        return int(await guard(self._col.count_documents(query, limit=limit)))
+
     async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         cursor = self._col.find({"coll": coll, "ix": {"$lt": ix}})
         docs = await guard(cursor.sort("ix", ASCENDING).limit(limit).to_list())

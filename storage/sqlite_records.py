@@ -296,6 +296,17 @@ class SqliteDocs:
 
         return await self._r.run(q)
 
+    async def count(self, coll: str, key_prefix: str, limit: int) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM {self._t} "
+                "WHERE coll=? AND key>=? AND key<? LIMIT ?)",
+                (coll, key_prefix, key_prefix + "\U0010ffff", limit),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._r.run(q)
+
     async def below(self, coll: str, ix: int | str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         def q(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
             rows = db.execute(

@@ -345,6 +345,9 @@ async def test_docs(factory: Any, which: str) -> None:
         await docs.put("trail", f"a1|{i:04d}", {"i": i}, ix=i)
     await docs.put("trail", "a2|0000", {"i": 9}, ix=9)
     assert [d["i"] for d in await docs.prefix("trail", "a1|", 10)] == [0, 1, 2]
+    assert await docs.count("trail", "a1|", 10) == 3
+    assert await docs.count("trail", "a1|", 2) == 2  # counts no further than asked
+    assert await docs.count("trail", "a", 10) == 4 and await docs.count("trail", "a3", 10) == 0
     assert [k for k, _ in await docs.below("trail", 2, 10)] == ["a1|0000", "a1|0001"]
     assert [k for k, _ in await docs.find_ix("alerts", 50)] == ["a1"]
     assert await docs.delete_below("trail", 2) == 2
