@@ -241,3 +241,31 @@ async def test_a_json_client_sends_the_entry_in_base64(node: Node, cast: Cast) -
         assert fetched["entries"][-1] == b64(entry.to_wire())
     finally:
         await raw.close()
+
+
+async def test_a_restarted_node_verifies_the_stored_log_again_revoked_devices_included(
+    node_factory: Any,
+) -> None:
+    """The log is checked again from the store after a restart (no state held): an entry made
+    by a device revoked since still counts, and the next entry links to it."""
+    fresh: Node = node_factory("restart", RT_RATE_PER_S="500", RT_RATE_BURST="500")
+    alice, bob = Person.new("alice"), Person.new("bob")
+    log = Log(f"room:{uid('r')}")
+    fresh.add_member(log.room, alice.user)
+    a1, a2 = await alice.device(fresh), await alice.device(fresh)
+    await log.append(a1, log.entry(a1, "create", alice.user, "owner"))
+    await log.append(a2, log.entry(a2, "add", bob.user))
+    await alice.revoke(a2)
+    await alice.close()
+    fresh.stop()
+    fresh.start()
+    raw = await alice.connect(fresh, a1.id)
+    try:
+        a1 = Device(alice.user, a1.account, raw)
+        assert await log.refused(a1, log.entry(a1, "add", bob.user, prev=bytes(32))) == ("conflict")
+        await log.append(a1, log.entry(a1, "remove", bob.user))
+        assert bob.user not in members(fresh, log.room)
+        got = await raw.ok("members.log.fetch", channel=log.room)
+        assert [MemberEntry.from_wire(e) for e in got["entries"]] == list(log.state.entries)
+    finally:
+        await raw.close()

@@ -13,7 +13,8 @@ from conftest import Node, token
 from wire import Raw
 
 from realtime_safety.crypto.envelope import DeviceAccount
-from realtime_safety.crypto.identity import UserKeys, UserKeyStatement
+from realtime_safety.crypto.identity import UserKeyStatement
+from realtime_safety.crypto.user_keys import UserKeys
 
 MSGPACK = "rt.v1.msgpack"
 
