@@ -35,6 +35,7 @@ from realtime_safety.channels.ops import ChannelLimits, ChannelOps
 from realtime_safety.channels.service import ChannelService
 from realtime_safety.crypto.directory import KeyDirectory
 from realtime_safety.crypto.ops import KeyOps
+from realtime_safety.crypto.ops_v2 import DirectoryOps
 from realtime_safety.moderation.ops import ModerationOps
 from realtime_safety.moderation.service import Moderation
 from realtime_safety.presence.ops import PresenceOps
@@ -143,6 +144,7 @@ class Node:
                 PresenceVisibility(self.store, settings.presence_visibility).may_see,
             ),
             KeyOps(self.keys, self.store.keys, self.acl),
+            DirectoryOps(self.store.records, settings.kt_signing_seed),
             AlertOps(self.alerts),
             CheckinOps(self.alerts.checkins, self.alerts.lane),
             PinOps(self.alerts.pins, self.alerts.lane),
