@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from typing import Any
 
 from nacl.signing import SigningKey
 
@@ -27,7 +28,7 @@ from .transparency import (
     sign_head,
 )
 
-BLOCK = 1000  # entries per key prefix ("%09d" of index // 1000 + 3 digits): one read per block
+BLOCK = 1000  # entries read at once: the keys sharing all but their last 3 digits
 ENTRY_CACHE = 10_000  # entry bytes kept per node (entries never change)
 
 
@@ -40,8 +41,11 @@ class KeyLog:
     configuration (RT_KT_SIGNING_KEY_FILE); without it the first node to need one generates it
     and stores it in `kt.meta` for the others."""
 
-    def __init__(self, records: DocStore, seed: bytes | None = None) -> None:
+    def __init__(self, records: DocStore, seed: bytes | None = None, *, block: int = BLOCK) -> None:
+        digits = len(str(block)) - 1
+        assert block == 10**digits and digits < 12, "a block is a power of ten entries"
         self._records = records
+        self._block, self._prefix_len = block, 12 - digits
         self._key = SigningKey(seed) if seed is not None else None
         self._tree = MerkleLog()
         self._by_user: dict[str, list[int]] = {}  # user -> indices of their entries, in order
@@ -77,14 +81,18 @@ class KeyLog:
             await self._tail()
         return self.size
 
+    async def _block_of(self, index: int) -> tuple[int, list[dict[str, Any]]]:
+        """The stored entries of the block holding `index`, and the block's first index."""
+        first = index - index % self._block
+        key_prefix = entry_key(first)[: self._prefix_len]
+        return first, await self._records.prefix("kt.entry", key_prefix, self._block)
+
     async def _tail(self) -> None:
         while True:
-            start = self.size
-            block = start // BLOCK
-            docs = await self._records.prefix("kt.entry", f"{block:09d}", BLOCK)
-            for doc in docs[start - block * BLOCK :]:
+            first, docs = await self._block_of(self.size)
+            for doc in docs[self.size - first :]:
                 self._add(self.size, doc["entry"], doc["user"])
-            if len(docs) < BLOCK:
+            if len(docs) < self._block:
                 return
 
     async def append(self, kind: Kind, user: str, payload: bytes) -> int:
@@ -140,9 +148,8 @@ class KeyLog:
                 out.append(cached)
                 index += 1
                 continue
-            block = index // BLOCK
-            docs = await self._records.prefix("kt.entry", f"{block:09d}", BLOCK)
-            found = docs[index - block * BLOCK : end - block * BLOCK]
+            first, docs = await self._block_of(index)
+            found = docs[index - first : end - first]
             if not found:
                 raise LookupError(f"log entry {index} is missing from the store")
             for doc in found:
