@@ -13,7 +13,9 @@ From it the node keeps a *shed fraction*: the share of sheddable commands (those
 declare: publish, typing, history, members, presence) it refuses with `unavailable` and a
 `retry_after_ms`, cheaply, before any work. While the lag or the backend latency is over its
 limit the fraction grows
-by a tenth per sample; while under, it falls back to zero over `cool_s`, so the node settles
+by a tenth per sample (times how far over the lag limit it is, up to five: a flood that
+starts at once is refused within a few samples, not after half a second of queueing); while
+under, it falls back to zero over `cool_s`, so the node settles
 where it accepts what it can deliver in time instead of flapping between all and nothing. A
 queue or backend count over its limit refuses every sheddable command at once. Alert ops,
 moderation, auth, subscribe and the alert workers are never refused: they are what the
@@ -92,7 +94,8 @@ class LoadMonitor:
         elif self._calls() > limits.backend_calls:
             self.fraction, self.reason = 1.0, "backend calls"
         elif lag_s > limits.lag_s:
-            self.fraction, self.reason = min(1.0, self.fraction + 0.1), "event-loop lag"
+            step = 0.1 * min(5.0, lag_s / limits.lag_s)  # far over the limit: faster
+            self.fraction, self.reason = min(1.0, self.fraction + step), "event-loop lag"
         elif self._latency() > limits.backend_latency_s:
             self.fraction, self.reason = min(1.0, self.fraction + 0.1), "backend latency"
         else:

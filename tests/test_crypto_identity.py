@@ -1,4 +1,5 @@
-"""Cross-signing and contact verification (crypto/identity.py, docs/e2ee/identity.md).
+"""Cross-signing and contact verification (crypto/identity.py, crypto/user_keys.py,
+crypto/contacts.py; docs/e2ee/identity.md).
 
 The committed vectors (tests/vectors/identity-v2.json) are made by `make()` from the documented
 steps with libsodium, msgpack and hashlib alone (not the module), and the module must produce
@@ -25,15 +26,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey, VerifyKey
 
+from realtime_safety.crypto import contacts as ct
 from realtime_safety.crypto import identity as idn
+from realtime_safety.crypto.contacts import ContactBook
 from realtime_safety.crypto.identity import (
-    ContactBook,
     CryptoError,
     DeviceCertificate,
     Revocation,
-    UserKeys,
     UserKeyStatement,
 )
+from realtime_safety.crypto.user_keys import UserKeys
 
 FILE = Path(__file__).parent / "vectors" / "identity-v2.json"
 
@@ -208,12 +210,10 @@ def test_the_module_produces_the_vector_bytes() -> None:
         V["rotation_sig"],
         V["rotation_previous_sig"],
     )
-    assert idn.fingerprint(I["user"], ALICE.public)[:30].hex() == V["fingerprint_30_user"]
-    assert idn.fingerprint_digits(I["contact"], BOB.public) == V["digits_contact"]
-    assert (
-        idn.safety_number(I["user"], ALICE.public, I["contact"], BOB.public) == V["safety_number"]
-    )
-    payload = idn.verification_payload(I["contact"], BOB.public, I["user"], ALICE.public)
+    assert ct.fingerprint(I["user"], ALICE.public)[:30].hex() == V["fingerprint_30_user"]
+    assert ct.fingerprint_digits(I["contact"], BOB.public) == V["digits_contact"]
+    assert ct.safety_number(I["user"], ALICE.public, I["contact"], BOB.public) == V["safety_number"]
+    payload = ct.verification_payload(I["contact"], BOB.public, I["user"], ALICE.public)
     assert payload.hex() == V["verify_payload"]
     backup = ALICE.backup(
         I["passphrase"],
@@ -498,35 +498,35 @@ def test_of_several_certificates_for_one_device_the_newest_wins_and_a_tie_drops_
 
 def test_the_safety_number_is_60_digits_the_same_on_both_sides() -> None:
     V = committed()
-    number = idn.safety_number(I["user"], ALICE.public, I["contact"], BOB.public)
+    number = ct.safety_number(I["user"], ALICE.public, I["contact"], BOB.public)
     groups = number.split(" ")
     assert len(groups) == 12 and all(len(g) == 5 and g.isdigit() for g in groups)
-    assert number == idn.safety_number(I["contact"], BOB.public, I["user"], ALICE.public)
+    assert number == ct.safety_number(I["contact"], BOB.public, I["user"], ALICE.public)
     halves = {number.replace(" ", "")[:30], number.replace(" ", "")[30:]}
     assert halves == {V["digits_user"], V["digits_contact"]}
 
 
 def test_the_safety_number_changes_with_either_key_or_user_id() -> None:
-    number = idn.safety_number(I["user"], ALICE.public, I["contact"], BOB.public)
-    assert number != idn.safety_number(I["user"], ALICE2.public, I["contact"], BOB.public)
-    assert number != idn.safety_number("alicia", ALICE.public, I["contact"], BOB.public)
+    number = ct.safety_number(I["user"], ALICE.public, I["contact"], BOB.public)
+    assert number != ct.safety_number(I["user"], ALICE2.public, I["contact"], BOB.public)
+    assert number != ct.safety_number("alicia", ALICE.public, I["contact"], BOB.public)
     with pytest.raises(CryptoError, match="user key"):
-        idn.safety_number(I["user"], ALICE.public[:31], I["contact"], BOB.public)
+        ct.safety_number(I["user"], ALICE.public[:31], I["contact"], BOB.public)
 
 
 def test_the_qr_payload_is_symmetric_and_matches_only_the_same_keys() -> None:
-    mine = idn.verification_payload(I["user"], ALICE.public, I["contact"], BOB.public)
-    assert mine == idn.verification_payload(I["contact"], BOB.public, I["user"], ALICE.public)
-    assert idn.verification_matches(mine, I["contact"], BOB.public, I["user"], ALICE.public)
-    assert not idn.verification_matches(mine, I["contact"], BOB.public, I["user"], ALICE2.public)
-    assert not idn.verification_matches(mine, "carol", BOB.public, I["user"], ALICE.public)
+    mine = ct.verification_payload(I["user"], ALICE.public, I["contact"], BOB.public)
+    assert mine == ct.verification_payload(I["contact"], BOB.public, I["user"], ALICE.public)
+    assert ct.verification_matches(mine, I["contact"], BOB.public, I["user"], ALICE.public)
+    assert not ct.verification_matches(mine, I["contact"], BOB.public, I["user"], ALICE2.public)
+    assert not ct.verification_matches(mine, "carol", BOB.public, I["user"], ALICE.public)
 
 
 def test_the_qr_pair_order_is_by_utf8_bytes() -> None:
     """'\uff61' sorts after '\U0001f600' in UTF-16 (JavaScript's order) but before in UTF-8."""
     low, high = "\uff61", "\U0001f600"
     payload = msgpack.unpackb(
-        idn.verification_payload(high, BOB.public, low, ALICE.public), raw=False
+        ct.verification_payload(high, BOB.public, low, ALICE.public), raw=False
     )
     assert payload[1] == low and payload[3] == high
 
@@ -596,7 +596,7 @@ def test_an_unverified_contacts_reset_is_accepted_with_an_event_by_default() -> 
     book.observe("bob", BOB.public)
     new = UserKeys.generate("bob")
     change = book.observe("bob", new.public)
-    assert change == idn.Change("bob", BOB.public, new.public, False, "reset", False)
+    assert change == ct.Change("bob", BOB.public, new.public, False, "reset", False)
     assert book.key("bob") == new.public and book.may_share("bob")
 
 
@@ -617,7 +617,7 @@ def test_a_verified_contacts_reset_blocks_until_the_app_confirms() -> None:
     assert book.state("bob") == "verified"
     new = UserKeys.generate("bob")
     change = book.observe("bob", new.public)
-    assert change == idn.Change("bob", BOB.public, new.public, True, "reset", True)
+    assert change == ct.Change("bob", BOB.public, new.public, True, "reset", True)
     assert not book.may_share("bob") and book.key("bob") == BOB.public
     assert book.observe("bob", new.public) is None  # reported once
     with pytest.raises(CryptoError, match="no pending change"):
@@ -655,7 +655,7 @@ def test_a_rotation_signed_by_the_old_key_is_accepted_and_keeps_verification() -
     book.verify("alice", ALICE.public)
     rot = ALICE2.announce(2, rotated_from=ALICE)
     change = book.observe("alice", ALICE2.public, [rot])
-    assert change == idn.Change("alice", ALICE.public, ALICE2.public, True, "rotation", False)
+    assert change == ct.Change("alice", ALICE.public, ALICE2.public, True, "rotation", False)
     assert book.state("alice") == "verified" and book.key("alice") == ALICE2.public
     # two rotations in a row, both in the chain
     third = UserKeys.generate("alice")

@@ -1,6 +1,7 @@
-"""Signed room membership (crypto/membership.py, docs/e2ee/membership.md): every rule of the
-rules table both ways, every way a chain can break, forks, the client's send/rotate rules, the
-committed vectors (tests/vectors/membership-v2.json), and random sequences against a model.
+"""Signed room membership (crypto/membership.py, crypto/membership_state.py,
+docs/e2ee/membership.md): every rule of the rules table both ways, every way a chain can break,
+forks, the client's send/rotate rules, the committed vectors (tests/vectors/membership-v2.json),
+and random sequences against a model.
 
 `make()` builds the vectors from the documented steps with msgpack, hashlib and PyNaCl alone
 (not the module); the tests check the committed file is what those steps give and that the
@@ -30,15 +31,17 @@ from realtime_safety.crypto.membership import (
     ForkError,
     MemberEntry,
     MembershipError,
+    entry_hash,
+    entry_statement,
+    sign_entry,
+)
+from realtime_safety.crypto.membership_state import (
     MembershipState,
     check_received,
     check_send,
     diff,
-    entry_hash,
-    entry_statement,
     must_rotate,
     recipients,
-    sign_entry,
     sign_next,
 )
 

@@ -36,10 +36,15 @@ def test_lag_over_the_limit_sheds_a_growing_share_and_calm_brings_it_back() -> N
     load = monitor([0])
     load.sample(0.1)  # at the limit: fine
     assert not load.overloaded and refused_of(load, 100) == 0
-    load.sample(0.11)
-    assert load.reason == "event-loop lag" and load.fraction == pytest.approx(0.1)
+    load.sample(0.1 * 1.25)
+    # a tenth per sample, times how far over the limit the lag is
+    assert load.reason == "event-loop lag" and load.fraction == pytest.approx(0.125)
     load._random = iter([0.05, 0.15] * 50).__next__  # type: ignore[method-assign]
-    assert refused_of(load, 100) == 50  # a tenth: draws under 0.1 are refused
+    assert refused_of(load, 100) == 50  # draws under 0.125 are refused
+    load.sample(0.1 * 3)
+    assert load.fraction == pytest.approx(0.425)  # far over: a faster climb
+    load.sample(1.0)  # ten times over: at most half at once
+    assert load.fraction == pytest.approx(0.925)
     for _ in range(20):
         load.sample(0.5)
     assert load.fraction == 1.0 and refused_of(load, 10) == 10

@@ -1,0 +1,377 @@
+"""End-to-end encryption that holds against the server (E2EE v2, docs/e2ee/): the client.
+
+    account = DeviceAccount.generate()                  # this device (save()/load())
+    me = UserKeys.generate("alice")                     # the user key: first device, or
+                                                        # UserKeys.restore(backup, passphrase)
+    async with SecureClient(urls, token, "alice", account, me, log_key=LOG_KEY) as chat:
+        await chat.create_room("room:team"); await chat.add_member("room:team", "bob")
+        await chat.send("room:team", "hello")           # Megolm, signed, franked
+        async for message in chat.messages():           # text, or `error`; `verified`
+            print(message.user, message.text or message.error)
+        chat.events                                     # security events to show the user
+
+Who reads a room is decided by the room's signed membership log, never by the server's
+`members` answer; whose keys are used, by the directory entries that verify and are proven in
+the transparency log (`DirectoryView`); Megolm session keys travel in Olm to each verified
+device of each member, in shares signed by the sending device. A removal in the log starts a
+new Megolm session before the next message. Nothing the client cannot verify is shown as
+genuine: it comes back with `error`, and what points at an attack is added to `events`
+(`unknown_device`, `key_changed`, `member_not_in_signed_log`, `replay`, `fork`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from realtime_safety.client import Client, ServerError
+from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
+
+from .contacts import ContactBook, safety_number
+from .directory_view import DirectoryView
+from .e2ee import CryptoError
+from .envelope import (
+    DeviceAccount,
+    InboundSessions,
+    KeyShare,
+    Olm,
+    OutboundSession,
+    ReplayGuard,
+    classify,
+    decrypt_v2,
+    encrypt_v2,
+    make_share,
+    open_share,
+)
+from .identity import Revocation
+from .membership import MemberEntry, MembershipError
+from .membership_state import MembershipState, diff, sign_next
+from .user_keys import UserKeys
+
+ONE_TIME_KEYS = 20
+PLAINTEXT_PREFIXES = ("public:",)  # the server's default plaintext namespaces
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    channel: str
+    seq: int
+    user: str
+    device: str | None
+    client_msg_id: str
+    text: str | None  # None when the message could not be read
+    error: str | None = None  # why it could not be read
+    franking_key: bytes | None = None  # reveal with `text` to report the message
+    verified: bool = False  # signed by a device whose certificate chains to its user key
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class SecureClient:
+    def __init__(
+        self,
+        urls: list[str] | str,
+        token: str | Callable[[], str],
+        user: str,
+        account: DeviceAccount,
+        user_keys: UserKeys,
+        *,
+        log_key: bytes | None = None,
+        on_unverified_change: str = "accept",
+        **client_options: Any,
+    ) -> None:
+        self.client = Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
+        self.user = user
+        self.account = account
+        self.user_keys = user_keys
+        self.events: list[dict[str, Any]] = []
+        self.contacts = ContactBook(on_unverified_change=on_unverified_change)  # type: ignore[arg-type]
+        self.directory = DirectoryView(self.client.request, self.contacts, self.events, log_key)
+        self.olm = Olm(account)
+        self.inbound = InboundSessions()
+        self.replays = ReplayGuard()
+        self._outbound: dict[str, OutboundSession] = {}
+        self._shared: dict[str, set[tuple[str, str]]] = {}  # channel -> devices holding it
+        self._rooms: dict[str, MembershipState] = {}
+
+    @property
+    def device(self) -> str:
+        return self.account.device
+
+    async def __aenter__(self) -> SecureClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def start(self) -> None:
+        """Connect, publish this device (certified by the user key) and its one-time keys,
+        and take the key shares waiting for it."""
+        await self.client.connect()
+        cert = self.user_keys.certify_account(self.account.olm_account, self.device, _now())
+        keys = self.account.new_one_time_keys(ONE_TIME_KEYS)
+        await self.client.request(
+            "keys.publish",
+            user_key=self.user_keys.announce(_now()).to_wire(),
+            device=cert.to_wire(),
+            one_time_keys=keys,
+        )
+        self.account.mark_published()
+        await self.client.subscribe(f"user:{self.user}")
+        await self._take_shares()
+
+    async def subscribe(self, channel: str, since_seq: int | None = None) -> dict[str, Any]:
+        return await self.client.subscribe(channel, since_seq)
+
+    def safety_number(self, user: str) -> str | None:
+        """The number to compare with `user` in person (None before their key is known)."""
+        theirs = self.contacts.key(user)
+        if theirs is None:
+            return None
+        return safety_number(self.user, self.user_keys.public, user, theirs)
+
+    # --- membership ---------------------------------------------------------------------
+
+    async def room(self, channel: str) -> MembershipState:
+        """The room's membership as its signed log says (fetched up to the newest entry)."""
+        state = self._rooms.get(channel) or MembershipState(channel)
+        answer = await self.client.request("members.log.fetch", channel=channel, after=state.epoch)
+        entries = [MemberEntry.from_wire(e) for e in answer["entries"]]
+        await self.directory.devices({e.actor_user for e in entries}, refresh=False)
+        new = state.copy()
+        for entry in entries:
+            new.apply(entry, self._device_key)
+        self._rooms[channel] = new
+        return new
+
+    def _device_key(self, user: str, device: str) -> bytes | None:
+        found = self.directory.ever(user, device)
+        return found.ed25519 if found else None
+
+    async def _sign(self, channel: str, op: str, target: str, role: str) -> MembershipState:
+        for _ in range(3):  # someone else's entry may land first: fetch and sign again
+            state = await self.room(channel)
+            entry = sign_next(
+                state, self.account, op=op, target_user=target, role=role,
+                actor_user=self.user, actor_device=self.device, ts_ms=_now(),
+            )  # fmt: skip
+            try:
+                await self.client.request(
+                    "members.log.append", channel=channel, entry=entry.to_wire()
+                )
+            except ServerError as exc:
+                if exc.code == "conflict":
+                    continue
+                raise
+            return await self.room(channel)
+        raise CryptoError("the membership log kept moving: try again")
+
+    async def create_room(self, channel: str) -> None:
+        await self._sign(channel, "create", self.user, "owner")
+
+    async def add_member(self, channel: str, user: str, role: str = "member") -> None:
+        if not (await self.room(channel)).epoch:
+            await self.create_room(channel)
+        await self._sign(channel, "add", user, role)
+
+    async def remove_member(self, channel: str, user: str) -> None:
+        await self._sign(channel, "remove", user, "")
+        self._outbound.pop(channel, None)
+
+    async def leave(self, channel: str) -> None:
+        await self._sign(channel, "leave", self.user, "")
+
+    async def revoke_device(self, device: str) -> None:
+        """Withdraw one of this user's devices: it gets no further keys; rooms re-key."""
+        revocation: Revocation = self.user_keys.revoke(device, _now())
+        await self.client.request("keys.revoke", revocation=revocation.to_wire())
+        self._outbound.clear()
+
+    # --- sending ------------------------------------------------------------------------
+
+    async def send(
+        self, channel: str, text: str, *, client_msg_id: str | None = None
+    ) -> dict[str, Any]:
+        """Encrypt for the members the signed log names, sign and publish."""
+        state = await self.room(channel)
+        if self.user not in state.members:
+            raise CryptoError("not a member of this room by its signed log")
+        await self._compare_members(channel, state)
+        outbound = self._outbound.get(channel)
+        if outbound is None or outbound.needs_rotation(_now(), state.rotation_epoch):
+            outbound = OutboundSession.new(channel, state.rotation_epoch)
+            self._outbound[channel] = outbound
+            self._shared[channel] = set()
+            self.inbound.add(self._own_share(outbound), now_ms=_now())
+        await self._share(channel, outbound, state)
+        cmid = client_msg_id or uuid.uuid4().hex
+        body = encrypt_v2(
+            self.account, outbound, channel, self.user, cmid, text,
+            sth=self.directory.monitor.gossip() if self.directory.monitor else None,
+            epoch=state.rotation_epoch,
+        )  # fmt: skip
+        return await self.client.publish(channel, body, client_msg_id=cmid)
+
+    def _own_share(self, outbound: OutboundSession) -> KeyShare:
+        me = (self.user, self.device)
+        return KeyShare(
+            outbound.channel, outbound.session_id, outbound.message_index, outbound.session_key,
+            *me, *me, outbound.epoch, _now(),
+        )  # fmt: skip
+
+    async def _compare_members(self, channel: str, state: MembershipState) -> None:
+        listed: list[str] = []
+        after: str | None = None
+        while True:
+            page = await self.client.request(
+                "members", channel=channel, **({"after": after} if after else {})
+            )
+            listed += page["members"]
+            if not (after := page.get("next")):
+                break
+        extra, _missing = diff(state, listed)
+        for user in sorted(extra):
+            self.events.append(
+                {"kind": "member_not_in_signed_log", "channel": channel, "user": user}
+            )
+
+    async def _share(self, channel: str, outbound: OutboundSession, state: MembershipState) -> None:
+        shared = self._shared.setdefault(channel, set())
+        devices = await self.directory.devices(sorted(state.members))
+        me = (self.user, self.device)
+        todo = [d for d in devices if (d.user, d.device) not in shared and (d.user, d.device) != me]
+        if not todo:
+            return
+        need = [d for d in todo if not self.olm.has_session(d.user, d.device, d.curve25519)]
+        if need:
+            claimed = await self.client.request(
+                "keys.claim", devices=[{"user": d.user, "device": d.device} for d in need]
+            )
+            for key in claimed["keys"]:
+                match = next(d for d in need if (d.user, d.device) == (key["user"], key["device"]))
+                self.olm.start(match.user, match.device, match.curve25519, key["key"])
+        messages = []
+        for d in todo:
+            if not self.olm.has_session(d.user, d.device, d.curve25519):
+                continue  # no one-time key left: it gets the next session
+            plain = make_share(self.account, outbound, self.user, d.user, d.device)
+            kind, ct = self.olm.encrypt(d.user, d.device, d.curve25519, plain)
+            messages.append({"user": d.user, "device": d.device, "type": kind, "ct": ct})
+        for start in range(0, len(messages), 100):
+            await self.client.request(
+                "todevice.send", device=self.device, messages=messages[start : start + 100]
+            )
+        shared.update((str(m["user"]), str(m["device"])) for m in messages)
+
+    # --- receiving ----------------------------------------------------------------------
+
+    async def _take_shares(self) -> None:
+        """Open the key shares waiting for this device (and acknowledge them)."""
+        while True:
+            found = await self.client.request("todevice.fetch", device=self.device)
+            if not found["messages"]:
+                return
+            for message in found["messages"]:
+                await self._open_share(message)
+            ids = [m["id"] for m in found["messages"]]
+            await self.client.request("todevice.ack", device=self.device, ids=ids)
+
+    async def _open_share(self, message: dict[str, Any]) -> None:
+        sender = message["from"]
+        device = await self.directory.device(sender["user"], sender["device"])
+        if device is None:
+            return  # reported by the directory view; nothing from it is believed
+        try:
+            plain = self.olm.decrypt(
+                device.user, device.device, device.curve25519, message["type"], message["ct"]
+            )
+            channel = msgpack.unpackb(msgpack.unpackb(plain.plaintext)["statement"])[1]
+            state = await self.room(channel)  # the share's epoch may be newer than ours
+
+            def is_member(ch: str, user: str, dev: str, epoch: int) -> bool:
+                return ch == channel and user in state.members and epoch <= state.epoch
+
+            share = open_share(
+                plain,
+                self.user,
+                self.device,
+                device.ed25519,
+                device.curve25519,
+                is_member=is_member,
+            )
+            self.inbound.add(share, now_ms=_now())
+        except (CryptoError, KeyError, TypeError, ValueError, IndexError, ServerError):
+            return  # a share that does not verify gives no key
+
+    async def open(self, push: dict[str, Any]) -> Decrypted:
+        """Decrypt one message push (or history item); never raises for a bad message."""
+        body, sender, channel = push["body"], push["from"], push["channel"]
+        base = {"channel": channel, "seq": push["seq"], "user": sender["user"],
+                "device": None, "client_msg_id": push["client_msg_id"]}  # fmt: skip
+        try:
+            kind = classify(body, not channel.startswith(PLAINTEXT_PREFIXES), v1_allowed=False)
+        except CryptoError as exc:
+            return Decrypted(**base, text=None, error=exc.reason)
+        if kind == "plain":
+            return Decrypted(**base, text=body.get("text"))
+        base["device"] = body.get("device")
+        device = await self.directory.device(sender["user"], str(body.get("device")))
+        if device is None:
+            return Decrypted(**base, text=None, error="sender device does not verify")
+        ref = (channel, sender["user"], device.device, body.get("session"))
+        if ref not in self.inbound:
+            await self._take_shares()
+        try:
+            opened = decrypt_v2(
+                body, channel, sender["user"], push["client_msg_id"], device.ed25519,
+                self.inbound, self.replays, seq=push["seq"],
+            )  # fmt: skip
+        except CryptoError as exc:
+            if exc.reason == "replay":
+                self.events.append({"kind": "replay", "channel": channel, "user": sender["user"]})
+            return Decrypted(**base, text=None, error=exc.reason)
+        if opened.sth is not None:
+            await self.directory.check_gossip(opened.sth)
+        return Decrypted(**base, text=opened.text, franking_key=opened.franking_key, verified=True)
+
+    async def messages(self) -> AsyncIterator[Decrypted]:
+        """Every message of the subscribed channels, decrypted or marked with `error`."""
+        async for push in self.client.pushes():
+            message = await self.handle(push)
+            if message is not None:
+                yield message
+
+    async def handle(self, push: dict[str, Any]) -> Decrypted | None:
+        """Process one push: messages are opened; key shares taken; a membership change
+        refreshes the room (a removal starts a new session before the next message)."""
+        kind = push.get("push")
+        if kind == "message":
+            return await self.open(push)
+        if kind == "todevice":
+            await self._take_shares()
+        elif kind in ("members.log", "rekey"):
+            channel = push["channel"]
+            with_log = channel in self._rooms
+            if with_log:
+                before = self._rooms[channel].rotation_epoch
+                if (await self.room(channel)).rotation_epoch != before:
+                    self._outbound.pop(channel, None)
+        return None
+
+    async def report(self, message: Decrypted, reason: str) -> dict[str, Any]:
+        """Report a message to moderators, proving its plaintext with the franking opening."""
+        args: dict[str, Any] = {"channel": message.channel, "seq": message.seq, "reason": reason}
+        if message.text is not None and message.franking_key is not None:
+            args["franking"] = {"text": message.text, "key": message.franking_key}
+        return await self.client.request("report", **args)
+
+
+__all__ = ["Decrypted", "MembershipError", "SecureClient"]
