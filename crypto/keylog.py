@@ -19,14 +19,8 @@ from nacl.signing import SigningKey
 
 from realtime_safety.storage import DocStore
 
-from .transparency import (
-    Kind,
-    MerkleLog,
-    SignedTreeHead,
-    entry,
-    leaf_hash,
-    sign_head,
-)
+from .merkle import MerkleLog, leaf_hash
+from .transparency import Kind, SignedTreeHead, entry, sign_head
 
 BLOCK = 1000  # entries read at once: the keys sharing all but their last 3 digits
 ENTRY_CACHE = 10_000  # entry bytes kept per node (entries never change)

@@ -21,12 +21,7 @@ from nacl.signing import SigningKey
 from wire import Raw, b64
 
 from realtime_safety.crypto.directory_v2 import certified_device
-from realtime_safety.crypto.identity import (
-    DeviceCertificate,
-    Revocation,
-    UserKeys,
-    UserKeyStatement,
-)
+from realtime_safety.crypto.identity import DeviceCertificate, Revocation, UserKeyStatement
 from realtime_safety.crypto.keylog import KeyLog
 from realtime_safety.crypto.transparency import (
     LogMonitor,
@@ -35,6 +30,7 @@ from realtime_safety.crypto.transparency import (
     verify_consistency,
     verify_head,
 )
+from realtime_safety.crypto.user_keys import UserKeys
 from realtime_safety.storage.sqlite import SqliteStore
 
 SEED = bytes(range(32))
