@@ -143,10 +143,12 @@ class DirectoryOps(Feature):
                 }
                 for index in self.log.indices(user, sth.size)
             ]
+        key = await session.bounded(self.log.signing_key())
         return {
             "sth": sth.to_wire(),
             "consistency": [] if not since else self.log.consistency(since, sth.size),
             "users": found,
+            "log_key": bytes(key.verify_key),  # for a client not configured with it (TOFU)
         }
 
     async def claim(self, session: Session, frame: dict[str, Any]) -> Reply:

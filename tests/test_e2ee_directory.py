@@ -248,6 +248,7 @@ async def test_query_proofs_verify_and_older_heads_are_consistent(node: Node) ->
             entry = monitor.check_inclusion(item["entry"], item["index"], item["proof"], new["sth"])
             assert entry.user == user
     assert new["users"]["nobody"] == []
+    assert new["log_key"] == LOG_PUB  # the configured key (RT_KT_SIGNING_KEY_FILE)
     # a proof for the wrong index does not verify (the check is real)
     item = new["users"][erin][0]
     with pytest.raises(Exception, match="inclusion"):
@@ -434,6 +435,7 @@ async def test_the_log_and_its_key_survive_a_restart(node_factory: Any) -> None:
         await store.close()
     assert meta is not None
     pub = bytes(SigningKey(meta["seed"]).verify_key)
+    assert after_reply["log_key"] == pub
     for sth in (before, after, grown_sth):  # one key, generated once and kept
         verify_head(pub, sth)
 
