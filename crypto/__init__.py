@@ -1,14 +1,21 @@
-"""End-to-end encryption (docs/protocol-v1.md section 5): the PyNaCl client library and the server's
-key directory. The threat model is in docs/threat-model.md.
+"""End-to-end encryption: the client libraries and the server's key directory.
 
-Offers, for apps (client side):
-- `SecureClient` (`crypto.client`): send text and read decrypted messages; keys are found,
-  fetched, shared and rotated for you; unreadable messages are surfaced with a reason;
-- `DeviceKeys`, `encrypt`, `decrypt`, `seal_key`, `open_key`, `frank_commitment` (`crypto.e2ee`):
-  the primitives, for clients in other languages to mirror.
-
+v2 (docs/e2ee/, decision docs/decisions/0001-e2ee-v2.md) holds against the server itself.
+For apps (client side):
+- `client_v2.SecureClient`: send and read; keys are found, verified, shared and rotated for
+  you; what does not verify comes back with `error`, what points at an attack is in `events`;
+- `user_keys.UserKeys` (the user key that certifies devices, its recovery backup),
+  `contacts` (safety numbers, the contact book), `envelope` (Olm/Megolm through vodozemac:
+  shares and v2 envelopes), `membership` / `membership_state` (the signed membership log),
+  `merkle` / `transparency` (the key log, its proofs and the client's monitor),
+  `directory_view` (what a client believes about other people's keys).
 For the server:
-- `KeyDirectory` (`crypto.directory`): `keys.register` / `keys.lookup` / `keys.share` /
-  `keys.fetch`, envelope signature checks before anything is stored, franking tags and the
-  verification of reports. Device and channel keys live in `storage` (both stores).
+- `directory_v2` / `keylog` / `ops_v2` (`keys.publish`, `keys.query`, `keys.claim`,
+  `keys.revoke`, `keys.log`, `keys.consistency`), `todevice` and `member_log` (to-device
+  messages, the membership log), the v2 check of envelopes on publish.
+
+v1 (docs/protocol-v1.md section 5) stays for v1 clients: `client.SecureClient`, `e2ee`
+(`DeviceKeys`, `encrypt`, `decrypt`, sealed channel keys), `directory.KeyDirectory` and `ops`
+(`keys.register` / `keys.lookup` / `keys.share` / `keys.fetch`, franking tags and reports).
+The server never holds a key that opens a message. The threat model: docs/threat-model.md.
 """
