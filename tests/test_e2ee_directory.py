@@ -357,6 +357,11 @@ async def test_revoke_by_user_key_and_by_the_device(node: Node, tmp_path: Path) 
     await records.open()
     try:
         assert await certified_device(records.records, jo, d1.id) is not None
+        for d in (d1, d3):  # to-device messages waiting (the records layout of server.md)
+            suffix = f"{1_000_000_000_000:013d}|r{d.id}"
+            await records.records.insert(
+                "todevice", f"{jo}|{d.id}|{suffix}", {"id": suffix, "ts": 1}, ix=1
+            )
         # refused: another key's signature, a device's revocation of another device, the
         # caller not the user, a device that does not exist
         forged = UserKeys(jo, SigningKey.generate()).revoke(d1.id, now())
@@ -385,6 +390,8 @@ async def test_revoke_by_user_key_and_by_the_device(node: Node, tmp_path: Path) 
         claimed = (await evil.ok("keys.claim", devices=devices))["keys"]
         assert [k["device"] for k in claimed] == [d3.id]
         assert not await records.records.prefix("otk", f"{jo}|{d1.id}|", 10)
+        assert not await records.records.prefix("todevice", f"{jo}|{d1.id}|", 10)
+        assert len(await records.records.prefix("todevice", f"{jo}|{d3.id}|", 10)) == 1
         kinds = [k for k, _ in await entries_of(raw, jo)]
         assert kinds == ["user-key", "device", "device", "device", "revoke", "revoke"]
     finally:
