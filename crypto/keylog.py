@@ -104,9 +104,9 @@ class KeyLog:
                 self._add(index, taken["entry"], taken["user"])  # another node's: next index
 
     async def head(self) -> SignedTreeHead:
-        """A head of the log as this node has it now, signed now."""
+        """A head of the whole log as stored (tailed first), signed now."""
         key = await self.signing_key()
-        size = self.size
+        size = await self.sync()
         return sign_head(key, size, self._tree.root(size), int(time.time() * 1000))
 
     def indices(self, user: str, size: int) -> list[int]:

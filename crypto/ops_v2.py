@@ -129,7 +129,6 @@ class DirectoryOps(Feature):
         ):
             raise ProtocolError("bad_request", f"'users' must be a list of 1-{MAX_USERS} user ids")
         since = _size(frame, "since", required=False)
-        await session.bounded(self.log.sync())
         sth = await session.bounded(self.log.head())
         if since is not None and since > sth.size:
             raise ProtocolError("bad_request", f"'since' is beyond the log's size {sth.size}")
@@ -185,7 +184,6 @@ class DirectoryOps(Feature):
         new device needs to start scanning there: `LogMonitor.start_scan`)."""
         start, end = _size(frame, "start"), _size(frame, "end")
         assert start is not None and end is not None
-        await session.bounded(self.log.sync())
         sth = await session.bounded(self.log.head())
         if not start <= end <= sth.size or end - start > MAX_LOG_ENTRIES:
             raise ProtocolError(
