@@ -82,6 +82,7 @@ class ToDeviceOps(Feature):
         self._records = records
         self._publish = publish
         self._purged_at = 0.0
+        self._last = (0, 0)  # (ms, count): the newest id's stamp on this node
         self.ops = {
             "todevice.send": self.send,
             "todevice.fetch": self.fetch,
@@ -144,7 +145,7 @@ class ToDeviceOps(Feature):
                     f"{MAX_WAITING} messages already wait for {user!r}'s device {device!r}",
                 )
         for user, device, kind, ct in messages:
-            msg_id = f"{now:013d}|{secrets.token_hex(8)}"
+            msg_id = self._next_id(now)
             doc = {
                 "id": msg_id,
                 "from_user": sender,
@@ -160,6 +161,15 @@ class ToDeviceOps(Feature):
             push = {"push": "todevice", "device": device}
             await publish_quietly(self._publish, f"user:{user}", push)
         return {"sent": len(messages)}
+
+    def _next_id(self, now: int) -> str:
+        """`<%013d ms>|<16 hex>`, increasing on this node (so a batch keeps its order, and
+        so do sends of one connection: an Olm pre-key message must come before the normal
+        messages of its session); the last 10 hex digits are random."""
+        ms, n = self._last
+        self._last = (ms, n + 1) if now <= ms else (now, 0)
+        ms, n = self._last
+        return f"{ms:013d}|{n:06x}{secrets.token_hex(5)}"
 
     async def fetch(self, session: Session, frame: dict[str, Any]) -> Reply:
         user = session.identity.user

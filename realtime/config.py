@@ -87,6 +87,7 @@ class Settings:
     alert_max_delay_s: float = 60.0
     alert_pin_attempts: int = 5
     pin_pepper: bytes = b""
+    kt_signing_seed: bytes | None = None  # the key log's Ed25519 seed; None: kept in the store
     checkin_max_s: float = 86400.0
     checkin_limit: int = 3
     ws_deflate: bool = False
@@ -131,6 +132,33 @@ def _read_secret(env: Mapping[str, str], name: str) -> str | None:
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
     return value or None
+
+
+def _kt_signing_seed(env: Mapping[str, str]) -> bytes | None:
+    """RT_KT_SIGNING_KEY (64 hex digits) or RT_KT_SIGNING_KEY_FILE (32 raw bytes or 64 hex
+    digits): the key transparency log's Ed25519 seed, the same on every node."""
+    value, path = env.get("RT_KT_SIGNING_KEY"), env.get("RT_KT_SIGNING_KEY_FILE")
+    if value and path:
+        raise ConfigError("set only one of RT_KT_SIGNING_KEY and RT_KT_SIGNING_KEY_FILE")
+    if path:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"RT_KT_SIGNING_KEY_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        if len(data) == 32:
+            return data
+        value = data.decode("ascii", "replace").strip()
+    if not value:
+        return None
+    try:
+        seed = bytes.fromhex(value)
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise ConfigError("RT_KT_SIGNING_KEY must be a 32-byte seed: raw (in the file) or hex")
+    return seed
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool = False) -> float:
@@ -334,6 +362,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
         retention_days=_retention(env.get("RT_RETENTION", "")),
         retention_interval_s=_number(env, "RT_RETENTION_INTERVAL_S", 3600.0),
         franking_key=franking_key,
+        kt_signing_seed=_kt_signing_seed(env),
         fcm_credentials=fcm_credentials,
         fcm_endpoint=env.get("RT_FCM_ENDPOINT") or None,
         twilio_account_sid=twilio_sid,

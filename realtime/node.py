@@ -36,6 +36,7 @@ from realtime_safety.channels.service import ChannelService
 from realtime_safety.crypto.directory import KeyDirectory
 from realtime_safety.crypto.member_log import e2ee_v2_features
 from realtime_safety.crypto.ops import KeyOps
+from realtime_safety.crypto.ops_v2 import DirectoryOps
 from realtime_safety.moderation.ops import ModerationOps
 from realtime_safety.moderation.service import Moderation
 from realtime_safety.presence.ops import PresenceOps
@@ -144,6 +145,7 @@ class Node:
                 PresenceVisibility(self.store, settings.presence_visibility).may_see,
             ),
             KeyOps(self.keys, self.store.keys, self.acl),
+            DirectoryOps(self.store.records, settings.kt_signing_seed),
             *e2ee_v2_features(self),  # to-device messages, membership logs
             AlertOps(self.alerts),
             CheckinOps(self.alerts.checkins, self.alerts.lane),

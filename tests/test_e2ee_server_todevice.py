@@ -76,6 +76,19 @@ async def test_a_message_goes_from_one_device_to_another_and_is_gone_once_acknow
     assert (await b1.raw.ok("todevice.fetch", device=b1.id))["messages"] == []
 
 
+async def test_messages_come_out_in_the_order_they_were_sent(
+    node: Node, people: tuple[Person, Person]
+) -> None:
+    """An Olm pre-key message must reach its device before the messages that follow it."""
+    alice, bob = people
+    a1, b1 = await alice.device(node), await bob.device(node)
+    batch = [msg(b1, b"%d" % i) for i in range(50)]
+    await a1.raw.ok("todevice.send", device=a1.id, messages=batch)
+    await a1.raw.ok("todevice.send", device=a1.id, messages=[msg(b1, b"last")])
+    got = (await b1.raw.ok("todevice.fetch", device=b1.id))["messages"]
+    assert [m["ct"] for m in got] == [m["ct"] for m in batch] + [b"last"]
+
+
 async def test_a_json_client_sends_and_fetches_base64(
     node: Node, people: tuple[Person, Person]
 ) -> None:
