@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from conftest import Node, base_env, token
+from conftest import Node, RedisServer, base_env, token, unique_db
 from v2_devices import Device, Person, now_ms, uid
 from wire import Raw, b64
 
@@ -269,3 +269,48 @@ async def test_a_restarted_node_verifies_the_stored_log_again_revoked_devices_in
         assert [MemberEntry.from_wire(e) for e in got["entries"]] == list(log.state.entries)
     finally:
         await raw.close()
+
+
+async def test_two_nodes_sharing_a_store_keep_one_log(
+    node_factory: Any, redis_server: RedisServer, mongo_uri: str
+) -> None:
+    """Entries racing for one epoch through two nodes (MongoDB, Redis): one wins; each node's
+    verified state follows what the other stored; pushes cross nodes."""
+    env = {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_STORE_TIMEOUT_S": "10",
+    }
+    na: Node = node_factory("a", RT_NODE_ID="node-a", **env)
+    nb: Node = node_factory("b", RT_NODE_ID="node-b", **env)
+    alice, bob, carol = Person.new("alice"), Person.new("bob"), Person.new("carol")
+    log = Log(f"room:{uid('r')}")
+    na.add_member(log.room, alice.user)
+    a1, a2 = await alice.device(na), await alice.device(nb)
+    try:
+        await log.append(a1, log.entry(a1, "create", alice.user, "owner"))
+        await a2.raw.ok("members.log.fetch", channel=log.room)  # node b holds epoch 1
+        for _ in range(3):
+            one, two = log.entry(a1, "add", bob.user), log.entry(a2, "add", carol.user)
+            replies = await asyncio.gather(
+                a1.raw.cmd("members.log.append", channel=log.room, entry=one.to_wire()),
+                a2.raw.cmd("members.log.append", channel=log.room, entry=two.to_wire()),
+            )
+            oks = [r["ok"] for r in replies]
+            assert sorted(oks) == [False, True], replies
+            assert replies[oks.index(False)]["error"]["code"] == "conflict"
+            winner, dev = (one, a1) if oks[0] else (two, a2)
+            log.taken(winner, dev)
+            await a2.raw.ok("subscribe", channel=log.room)
+            # the loser's node goes on from the winner's entry
+            loser = a2 if dev is a1 else a1
+            await log.append(loser, log.entry(loser, "remove", winner.target_user))
+            assert (await a2.raw.push())["push"] == "members.log"
+            assert (await a2.raw.push())["push"] == "rekey"
+            await a2.raw.ok("unsubscribe", channel=log.room)
+        for raw in (a1.raw, a2.raw):
+            got = await raw.ok("members.log.fetch", channel=log.room)
+            assert [MemberEntry.from_wire(e) for e in got["entries"]] == list(log.state.entries)
+    finally:
+        await alice.close()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Node, base_env, token
+from conftest import Node, RedisServer, base_env, token, unique_db
 from v2_devices import Device, Person, uid
 from wire import Raw, b64
 
@@ -267,3 +267,31 @@ async def test_a_v2_envelope_that_does_not_verify_is_refused(
     assert await refused({**envelope(a1, room, "x8"), "extra": 1}, "x8") == "bad_request"
     short = {k: v for k, v in envelope(a1, room, "x9").items() if k != "frank"}
     assert await refused(short, "x9") == "bad_request"
+
+
+async def test_a_message_sent_through_one_node_is_announced_and_fetched_on_another(
+    node_factory: Any, redis_server: RedisServer, mongo_uri: str
+) -> None:
+    env = {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_STORE_TIMEOUT_S": "10",
+    }
+    na: Node = node_factory("a", RT_NODE_ID="node-a", **env)
+    nb: Node = node_factory("b", RT_NODE_ID="node-b", **env)
+    alice, bob = Person.new("alice"), Person.new("bob")
+    try:
+        a1, b1 = await alice.device(na), await bob.device(nb)
+        await b1.raw.ok("subscribe", channel=f"user:{bob.user}")
+        batch = [msg(b1, b"%d" % i) for i in range(5)]
+        await a1.raw.ok("todevice.send", device=a1.id, messages=batch)
+        assert await b1.raw.push() == {"push": "todevice", "device": b1.id}
+        got = (await b1.raw.ok("todevice.fetch", device=b1.id))["messages"]
+        assert [m["ct"] for m in got] == [m["ct"] for m in batch]
+        ids = [m["id"] for m in got]
+        assert (await b1.raw.ok("todevice.ack", device=b1.id, ids=ids))["deleted"] == 5
+        assert (await b1.raw.ok("todevice.fetch", device=b1.id))["messages"] == []
+    finally:
+        await alice.close()
+        await bob.close()
