@@ -48,7 +48,7 @@ from .envelope import (
     make_share,
     open_share,
 )
-from .identity import Revocation
+from .identity import DeviceCertificate, Revocation
 from .membership import MemberEntry, MembershipError
 from .membership_state import MembershipState, diff, sign_next
 from .user_keys import UserKeys
@@ -84,13 +84,18 @@ class SecureClient:
         user_keys: UserKeys,
         *,
         log_key: bytes | None = None,
+        certificate: DeviceCertificate | None = None,
         on_unverified_change: str = "accept",
         **client_options: Any,
     ) -> None:
+        """`certificate`: this device's, as saved after an earlier start (`self.certificate`);
+        without it the user key certifies the device now (a device is certified once: the
+        server refuses a second certificate for the same id under the same user key)."""
         self.client = Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
         self.user = user
         self.account = account
         self.user_keys = user_keys
+        self.certificate = certificate
         self.events: list[dict[str, Any]] = []
         self.contacts = ContactBook(on_unverified_change=on_unverified_change)  # type: ignore[arg-type]
         self.directory = DirectoryView(self.client.request, self.contacts, self.events, log_key)
@@ -116,12 +121,15 @@ class SecureClient:
         """Connect, publish this device (certified by the user key) and its one-time keys,
         and take the key shares waiting for it."""
         await self.client.connect()
-        cert = self.user_keys.certify_account(self.account.olm_account, self.device, _now())
+        if self.certificate is None:
+            self.certificate = self.user_keys.certify_account(
+                self.account.olm_account, self.device, _now()
+            )
         keys = self.account.new_one_time_keys(ONE_TIME_KEYS)
         await self.client.request(
             "keys.publish",
             user_key=self.user_keys.announce(_now()).to_wire(),
-            device=cert.to_wire(),
+            device=self.certificate.to_wire(),
             one_time_keys=keys,
         )
         self.account.mark_published()

@@ -1,0 +1,146 @@
+"""E2EE v2 end to end through a real server (docs/e2ee/): the client library with the
+directory, to-device and membership-log ops. The attacks are in tests/test_hostile_server.py;
+these are the honest stories each of them must keep working."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from conftest import Node, base_env, token
+
+from realtime_safety.crypto.client_v2 import Decrypted, SecureClient
+from realtime_safety.crypto.envelope import DeviceAccount
+from realtime_safety.crypto.user_keys import UserKeys
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = Node(base_env(tmp_path_factory.mktemp("e2ee-v2")), "e2ee-v2")
+    n.start()
+    yield n
+    n.stop()
+
+
+class People:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.keys: dict[str, UserKeys] = {}
+        self.open: list[SecureClient] = []
+
+    async def device(self, name: str) -> SecureClient:
+        """A new device of `name` (the user key made on the first one, shared by the rest)."""
+        user = self.keys[name].user if name in self.keys else f"{name}-{uuid.uuid4().hex[:6]}"
+        keys = self.keys.setdefault(name, UserKeys.generate(user))
+        account = DeviceAccount.generate()
+        chat = SecureClient(self.node.url, token(user, device=account.device), user, account, keys)
+        await chat.start()
+        self.open.append(chat)
+        return chat
+
+    async def room(self, owner: SecureClient, *others: SecureClient) -> str:
+        channel = f"room:{uuid.uuid4().hex[:10]}"
+        for user in dict.fromkeys([owner.user, *(o.user for o in others)]):
+            self.node.add_member(channel, user)
+        await owner.create_room(channel)
+        for user in dict.fromkeys(o.user for o in others if o.user != owner.user):
+            await owner.add_member(channel, user)
+        for chat in (owner, *others):
+            await chat.subscribe(channel)
+        return channel
+
+
+@pytest.fixture
+async def people(node: Node) -> AsyncIterator[People]:
+    p = People(node)
+    yield p
+    for chat in p.open:
+        await chat.client.close()
+
+
+async def next_message(chat: SecureClient, timeout: float = 5) -> Decrypted:
+    async with asyncio.timeout(timeout):
+        return await anext(chat.messages())
+
+
+async def until_text(chat: SecureClient, text: str, timeout: float = 5) -> list[Decrypted]:
+    """Every message up to and including the first with `text` (a sentinel)."""
+    got: list[Decrypted] = []
+    async with asyncio.timeout(timeout):
+        async for message in chat.messages():
+            got.append(message)
+            if message.text == text:
+                return got
+    raise AssertionError("unreachable")
+
+
+async def test_two_users_exchange_verified_messages(people: People) -> None:
+    alice, bob = await people.device("alice"), await people.device("bob")
+    ch = await people.room(alice, bob)
+    await alice.send(ch, "meet at noon")
+    got = await next_message(bob)
+    assert (got.text, got.user, got.error, got.verified) == ("meet at noon", alice.user, None, True)
+    assert got.device == alice.device
+    await bob.send(ch, "ok!")
+    mine = await next_message(alice)  # her own message comes back, readable
+    assert (mine.text, mine.verified) == ("meet at noon", True)
+    reply = await next_message(alice)
+    assert (reply.text, reply.user, reply.verified) == ("ok!", bob.user, True)
+    assert alice.events == [] and bob.events == []
+    assert alice.safety_number(bob.user) == bob.safety_number(alice.user) is not None
+
+
+async def test_a_removed_member_reads_nothing_sent_after(people: People) -> None:
+    alice, bob, carol = [await people.device(n) for n in ("alice", "bob", "carol")]
+    ch = await people.room(alice, bob, carol)
+    await alice.send(ch, "before")
+    assert (await next_message(carol)).text == "before"
+    assert (await next_message(bob)).text == "before"
+    people.node.api("DELETE", f"/v1/channels/{ch}/members/{carol.user}")
+    await alice.remove_member(ch, carol.user)
+    await alice.send(ch, "after")
+    got = await until_text(bob, "after")
+    assert got[-1].verified
+    # carol kept the old session; the new one never reached her devices
+    push = {"push": "message", "channel": ch, "seq": 2, "from": {"user": alice.user}}
+    history = await alice.client.request("history", channel=ch, since_seq=1)
+    item = history["messages"][-1]
+    opened = await carol.open({**push, **item, "body": item["body"]})
+    assert opened.text is None and opened.error is not None
+
+
+async def test_a_new_device_reads_what_is_sent_after_it_joins(people: People) -> None:
+    alice, bob = await people.device("alice"), await people.device("bob")
+    ch = await people.room(alice, bob)
+    await alice.send(ch, "one")
+    assert (await next_message(bob)).text == "one"
+    bob2 = await people.device("bob")  # certified by bob's user key
+    await bob2.subscribe(ch)
+    await alice.send(ch, "two")
+    got = await until_text(bob2, "two")
+    assert got[-1].verified and got[-1].user == alice.user
+    assert bob2.events == []
+
+
+async def test_a_member_the_signed_log_does_not_name_gets_no_key(people: People) -> None:
+    alice, bob = await people.device("alice"), await people.device("bob")
+    mallory = await people.device("mallory")
+    ch = await people.room(alice, bob)
+    people.node.add_member(ch, mallory.user)  # the server says so; no owner signed it
+    await mallory.subscribe(ch)
+    await alice.send(ch, "secret")
+    assert (await next_message(bob)).text == "secret"
+    got = await next_message(mallory)
+    assert got.text is None and got.error is not None
+    assert {"kind": "member_not_in_signed_log", "channel": ch, "user": mallory.user} in alice.events
+
+
+async def test_a_report_of_a_v2_message_is_verified(people: People) -> None:
+    alice, bob = await people.device("alice"), await people.device("bob")
+    ch = await people.room(alice, bob)
+    await alice.send(ch, "you are awful")
+    got = await next_message(bob)
+    report = await bob.report(got, "abuse")
+    assert report["verified"] is True
