@@ -448,3 +448,58 @@ async def test_an_sms_the_outbox_could_not_write_is_retried_until_it_can(tmp_pat
         await otto.close()
     finally:
         node.stop()
+
+
+class _RacedDocs:
+    """The embedded store's documents, with another node's write landing between the
+    fallback's read of the alert and its first compare-and-set (as when an `alert.ack` or the
+    reconciler writes the same alert at that moment)."""
+
+    def __init__(self, docs: Any) -> None:
+        self._docs = docs
+        self.raced = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._docs, name)
+
+    async def put(self, coll: str, key: str, doc: dict[str, Any], ix: Any = None, *,
+                  version: int | None = None) -> bool:  # fmt: skip
+        if coll == "alerts" and version is not None and not self.raced:
+            self.raced = True
+            current = await self._docs.get(coll, key)
+            other = {**current, "acked_by": ["someone"]}
+            assert await self._docs.put(coll, key, other, ix=ix, version=current["_v"])
+        result: bool = await self._docs.put(coll, key, doc, ix=ix, version=version)
+        return result
+
+
+async def test_the_fallback_sms_is_in_the_plan_even_when_another_write_wins_the_race(
+    tmp_path: Path,
+) -> None:
+    """The fallback appends its SMS to the alert's plan with a compare-and-set; when another
+    write of the alert lands first, it reads again and appends again, so the plan the
+    reconciler works from always holds the SMS (mutant: alerts/fallback.py `_plan`, a lost
+    compare-and-set taken as a success)."""
+    from realtime_safety.alerts.fallback import Fallbacks
+    from realtime_safety.alerts.metrics import AlertMetrics
+    from realtime_safety.storage.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        docs = _RacedDocs(store.docs)
+        alert = {"id": "a1", "state": "active", "acked_by": [], "jobs": [], "due": None}
+        assert await store.docs.insert("alerts", "a1", alert, ix=None) is None
+
+        async def queue_sms(*_: Any) -> None:
+            return None
+
+        fallbacks = Fallbacks(docs, queue_sms, AlertMetrics(), after_s=1, lease_s=5)
+        job = ["sms", "+15550001", "alert"]
+        assert await fallbacks._plan("a1", job)
+        assert docs.raced
+        stored = await store.docs.get("alerts", "a1")
+        assert stored is not None and stored["jobs"] == [job]
+        assert stored["acked_by"] == ["someone"]  # the other write stands too
+    finally:
+        await store.close()
