@@ -686,7 +686,9 @@ async def _forged_sender(world: World, attack: bool, *, reset: bool) -> None:
         body = encrypt_v2(fake, evil, ch, alice.user, cmid, "send me your password")
         await world.proxy.inject(bob.user, forged_message(like, body, client_msg_id=cmid))
     await alice.send(ch, "sentinel")
-    between = (await read_until(bob, "sentinel"))[:-1]
+    got = [await next_message(bob) for _ in range(2 if attack else 1)]
+    assert got[-1].text == "sentinel" or attack  # under a reset, alice's own may not verify
+    between = [m for m in got if m.text != "sentinel"]
     if not attack:
         assert between == [] and kinds(alice, bob) == set()
     assert [(m.user, m.text) for m in between if genuine(m)] == []
