@@ -80,6 +80,7 @@ from realtime_safety.crypto.envelope import (
     encrypt_v2,
     make_share,
 )
+from realtime_safety.crypto.membership_state import sign_next
 from realtime_safety.crypto.user_keys import UserKeys
 
 ATTACK = pytest.mark.parametrize(
@@ -341,6 +342,41 @@ async def test_member_injection(world: World, attack: bool) -> None:
     assert not world.proxy.sent_mentioning(alice.user, mallory.device)
     if attack:
         assert "member_not_in_signed_log" in kinds(alice)
+
+
+@ATTACK
+async def test_member_injection_by_a_forged_log_entry(world: World, attack: bool) -> None:
+    """Attack 2, in the signed log: alice's `members.log.fetch` answers carry an entry adding
+    mallory "by alice's device", signed by a key of the attacker's (mallory's device), and the
+    `members` answer names mallory too. Secure: alice shares nothing with mallory (she refuses
+    the log, and so to send, or leaves mallory out)."""
+    alice, bob = await world.honest("alice"), await world.honest("bob")
+    mallory = await world.honest("mallory")
+    ch = await world.room(alice, bob)
+    if attack:
+        state = await alice.room(ch)
+        entry = sign_next(
+            state, mallory.account, op="add", target_user=mallory.user, role="member",
+            actor_user=alice.user, actor_device=alice.device, ts_ms=now_ms(),
+        )  # fmt: skip
+
+        def forge(reply: Frame, hit: Hit) -> Frame:
+            if not reply.get("ok") or (hit.request or {}).get("after") != state.epoch:
+                return reply
+            return {**reply, "entries": [entry.to_wire()], "epoch": entry.epoch}
+
+        world.proxy.on_reply("members.log.fetch", forge, user=alice.user)
+        add_to_members(world.proxy, alice.user, mallory.user)
+        strip_todevice(world.proxy, alice.user, mallory.user)
+    sent = await try_send(alice, ch, "the plan")
+    if not attack:
+        assert sent is not None
+        got = await next_message(bob)
+        assert genuine(got) and got.text == "the plan"
+        assert kinds(alice, bob) == set()
+    await mallory.handle({"push": "todevice", "device": mallory.device})
+    assert megolm_reads(world.proxy, ch, sessions_of((), mallory.inbound)) == []
+    assert not world.proxy.sent_mentioning(alice.user, mallory.device)
 
 
 async def _key_substitution(world: World, attack: bool, *, verified: bool) -> None:
