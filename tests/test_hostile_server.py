@@ -317,6 +317,7 @@ async def test_device_injection(world: World, attack: bool) -> None:
     assert not world.proxy.sent_mentioning(alice.user, evil.device)
     if attack:
         assert "unknown_device" in kinds(alice)
+        assert "fork" not in kinds(alice)  # the forged log held: the certificate is what failed
 
 
 @ATTACK
@@ -399,6 +400,7 @@ async def _key_substitution(world: World, attack: bool, *, verified: bool) -> No
     assert megolm_reads(world.proxy, ch, sessions_of(stolen)) == []
     if attack:
         assert kinds(alice) & {"key_changed", "unknown_device"}
+        assert "fork" not in kinds(alice)  # the forged log held: the key change is what showed
 
 
 @ATTACK
