@@ -283,11 +283,14 @@ class SecureClient:
     # --- receiving ----------------------------------------------------------------------
 
     async def _take_shares(self) -> None:
-        """Open the key shares waiting for this device (and acknowledge them)."""
+        """Open the key shares waiting for this device (and acknowledge them). A server that
+        hands out the same messages again after they were acknowledged is not followed."""
+        taken: set[str] = set()
         while True:
             found = await self.client.request("todevice.fetch", device=self.device)
-            if not found["messages"]:
+            if not found["messages"] or {m["id"] for m in found["messages"]} <= taken:
                 return
+            taken.update(m["id"] for m in found["messages"])
             for message in found["messages"]:
                 await self._open_share(message)
             ids = [m["id"] for m in found["messages"]]

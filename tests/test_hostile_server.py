@@ -267,12 +267,13 @@ def todevice_id() -> str:
     return f"{now_ms():013d}|{os.urandom(8).hex()}"
 
 
-def inject_todevice(proxy: HostileProxy, user: str, message: Frame) -> None:
-    """`message` added (once) to the next `todevice.fetch` answer of `user`'s clients."""
+def inject_todevice(proxy: HostileProxy, user: str, message: Frame, *, once: bool = True) -> None:
+    """`message` added to the next `todevice.fetch` answer of `user`'s clients (or to every
+    one: a server handing it out again however often it is acknowledged)."""
     done: list[bool] = []
 
     def rule(reply: Frame, _hit: Hit) -> Frame:
-        if done or not reply.get("ok"):
+        if (done and once) or not reply.get("ok"):
             return reply
         done.append(True)
         return {**reply, "messages": [*reply["messages"], message]}
@@ -472,7 +473,7 @@ async def test_session_of_the_servers_own(world: World, attack: bool) -> None:
         kind, ct = olm.encrypt(bob.user, bob.device, bob_curve, share)
         sender = {"user": alice.user, "device": alice.device}
         forged = {"id": todevice_id(), "from": sender, "type": kind, "ct": ct, "ts": now_ms()}
-        inject_todevice(world.proxy, bob.user, forged)
+        inject_todevice(world.proxy, bob.user, forged, once=False)  # bob must not loop on it
     sent = await try_send(alice, ch, "the plan")
     assert sent is not None
     got = await next_message(bob)
