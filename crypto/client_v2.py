@@ -105,6 +105,7 @@ class SecureClient:
         self._outbound: dict[str, OutboundSession] = {}
         self._shared: dict[str, set[tuple[str, str]]] = {}  # channel -> devices holding it
         self._rooms: dict[str, MembershipState] = {}
+        self._read: dict[tuple[str, str, str, str], set[int]] = {}  # indices read, per session
 
     @property
     def device(self) -> str:
@@ -282,11 +283,14 @@ class SecureClient:
     # --- receiving ----------------------------------------------------------------------
 
     async def _take_shares(self) -> None:
-        """Open the key shares waiting for this device (and acknowledge them)."""
+        """Open the key shares waiting for this device (and acknowledge them). A server that
+        hands out the same messages again after they were acknowledged is not followed."""
+        taken: set[str] = set()
         while True:
             found = await self.client.request("todevice.fetch", device=self.device)
-            if not found["messages"]:
+            if not found["messages"] or {m["id"] for m in found["messages"]} <= taken:
                 return
+            taken.update(m["id"] for m in found["messages"])
             for message in found["messages"]:
                 await self._open_share(message)
             ids = [m["id"] for m in found["messages"]]
@@ -331,7 +335,10 @@ class SecureClient:
         if kind == "plain":
             return Decrypted(**base, text=body.get("text"))
         base["device"] = body.get("device")
-        device = await self.directory.device(sender["user"], str(body.get("device")))
+        try:
+            device = await self.directory.device(sender["user"], str(body.get("device")))
+        except (CryptoError, ServerError):  # a forked directory (reported) or no answer
+            device = None
         if device is None:
             return Decrypted(**base, text=None, error="sender device does not verify")
         ref = (channel, sender["user"], device.device, body.get("session"))
@@ -343,12 +350,45 @@ class SecureClient:
                 self.inbound, self.replays, seq=push["seq"],
             )  # fmt: skip
         except CryptoError as exc:
-            if exc.reason == "replay":
+            reason = exc.reason
+            if reason != "bad signature" and self._seen_before(body, sender["user"], push):
+                reason = "replay"  # read already: its key is gone, the guard still knows it
+            if reason == "replay":
                 self.events.append({"kind": "replay", "channel": channel, "user": sender["user"]})
-            return Decrypted(**base, text=None, error=exc.reason)
+            return Decrypted(**base, text=None, error=reason)
+        self._forget_read(ref, body["index"])
         if opened.sth is not None:
             await self.directory.check_gossip(opened.sth)
         return Decrypted(**base, text=opened.text, franking_key=opened.franking_key, verified=True)
+
+    def _seen_before(self, body: dict[str, Any], user: str, push: dict[str, Any]) -> bool:
+        try:
+            return self.replays.seen(
+                user, body["device"], body["session"], body["index"], push["client_msg_id"],
+                push["seq"],
+            )  # fmt: skip
+        except (KeyError, TypeError):
+            return False
+
+    def _forget_read(self, ref: tuple[str, str, str, str], index: int) -> None:
+        """Forward secrecy on this device (docs/e2ee/messages.md): once a message is read,
+        the session is kept only from the first index not read yet, so whoever steals the
+        device's state later opens nothing it has read (history is not re-readable here:
+        the app keeps the plaintext it wants)."""
+        read = self._read.setdefault(ref, set())
+        read.add(index)
+        session = self.inbound.get(ref)
+        if session is None:
+            return
+        first = session.first_known_index
+        while first in read:
+            read.discard(first)
+            first += 1
+        read.difference_update({i for i in read if i < first})
+        try:
+            self.inbound.ratchet_to(ref, first)
+        except CryptoError:
+            return
 
     async def messages(self) -> AsyncIterator[Decrypted]:
         """Every message of the subscribed channels, decrypted or marked with `error`."""

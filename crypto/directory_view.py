@@ -17,6 +17,8 @@ from typing import Any
 
 import msgpack
 
+from realtime_safety.client import ServerError
+
 from .contacts import ContactBook
 from .e2ee import CryptoError
 from .identity import (
@@ -159,5 +161,5 @@ class DirectoryView:
             self.monitor.reconcile(head, proof["proof"])
         except ForkDetected as exc:
             self._event("fork", detail=str(exc))
-        except TransparencyError:
-            return  # a stale or unverifiable head proves nothing either way
+        except (TransparencyError, ServerError):
+            return  # a stale or unverifiable head (or no proof from the server) proves nothing

@@ -3,7 +3,7 @@
 Everything a malicious operator (or whoever controls the server) can do to the wire, a test
 can do here: rewrite the server's reply to a request, rewrite or drop a push, rewrite or drop
 a client's request on its way in, and send a client a forged push. The honest clients
-(`crypto.client.SecureClient`) connect to `HostileProxy.url` instead of the node; the proxy
+(`crypto.client_v2.SecureClient`) connect to `HostileProxy.url` instead of the node; the proxy
 opens one upstream connection per client connection to the node's `/ws`, offering the
 subprotocol the client chose (`rt.v1.json` or `rt.v1.msgpack`), and decodes and re-encodes
 every frame with that codec (`realtime_safety.protocol.CODECS`).
@@ -15,14 +15,14 @@ every frame with that codec (`realtime_safety.protocol.CODECS`).
     await proxy.inject("bob", {"push": "message", ...})         # a forged push (seq filled)
     proxy.requests("publish", user="alice")                     # what alice really sent
 
-A rule is `fn(frame, hit) -> frame | None`: it gets the decoded frame (bytes as the
-connection's codec gives them: raw bytes for msgpack, base64 text for JSON; raw bytes put
-into a frame go out as base64 on JSON, as the node's own do) and a `Hit`
-naming the connection (its user, known from the `auth` reply) and, for a reply, the request
-it answers (the proxy remembers request ids per connection). Rules of one kind run in the
-order they were added. Everything is recorded in `proxy.log`: requests as the client sent them
-(before any rule: what the client really did), replies and pushes as delivered (after the
-rules; `None` when dropped), forged pushes as `injected`.
+A rule is `fn(frame, hit) -> frame | None` (or a coroutine function returning that): it gets
+the decoded frame (bytes as the connection's codec gives them: raw bytes for msgpack, base64
+text for JSON; raw bytes put into a frame go out as base64 on JSON, as the node's own do)
+and a `Hit` naming the connection (its user, known from the `auth` reply) and, for a reply,
+the request it answers (the proxy remembers request ids per connection). Rules of one kind
+run in the order they were added. Everything is recorded in `proxy.log`: requests as the
+client sent them (before any rule: what the client really did), replies and pushes as
+delivered (after the rules; `None` when dropped), forged pushes as `injected`.
 
 The node's close code is passed on to the client. Injected message pushes without a `seq`
 get the next one of that connection's channel, and the proxy shifts every later server `seq`
@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,9 @@ from websockets.typing import Subprotocol
 from realtime_safety.protocol import CODECS, JSON, Codec, UndecodableFrame
 
 Frame = dict[str, Any]
+# The key log's signing seed the node is started with: the hostile operator holds it (it runs
+# the server), so the attacks can sign tree heads of logs of their own making.
+LOG_SEED = bytes(range(32))
 Direction = Literal["request", "reply", "push", "injected"]
 
 
@@ -83,7 +87,7 @@ class Hit:
         return self.conn.user
 
 
-Rule = Callable[[Frame, Hit], Frame | None]
+Rule = Callable[[Frame, Hit], "Frame | Awaitable[Frame | None] | None"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class HostileProxy:
         """Drop every push of this kind (to `user`'s connections only, if given)."""
         self.on_push(kind, lambda _frame, _hit: None, user=user)
 
-    def _apply(self, kind: str, name: object, frame: Frame, hit: Hit) -> Frame | None:
+    async def _apply(self, kind: str, name: object, frame: Frame, hit: Hit) -> Frame | None:
         if not isinstance(name, str):
             return frame
         current: Frame | None = frame
@@ -161,7 +165,8 @@ class HostileProxy:
             if current is None:
                 break
             if user is None or user == hit.user:
-                current = fn(current, hit)
+                result = fn(current, hit)
+                current = await result if inspect.isawaitable(result) else result
         return current
 
     # --- forging ----------------------------------------------------------------------
@@ -226,13 +231,6 @@ class HostileProxy:
         """Requests of `user` in which `needle` (a device id, a key) occurs anywhere."""
         return [f for f in self.requests(user=user, since=since) if mentions(f, needle)]
 
-    def registration(self, user: str, device: str) -> Frame:
-        """The `keys.register` request that registered `user`'s `device` (its public keys)."""
-        for frame in self.requests("keys.register", user=user):
-            if frame.get("device") == device:
-                return frame
-        raise KeyError((user, device))
-
     # --- running ----------------------------------------------------------------------
 
     async def start(self) -> HostileProxy:
@@ -289,7 +287,7 @@ class HostileProxy:
                 except UndecodableFrame:
                     await conn.upstream.send(data)  # the node answers that itself
                     continue
-                out = self._apply("request", frame.get("op"), frame, Hit(conn))
+                out = await self._apply("request", frame.get("op"), frame, Hit(conn))
                 self.log.append(Seen("request", conn.user, out, frame))
                 if out is None:
                     continue
@@ -302,19 +300,19 @@ class HostileProxy:
             async for data in conn.upstream:
                 frame = conn.codec.decode(data)
                 if "push" in frame:
-                    out = self._push(conn, frame)
+                    out = await self._push(conn, frame)
                 else:
                     request = conn.pending.pop(frame.get("id"), None)
                     op = (request or {}).get("op")
                     if op == "auth" and frame.get("ok"):
                         conn.user = frame.get("user")
-                    out = self._apply("reply", op, frame, Hit(conn, request))
+                    out = await self._apply("reply", op, frame, Hit(conn, request))
                     self.log.append(Seen("reply", conn.user, out, frame, request))
                 if out is not None:
                     await conn.send(out)
 
-    def _push(self, conn: Conn, frame: Frame) -> Frame | None:
-        out = self._apply("push", frame.get("push"), frame, Hit(conn))
+    async def _push(self, conn: Conn, frame: Frame) -> Frame | None:
+        out = await self._apply("push", frame.get("push"), frame, Hit(conn))
         channel = (out or {}).get("channel")
         if out is not None and out.get("push") == "message" and isinstance(channel, str):
             out = {**out, "seq": out["seq"] + conn.shift.get(channel, 0)}
@@ -337,7 +335,8 @@ def _select_subprotocol(
 def hostile_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One embedded-defaults node shared by a module's hostile-server tests (every test
     names its own users and rooms, so they do not see each other)."""
-    node = Node(base_env(Path(tmp_path_factory.mktemp("hostile"))), "hostile")
+    env = base_env(Path(tmp_path_factory.mktemp("hostile")), RT_KT_SIGNING_KEY=LOG_SEED.hex())
+    node = Node(env, "hostile")
     node.start()
     yield node
     node.stop()
