@@ -32,6 +32,7 @@ import msgpack
 from realtime_safety.client import Client, ServerError
 from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
 
+from . import device_link
 from .contacts import ContactBook, safety_number
 from .directory_view import DirectoryView
 from .e2ee import CryptoError
@@ -81,7 +82,7 @@ class SecureClient:
         token: str | Callable[[], str],
         user: str,
         account: DeviceAccount,
-        user_keys: UserKeys,
+        user_keys: UserKeys | None,
         *,
         log_key: bytes | None = None,
         certificate: DeviceCertificate | None = None,
@@ -122,14 +123,21 @@ class SecureClient:
         """Connect, publish this device (certified by the user key) and its one-time keys,
         and take the key shares waiting for it."""
         await self.client.connect()
-        if self.certificate is None:
-            self.certificate = self.user_keys.certify_account(
-                self.account.olm_account, self.device, _now()
-            )
+        if self.user_keys is None:  # linked from a trusted device (crypto.device_link)
+            found = await self.directory.own(self.user, self.device, self.account.ed25519)
+            if found is None:
+                raise CryptoError("this device is not certified yet: approve it on a trusted one")
+            statement, self.certificate = found
+        else:
+            statement = self.user_keys.announce(_now())
+            if self.certificate is None:
+                self.certificate = self.user_keys.certify_account(
+                    self.account.olm_account, self.device, _now()
+                )
         keys = self.account.new_one_time_keys(ONE_TIME_KEYS)
         await self.client.request(
             "keys.publish",
-            user_key=self.user_keys.announce(_now()).to_wire(),
+            user_key=statement.to_wire(),
             device=self.certificate.to_wire(),
             one_time_keys=keys,
         )
@@ -145,7 +153,8 @@ class SecureClient:
         theirs = self.contacts.key(user)
         if theirs is None:
             return None
-        return safety_number(self.user, self.user_keys.public, user, theirs)
+        mine = self.user_keys.public if self.user_keys else self.contacts.key(self.user)
+        return None if mine is None else safety_number(self.user, mine, user, theirs)
 
     # --- membership ---------------------------------------------------------------------
 
@@ -200,9 +209,30 @@ class SecureClient:
 
     async def revoke_device(self, device: str) -> None:
         """Withdraw one of this user's devices: it gets no further keys; rooms re-key."""
-        revocation: Revocation = self.user_keys.revoke(device, _now())
+        if self.user_keys is not None:
+            revocation = self.user_keys.revoke(device, _now())
+        elif device == self.device:
+            revocation = Revocation.by_own_device(
+                self.account.olm_account, self.user, device, _now()
+            )
+        else:
+            raise CryptoError("only a device holding the user key revokes another device")
         await self.client.request("keys.revoke", revocation=revocation.to_wire())
         self._outbound.clear()
+
+    async def approve_device(self, answer_code: bytes) -> DeviceCertificate:
+        """Certify a new device of this user from the code it shows (`device_link.answer`,
+        after it scanned `device_link.offer(user_keys)` on this one) and publish it; the new
+        device then starts with `user_keys=None` and finds its certificate in the log."""
+        if self.user_keys is None:
+            raise CryptoError("this device does not hold the user key")
+        cert = device_link.approve(self.user_keys, answer_code, _now())
+        await self.client.request(
+            "keys.publish",
+            user_key=self.user_keys.announce(_now()).to_wire(),
+            device=cert.to_wire(),
+        )
+        return cert
 
     # --- sending ------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ class DirectoryView:
         self.events = events
         self.monitor = LogMonitor(log_key) if log_key is not None else None
         self._devices: dict[str, list[VerifiedDevice]] = {}  # user -> verified, unrevoked
+        # what a device that does not hold its user's key republishes (`own`)
+        self._published: dict[str, tuple[UserKeyStatement, list[DeviceCertificate]]] = {}
         self._ever: dict[tuple[str, str], VerifiedDevice] = {}  # every device that verified
         self._reported: set[tuple[str, str, str]] = set()
 
@@ -74,6 +76,21 @@ class DirectoryView:
                 return known
         await self._query([user])
         return next((d for d in self._devices.get(user, []) if d.device == device), None)
+
+    async def own(
+        self, user: str, device: str, ed25519: bytes
+    ) -> tuple[UserKeyStatement, DeviceCertificate] | None:
+        """A device that does not hold its user's key (linked from a trusted device): the
+        user's current key statement and this device's certificate under it, as the log has
+        them, if the certificate is of these very keys (`ed25519`)."""
+        found = await self.device(user, device)
+        if found is None or found.ed25519 != ed25519:
+            return None
+        statement, certs = self._published[user]
+        for cert in reversed(certs):
+            if cert.device == device and cert.ed25519 == ed25519:
+                return statement, cert
+        return None
 
     def ever(self, user: str, device: str) -> VerifiedDevice | None:
         """A device that verified at some point, revoked since or not (to check what it
@@ -124,6 +141,7 @@ class DirectoryView:
             self._devices[user] = []
             return
         current = statements[-1]
+        self._published[user] = (current, certs)
         known = self.contacts.key(user)  # the rotations since the key we hold
         seen = [i for i, s in enumerate(statements) if s.user_pub == known]
         after = statements[seen[-1] + 1 :] if seen else statements

@@ -12,6 +12,7 @@ import pytest
 from conftest import Node, base_env, token
 
 from realtime_safety.crypto.client_v2 import Decrypted, SecureClient
+from realtime_safety.crypto.e2ee import CryptoError
 from realtime_safety.crypto.envelope import DeviceAccount
 from realtime_safety.crypto.user_keys import UserKeys
 
@@ -144,3 +145,40 @@ async def test_a_report_of_a_v2_message_is_verified(people: People) -> None:
     got = await next_message(bob)
     report = await bob.report(got, "abuse")
     assert report["verified"] is True
+
+
+async def test_a_device_linked_by_two_codes_reads_and_sends_without_the_user_key(
+    people: People,
+) -> None:
+    """Adding a device from a trusted one (crypto/device_link.py): the phone holding the user
+    key approves the tablet's answer; the tablet never holds the user key, finds its
+    certificate in the log, reads and sends verified messages."""
+    from realtime_safety.crypto.device_link import answer, offer
+
+    alice, bob = await people.device("alice"), await people.device("bob")
+    ch = await people.room(alice, bob)
+    tablet_account = DeviceAccount.generate()
+    code = answer(offer(people.keys["bob"]), tablet_account.olm_account, tablet_account.device)
+    early = SecureClient(
+        people.node.url, token(bob.user, device=tablet_account.device), bob.user,
+        tablet_account, None,
+    )  # fmt: skip
+    with pytest.raises(CryptoError, match="not certified yet"):
+        await early.start()  # before the phone approved it
+    await early.client.close()
+    await bob.approve_device(code)
+    tablet = SecureClient(
+        people.node.url, token(bob.user, device=tablet_account.device), bob.user,
+        tablet_account, None,
+    )  # fmt: skip
+    await tablet.start()
+    people.open.append(tablet)
+    await tablet.subscribe(ch)
+    await alice.send(ch, "hello tablet")
+    got = await until_text(tablet, "hello tablet")
+    assert got[-1].verified and got[-1].user == alice.user
+    await tablet.send(ch, "from the tablet")
+    reply = await until_text(alice, "from the tablet")
+    assert reply[-1].verified and reply[-1].device == tablet_account.device
+    assert tablet.safety_number(alice.user) == alice.safety_number(bob.user)
+    assert tablet.events == [] and alice.events == []
