@@ -55,9 +55,12 @@ class SecureClient:
         token: str | Callable[[], str],
         user: str,
         keys: DeviceKeys,
+        *,
+        client: Client | None = None,
         **client_options: Any,
     ) -> None:
-        self.client = Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
+        """`client`: a connection to use instead of opening one (a v2 client reading v1)."""
+        self.client = client or Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
         self.user = user
         self.keys = keys
         self._channel_keys: dict[str, dict[str, bytes]] = {}  # channel -> key id -> key

@@ -33,9 +33,10 @@ from realtime_safety.client import Client, ServerError
 from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
 
 from . import device_link
+from .client import SecureClient as V1Client
 from .contacts import ContactBook, safety_number
 from .directory_view import DirectoryView
-from .e2ee import CryptoError
+from .e2ee import CryptoError, DeviceKeys
 from .envelope import (
     DeviceAccount,
     InboundSessions,
@@ -87,16 +88,19 @@ class SecureClient:
         log_key: bytes | None = None,
         certificate: DeviceCertificate | None = None,
         on_unverified_change: str = "accept",
+        legacy: DeviceKeys | None = None,
         **client_options: Any,
     ) -> None:
         """`certificate`: this device's, as saved after an earlier start (`self.certificate`);
         without it the user key certifies the device now (a device is certified once: the
-        server refuses a second certificate for the same id under the same user key)."""
+        server refuses a second certificate for the same id under the same user key).
+        `legacy`: this device's v1 keys, to read v1 envelopes (never `verified`)."""
         self.client = Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
         self.user = user
         self.account = account
         self.user_keys = user_keys
         self.certificate = certificate
+        self._v1 = None if legacy is None else V1Client([], "", user, legacy, client=self.client)
         self.events: list[dict[str, Any]] = []
         self.contacts = ContactBook(on_unverified_change=on_unverified_change)  # type: ignore[arg-type]
         self.directory = DirectoryView(self.client.request, self.contacts, self.events, log_key)
@@ -142,6 +146,8 @@ class SecureClient:
             one_time_keys=keys,
         )
         self.account.mark_published()
+        if self._v1 is not None:
+            await self.client.request("keys.register", **self._v1.keys.registration(self.user))
         await self.client.subscribe(f"user:{self.user}")
         await self._take_shares()
 
@@ -359,11 +365,15 @@ class SecureClient:
         base = {"channel": channel, "seq": push["seq"], "user": sender["user"],
                 "device": None, "client_msg_id": push["client_msg_id"]}  # fmt: skip
         try:
-            kind = classify(body, not channel.startswith(PLAINTEXT_PREFIXES), v1_allowed=False)
+            encrypted = not channel.startswith(PLAINTEXT_PREFIXES)
+            kind = classify(body, encrypted, v1_allowed=self._v1 is not None)
         except CryptoError as exc:
             return Decrypted(**base, text=None, error=exc.reason)
         if kind == "plain":
             return Decrypted(**base, text=body.get("text"))
+        if kind == "v1" and self._v1 is not None:  # its keys came from the server: unverified
+            old = await self._v1.open(push)
+            return Decrypted(**{**base, "device": old.device}, text=old.text, error=old.error)
         base["device"] = body.get("device")
         try:
             device = await self.directory.device(sender["user"], str(body.get("device")))

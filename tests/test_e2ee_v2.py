@@ -182,3 +182,41 @@ async def test_a_device_linked_by_two_codes_reads_and_sends_without_the_user_key
     assert reply[-1].verified and reply[-1].device == tablet_account.device
     assert tablet.safety_number(alice.user) == alice.safety_number(bob.user)
     assert tablet.events == [] and alice.events == []
+
+
+async def test_a_v2_client_with_its_v1_keys_reads_v1_envelopes_unverified(
+    people: People,
+) -> None:
+    """v1 envelopes stay readable: a v2 client given its device's v1 keys (`legacy`) reads
+    what a v1 client sends, marked unverified (its keys came from a directory the server
+    controls); without them it refuses the envelope."""
+    from realtime_safety.crypto.client import SecureClient as V1Client
+    from realtime_safety.crypto.e2ee import DeviceKeys
+
+    bob_keys = UserKeys.generate(f"bob-{uuid.uuid4().hex[:6]}")
+    account, legacy = DeviceAccount.generate(), DeviceKeys.generate()
+    bob = SecureClient(
+        people.node.url, token(bob_keys.user, device=account.device), bob_keys.user,
+        account, bob_keys, legacy=legacy,
+    )  # fmt: skip
+    await bob.start()
+    people.open.append(bob)
+    alice_user = f"alice-{uuid.uuid4().hex[:6]}"
+    alice = V1Client(people.node.url, token(alice_user), alice_user, DeviceKeys.generate())
+    await alice.start()
+    ch = f"room:{uuid.uuid4().hex[:10]}"
+    for user in (alice_user, bob.user):
+        people.node.add_member(ch, user)
+    await bob.subscribe(ch)
+    await alice.send(ch, "from the old app")
+    got = await next_message(bob)
+    assert (got.text, got.user, got.verified, got.error) == (
+        "from the old app", alice_user, False, None,
+    )  # fmt: skip
+    push = {"push": "message", "channel": ch, "seq": got.seq, "from": {"user": alice_user}}
+    history = await bob.client.request("history", channel=ch, since_seq=0)
+    item = history["messages"][0]
+    without = await people.device("carl")  # the same envelope, to a v2 client without v1 keys
+    refused = await without.open({**push, **item})
+    assert refused.text is None and refused.error is not None
+    await alice.client.close()
