@@ -1,5 +1,5 @@
 """Adding a device from one already trusted: two QR codes, no secret typed (docs/e2ee/identity.md,
-"Adding a device").
+"Adding a device", section 10a).
 
 1. The trusted device (it holds the user key) shows `offer(user_keys)`: the user and the user
    key, tagged `rt.v2.link-offer`.
