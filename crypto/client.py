@@ -46,6 +46,8 @@ class Decrypted:
     text: str | None  # None when the message could not be read
     error: str | None = None  # why it could not be read
     franking_key: bytes | None = None  # reveal with `text` to report the message
+    # v2 only: signed by a device whose certificate chains to its user key, proven in the log
+    verified: bool = False
 
 
 class SecureClient:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -33,6 +32,7 @@ from realtime_safety.client import Client, ServerError
 from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
 
 from . import device_link
+from .client import Decrypted
 from .client import SecureClient as V1Client
 from .contacts import ContactBook, safety_number
 from .directory_view import DirectoryView
@@ -56,20 +56,8 @@ from .membership_state import MembershipState, diff, sign_next
 from .user_keys import UserKeys
 
 ONE_TIME_KEYS = 20
+OWN_WATCH_S = 60.0  # how often `send` reads the key log for entries about this user
 PLAINTEXT_PREFIXES = ("public:",)  # the server's default plaintext namespaces
-
-
-@dataclass(frozen=True)
-class Decrypted:
-    channel: str
-    seq: int
-    user: str
-    device: str | None
-    client_msg_id: str
-    text: str | None  # None when the message could not be read
-    error: str | None = None  # why it could not be read
-    franking_key: bytes | None = None  # reveal with `text` to report the message
-    verified: bool = False  # signed by a device whose certificate chains to its user key
 
 
 def _now() -> int:
@@ -100,6 +88,7 @@ class SecureClient:
         self.account = account
         self.user_keys = user_keys
         self.certificate = certificate
+        self._watched = 0.0  # when the log was last read for entries about this user
         self._v1 = None if legacy is None else V1Client([], "", user, legacy, client=self.client)
         self.events: list[dict[str, Any]] = []
         self.contacts = ContactBook(on_unverified_change=on_unverified_change)  # type: ignore[arg-type]
@@ -149,7 +138,17 @@ class SecureClient:
         if self._v1 is not None:
             await self.client.request("keys.register", **self._v1.keys.registration(self.user))
         await self.client.subscribe(f"user:{self.user}")
+        await self.check_own_keys()
         await self._take_shares()
+
+    async def check_own_keys(self) -> None:
+        """Read the key log's new entries for this user (call it now and then; `send` does
+        every `OWN_WATCH_S`): a key or device published for us that we did not make raises
+        `key_changed` / `unknown_device` in `events`."""
+        mine = self.user_keys.public if self.user_keys else self.contacts.key(self.user)
+        if mine is not None:
+            await self.directory.watch_own(self.user, mine)
+        self._watched = time.monotonic()
 
     async def subscribe(self, channel: str, since_seq: int | None = None) -> dict[str, Any]:
         return await self.client.subscribe(channel, since_seq)
@@ -246,6 +245,8 @@ class SecureClient:
         self, channel: str, text: str, *, client_msg_id: str | None = None
     ) -> dict[str, Any]:
         """Encrypt for the members the signed log names, sign and publish."""
+        if time.monotonic() - self._watched > OWN_WATCH_S:
+            await self.check_own_keys()
         state = await self.room(channel)
         if self.user not in state.members:
             raise CryptoError("not a member of this room by its signed log")

@@ -162,6 +162,51 @@ class DirectoryView:
             self._ever.setdefault((user, device.device), device)
         self._devices[user] = good
 
+    async def _move_to(self, head: bytes) -> None:
+        """Make `head` (from the server) the monitor's current head, with the consistency
+        proof from the one it holds."""
+        assert self.monitor is not None
+        ours = self.monitor.head.size if self.monitor.head else 0
+        theirs = SignedTreeHead.from_wire(head).size
+        proof: list[bytes] = []
+        if 0 < ours < theirs:
+            proof = (await self._request("keys.consistency", first=ours, second=theirs))["proof"]
+        try:
+            self.monitor.update(head, proof)
+        except ForkDetected as exc:
+            self._event("fork", detail=str(exc))
+            raise CryptoError("the key directory's log forked") from exc
+
+    async def watch_own(self, user: str, user_pub: bytes) -> None:
+        """The owner's watch over the log (docs/e2ee/transparency.md, "Monitoring"): every
+        entry added since the last watch is read (they must rebuild a verified head, so none
+        can be hidden from its owner); a key published for `user` that is not `user_pub`
+        raises `key_changed` (someone — the server — announced another key for us), a device
+        of ours that does not verify under it `unknown_device`. The first watch on a device
+        starts from the log as it is (what came before is trusted unseen)."""
+        if self.monitor is None:
+            await self._query([user])
+        assert self.monitor is not None
+        first = await self._request("keys.log", start=0, end=0)
+        await self._move_to(first["sth"])
+        size = SignedTreeHead.from_wire(first["sth"]).size
+        if not self.monitor.scanned:
+            self.monitor.start_scan(size, first["frontier"])
+            return
+        leaves: list[tuple[int, bytes]] = []
+        while (start := self.monitor.scanned + len(leaves)) < size:
+            page = await self._request("keys.log", start=start, end=min(size, start + 1000))
+            leaves += list(enumerate(page["entries"], start))
+        for _, entry in self.monitor.own_entries(leaves, user):
+            wire = msgpack.unpackb(entry.payload, raw=False)
+            if entry.kind == "user-key" and wire.get("user_pub") != user_pub:
+                self._event("key_changed", user=user, change="not ours", blocked=False)
+            elif entry.kind == "device":
+                try:
+                    verified_devices(user, user_pub, [DeviceCertificate.from_wire(wire)])[0]
+                except (CryptoError, IndexError):
+                    self._event("unknown_device", user=user, device=wire.get("device"))
+
     async def check_gossip(self, head: bytes) -> None:
         """A tree head someone put inside a message: it must be on our line of the log."""
         if self.monitor is None or self.monitor.head is None:

@@ -220,3 +220,28 @@ async def test_a_v2_client_with_its_v1_keys_reads_v1_envelopes_unverified(
     refused = await without.open({**push, **item})
     assert refused.text is None and refused.error is not None
     await alice.client.close()
+
+
+async def test_a_key_published_for_me_that_i_did_not_make_is_seen(people: People) -> None:
+    """Owner monitoring: the server (which can mint any token) publishes another user key
+    and a device for bob; bob's client reads the log's new entries and says so, while a
+    device of his own certified meanwhile raises nothing."""
+    bob = await people.device("bob")
+    bob2 = await people.device("bob")  # his own new device: certified by his key
+    await bob.check_own_keys()
+    assert bob.events == []
+    impostor_keys = UserKeys.generate(bob.user)
+    account = DeviceAccount.generate()
+    impostor = SecureClient(
+        people.node.url, token(bob.user, device=account.device), bob.user, account, impostor_keys
+    )
+    await impostor.start()
+    people.open.append(impostor)
+    await bob.check_own_keys()
+    assert {"kind": "key_changed", "user": bob.user, "change": "not ours", "blocked": False} in (
+        bob.events
+    )
+    assert {"kind": "unknown_device", "user": bob.user, "device": account.device} in bob.events
+    assert bob2.events == []  # not read yet: it sees both on its own watch
+    await bob2.check_own_keys()
+    assert sorted(e["kind"] for e in bob2.events) == ["key_changed", "unknown_device"]
