@@ -56,7 +56,6 @@ from .membership_state import MembershipState, diff, sign_next
 from .user_keys import UserKeys
 
 ONE_TIME_KEYS = 20
-OWN_WATCH_S = 60.0  # how often `send` reads the key log for entries about this user
 PLAINTEXT_PREFIXES = ("public:",)  # the server's default plaintext namespaces
 
 
@@ -88,7 +87,6 @@ class SecureClient:
         self.account = account
         self.user_keys = user_keys
         self.certificate = certificate
-        self._watched = 0.0  # when the log was last read for entries about this user
         self._v1 = None if legacy is None else V1Client([], "", user, legacy, client=self.client)
         self.events: list[dict[str, Any]] = []
         self.contacts = ContactBook(on_unverified_change=on_unverified_change)  # type: ignore[arg-type]
@@ -142,13 +140,12 @@ class SecureClient:
         await self._take_shares()
 
     async def check_own_keys(self) -> None:
-        """Read the key log's new entries for this user (call it now and then; `send` does
-        every `OWN_WATCH_S`): a key or device published for us that we did not make raises
-        `key_changed` / `unknown_device` in `events`."""
+        """Read the key log's new entries (`send` does, before it shares anything; call it
+        now and then): a key or device published for us that we did not make raises
+        `key_changed` / `unknown_device` in `events`; revocations are remembered."""
         mine = self.user_keys.public if self.user_keys else self.contacts.key(self.user)
         if mine is not None:
             await self.directory.watch_own(self.user, mine)
-        self._watched = time.monotonic()
 
     async def subscribe(self, channel: str, since_seq: int | None = None) -> dict[str, Any]:
         return await self.client.subscribe(channel, since_seq)
@@ -245,8 +242,7 @@ class SecureClient:
         self, channel: str, text: str, *, client_msg_id: str | None = None
     ) -> dict[str, Any]:
         """Encrypt for the members the signed log names, sign and publish."""
-        if time.monotonic() - self._watched > OWN_WATCH_S:
-            await self.check_own_keys()
+        await self.check_own_keys()  # and the log's revocations, before anything is shared
         state = await self.room(channel)
         if self.user not in state.members:
             raise CryptoError("not a member of this room by its signed log")

@@ -29,7 +29,13 @@ from .identity import (
     verified_devices,
     verify_user_key,
 )
-from .transparency import ForkDetected, LogMonitor, SignedTreeHead, TransparencyError
+from .transparency import (
+    ForkDetected,
+    LogMonitor,
+    SignedTreeHead,
+    TransparencyError,
+    parse_entry,
+)
 
 Request = Callable[..., Awaitable[dict[str, Any]]]
 MAX_QUERY_USERS = 100
@@ -52,6 +58,8 @@ class DirectoryView:
         self._published: dict[str, tuple[UserKeyStatement, list[DeviceCertificate]]] = {}
         self._ever: dict[tuple[str, str], VerifiedDevice] = {}  # every device that verified
         self._reported: set[tuple[str, str, str]] = set()
+        # revocations read in the log itself: a lookup may leave them out, the log may not
+        self._revoked: set[tuple[str, str]] = set()
 
     def _event(self, kind: str, **fields: Any) -> None:
         key = (kind, str(fields.get("user")), str(fields.get("device")))
@@ -151,8 +159,12 @@ class DirectoryView:
         if not self.contacts.may_share(user):
             self._devices[user] = []
             return
-        good = verified_devices(user, current.user_pub, certs, revocations)
-        revoked = {r.device for r in revocations}
+        good = [
+            d
+            for d in verified_devices(user, current.user_pub, certs, revocations)
+            if (user, d.device) not in self._revoked
+        ]
+        revoked = {r.device for r in revocations} | {d for u, d in self._revoked if u == user}
         for cert in certs:
             if cert.device not in {d.device for d in good} and cert.device not in revoked:
                 self._event("unknown_device", user=user, device=cert.device)
@@ -178,12 +190,15 @@ class DirectoryView:
             raise CryptoError("the key directory's log forked") from exc
 
     async def watch_own(self, user: str, user_pub: bytes) -> None:
-        """The owner's watch over the log (docs/e2ee/transparency.md, "Monitoring"): every
-        entry added since the last watch is read (they must rebuild a verified head, so none
-        can be hidden from its owner); a key published for `user` that is not `user_pub`
-        raises `key_changed` (someone — the server — announced another key for us), a device
-        of ours that does not verify under it `unknown_device`. The first watch on a device
-        starts from the log as it is (what came before is trusted unseen)."""
+        """Read every entry added to the log since the last watch (they must rebuild a
+        verified head, so none can be left out; docs/e2ee/transparency.md, "Monitoring"):
+        - about `user` (the owner): a key that is not `user_pub` raises `key_changed`
+          (someone — the server — announced another key for us), a device of ours that does
+          not verify under it `unknown_device`;
+        - about anyone: a revocation, so that a lookup that leaves it out cannot get a key
+          shared with a revoked device.
+        The first watch on a device starts from the log as it is (what came before is trusted
+        unseen: the lookups' own revocations cover it)."""
         if self.monitor is None:
             await self._query([user])
         assert self.monitor is not None
@@ -197,7 +212,14 @@ class DirectoryView:
         while (start := self.monitor.scanned + len(leaves)) < size:
             page = await self._request("keys.log", start=start, end=min(size, start + 1000))
             leaves += list(enumerate(page["entries"], start))
-        for _, entry in self.monitor.own_entries(leaves, user):
+        mine = self.monitor.own_entries(leaves, user)  # checks the leaves make a verified head
+        for _, data in leaves:
+            seen = parse_entry(data)
+            if seen.kind == "revoke":
+                device = msgpack.unpackb(seen.payload, raw=False).get("device")
+                self._revoked.add((seen.user, str(device)))
+                self._devices.pop(seen.user, None)  # asked again before the next share
+        for _, entry in mine:
             wire = msgpack.unpackb(entry.payload, raw=False)
             if entry.kind == "user-key" and wire.get("user_pub") != user_pub:
                 self._event("key_changed", user=user, change="not ours", blocked=False)

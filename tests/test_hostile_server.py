@@ -829,18 +829,16 @@ async def test_two_users_shown_different_directory_states(world: World, attack: 
     assert "fork" in kinds(alice, bob, carol)
 
 
-@attack_open(
-    "`keys.query` proves that each listed entry is in the log, not that a user's list is "
-    "complete: the server leaves bob's `revoke` entry out of alice's answer (no forging, no "
-    "log key needed) and alice shares with the revoked device; needs a completeness proof "
-    "(a prefix tree keyed by user, as CONIKS) or clients that scan the whole log"
-)
+@ATTACK
 async def test_revoked_device_still_offered(world: World, attack: bool) -> None:
     """bob revokes his old device (its keys are in the attacker's hands); the server keeps
-    offering it to alice: the revocation left out of her answers, a one-time key the thief
+    offering it to alice: the revocation left out of her answers (`keys.query` proves each
+    listed entry is in the log, not that the list is complete), a one-time key the thief
     made for it in her `keys.claim` answer, her to-device message to it taken out of the batch
     the node would refuse. Secure: alice's next session does not go to
-    it (the thief reads nothing). Control: nothing revoked, the old device reads as it should."""
+    it (the thief reads nothing): before sharing, her client reads every new entry of the log,
+    which must rebuild a verified head, and remembers the revocations it finds there. Control:
+    nothing revoked, the old device reads as it should."""
     alice, bob = await world.honest("alice"), await world.honest("bob")
     old = await world.device(bob.user)
     ch = await world.room(alice, bob, old)
