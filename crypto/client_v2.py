@@ -74,14 +74,18 @@ class SecureClient:
         *,
         log_key: bytes | None = None,
         certificate: DeviceCertificate | None = None,
-        on_unverified_change: str = "accept",
+        on_unverified_change: str = "block",
         legacy: DeviceKeys | None = None,
         **client_options: Any,
     ) -> None:
         """`certificate`: this device's, as saved after an earlier start (`self.certificate`);
         without it the user key certifies the device now (a device is certified once: the
         server refuses a second certificate for the same id under the same user key).
-        `legacy`: this device's v1 keys, to read v1 envelopes (never `verified`)."""
+        `legacy`: this device's v1 keys, to read v1 envelopes (never `verified`).
+        `on_unverified_change`: what a reset of a contact's user key does when the contact was
+        not verified — "block" (the default: nothing to or from the new key until the app
+        confirms, `contacts.confirm`) or "accept" (an event only). A rotation signed by the
+        old key is always accepted; a verified contact's reset always blocks."""
         self.client = Client(urls, token, fmt=SUBPROTOCOL_MSGPACK, **client_options)
         self.user = user
         self.account = account

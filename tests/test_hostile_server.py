@@ -741,15 +741,12 @@ async def test_forged_sender(world: World, attack: bool) -> None:
     await _forged_sender(world, attack, reset=False)
 
 
-@attack_open(
-    "a reset of an unverified contact's user key is accepted (ContactBook policy 'accept', "
-    "the default): bob raises key_changed but then shows messages from devices under the "
-    "attacker's key as alice's, verified; secure only for verified contacts or with "
-    "on_unverified_change='block'"
-)
+@ATTACK
 async def test_forged_sender_with_a_reset_user_key(world: World, attack: bool) -> None:
     """Attack 9 with alice's user key reset to the attacker's in bob's view (bob knew alice's
-    key, unverified): the fake device chains to the new key."""
+    key, unverified): the fake device chains to the new key. Secure: the client's default
+    policy blocks a contact whose key was reset (not rotated by the old key) until the app
+    confirms, so nothing from the new key is shown as alice's."""
     await _forged_sender(world, attack, reset=True)
 
 
