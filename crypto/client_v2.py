@@ -10,12 +10,10 @@
             print(message.user, message.text or message.error)
         chat.events                                     # security events to show the user
 
-Who reads a room is decided by the room's signed membership log, never by the server's
-`members` answer; whose keys are used, by the directory entries that verify and are proven in
-the transparency log (`DirectoryView`); Megolm session keys travel in Olm to each verified
-device of each member, in shares signed by the sending device. A removal in the log starts a
-new Megolm session before the next message. Nothing the client cannot verify is shown as
-genuine: it comes back with `error`, and what points at an attack is added to `events`
+Recipients come from the room's signed membership log, keys from directory entries that
+verify and are proven in the key log (`DirectoryView`); Megolm session keys travel over Olm in
+shares the sending device signs; a removal or a revoked device means a new session. What does
+not verify comes back with `error`; what points at an attack goes to `events`
 (`unknown_device`, `key_changed`, `member_not_in_signed_log`, `replay`, `fork`).
 """
 
@@ -35,7 +33,7 @@ from . import device_link
 from .client import Decrypted
 from .client import SecureClient as V1Client
 from .contacts import ContactBook, safety_number
-from .directory_view import DirectoryView
+from .directory_view import DirectoryView, listed_members
 from .e2ee import CryptoError, DeviceKeys
 from .envelope import (
     DeviceAccount,
@@ -50,7 +48,7 @@ from .envelope import (
     make_share,
     open_share,
 )
-from .identity import DeviceCertificate, Revocation
+from .identity import DeviceCertificate, Revocation, VerifiedDevice
 from .membership import MemberEntry, MembershipError
 from .membership_state import MembershipState, diff, sign_next
 from .user_keys import UserKeys
@@ -251,13 +249,16 @@ class SecureClient:
         if self.user not in state.members:
             raise CryptoError("not a member of this room by its signed log")
         await self._compare_members(channel, state)
+        devices = await self.directory.devices(sorted(state.members))
+        # a device that holds the session and no longer verifies (revoked): a new session
+        gone = self._shared.get(channel, set()) - {(d.user, d.device) for d in devices}
         outbound = self._outbound.get(channel)
-        if outbound is None or outbound.needs_rotation(_now(), state.rotation_epoch):
+        if outbound is None or gone or outbound.needs_rotation(_now(), state.rotation_epoch):
             outbound = OutboundSession.new(channel, state.rotation_epoch)
             self._outbound[channel] = outbound
             self._shared[channel] = set()
             self.inbound.add(self._own_share(outbound), now_ms=_now())
-        await self._share(channel, outbound, state)
+        await self._share(channel, outbound, devices)
         cmid = client_msg_id or uuid.uuid4().hex
         body = encrypt_v2(
             self.account, outbound, channel, self.user, cmid, text,
@@ -274,24 +275,16 @@ class SecureClient:
         )  # fmt: skip
 
     async def _compare_members(self, channel: str, state: MembershipState) -> None:
-        listed: list[str] = []
-        after: str | None = None
-        while True:
-            page = await self.client.request(
-                "members", channel=channel, **({"after": after} if after else {})
-            )
-            listed += page["members"]
-            if not (after := page.get("next")):
-                break
-        extra, _missing = diff(state, listed)
+        extra, _missing = diff(state, await listed_members(self.client.request, channel))
         for user in sorted(extra):
             self.events.append(
                 {"kind": "member_not_in_signed_log", "channel": channel, "user": user}
             )
 
-    async def _share(self, channel: str, outbound: OutboundSession, state: MembershipState) -> None:
+    async def _share(
+        self, channel: str, outbound: OutboundSession, devices: list[VerifiedDevice]
+    ) -> None:
         shared = self._shared.setdefault(channel, set())
-        devices = await self.directory.devices(sorted(state.members))
         me = (self.user, self.device)
         todo = [d for d in devices if (d.user, d.device) not in shared and (d.user, d.device) != me]
         if not todo:
@@ -324,7 +317,12 @@ class SecureClient:
         hands out the same messages again after they were acknowledged is not followed."""
         taken: set[str] = set()
         while True:
-            found = await self.client.request("todevice.fetch", device=self.device)
+            try:
+                found = await self.client.request("todevice.fetch", device=self.device)
+            except ServerError as exc:
+                if exc.code == "forbidden":  # this device was revoked: it gets nothing more
+                    return
+                raise
             if not found["messages"] or {m["id"] for m in found["messages"]} <= taken:
                 return
             taken.update(m["id"] for m in found["messages"])
@@ -444,7 +442,7 @@ class SecureClient:
         kind = push.get("push")
         if kind == "message":
             return await self.open(push)
-        if kind == "todevice":
+        if kind == "todevice" and push.get("device") == self.device:
             await self._take_shares()
         elif kind in ("members.log", "rekey"):
             channel = push["channel"]

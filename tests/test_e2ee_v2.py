@@ -245,3 +245,20 @@ async def test_a_key_published_for_me_that_i_did_not_make_is_seen(people: People
     assert bob2.events == []  # not read yet: it sees both on its own watch
     await bob2.check_own_keys()
     assert sorted(e["kind"] for e in bob2.events) == ["key_changed", "unknown_device"]
+
+
+async def test_a_revoked_device_reads_nothing_sent_after_even_in_a_session_it_held(
+    people: People,
+) -> None:
+    """Revocation re-keys: alice's session reached bob's old device before he revoked it;
+    her next message goes out under a new session that device never gets."""
+    alice, bob = await people.device("alice"), await people.device("bob")
+    old = await people.device("bob")
+    ch = await people.room(alice, bob, old)
+    await alice.send(ch, "one")
+    assert (await next_message(old)).text == "one"
+    await bob.revoke_device(old.device)
+    await alice.send(ch, "two")
+    assert (await until_text(bob, "two"))[-1].verified
+    got = await next_message(old)
+    assert got.text is None and got.error is not None  # a session it was never given
