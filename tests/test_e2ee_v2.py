@@ -262,3 +262,34 @@ async def test_a_revoked_device_reads_nothing_sent_after_even_in_a_session_it_he
     assert (await until_text(bob, "two"))[-1].verified
     got = await next_message(old)
     assert got.text is None and got.error is not None  # a session it was never given
+
+
+async def test_a_restarted_device_reads_what_came_while_it_was_away(people: People) -> None:
+    """crypto/client_store.py: bob's phone saves its state and stops; alice goes on in the
+    same session; the phone restored from the file reads it, verified, and still knows what
+    it verified (a wrong passphrase opens nothing)."""
+    from realtime_safety.crypto.client_store import restore, save
+
+    alice, bob = await people.device("alice"), await people.device("bob")
+    ch = await people.room(alice, bob)
+    await alice.send(ch, "one")
+    first = await next_message(bob)
+    assert first.text == "one"
+    bob.contacts.verify(alice.user, people.keys["alice"].public)
+    fast = {"opslimit": 1, "memlimit": 8192}
+    data = save(bob, "correct horse", **fast)
+    await bob.client.close()
+    await alice.send(ch, "two")
+    with pytest.raises(CryptoError):
+        restore(data, "wrong", people.node.url, token(bob.user), bob.user, people.keys["bob"])
+    again = restore(
+        data, "correct horse", people.node.url, token(bob.user, device=bob.device), bob.user,
+        people.keys["bob"],
+    )  # fmt: skip
+    await again.start()
+    people.open.append(again)
+    await again.subscribe(ch, since_seq=first.seq)
+    got = await next_message(again)
+    assert (got.text, got.verified, got.user) == ("two", True, alice.user)
+    assert again.contacts.state(alice.user) == "verified"
+    assert again.events == []
