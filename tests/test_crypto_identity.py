@@ -771,3 +771,12 @@ def test_a_verified_contact_is_never_shared_with_under_an_unconfirmed_key(
 if __name__ == "__main__":
     json.dump(make(INPUTS), sys.stdout, indent=1, ensure_ascii=False)
     sys.stdout.write("\n")
+
+
+def test_the_contact_book_names_the_bad_argument() -> None:
+    """Verifying with a user that is not a string, or a key of the wrong size, says which."""
+    book = ct.ContactBook()
+    with pytest.raises(CryptoError, match=r"^user must be a non-empty string$"):
+        book.verify("", bytes(32))
+    with pytest.raises(CryptoError, match=r"^user key must be 32 bytes"):
+        book.verify("ivy", bytes(31))
