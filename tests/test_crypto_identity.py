@@ -780,3 +780,10 @@ def test_the_contact_book_names_the_bad_argument() -> None:
         book.verify("", bytes(32))
     with pytest.raises(CryptoError, match=r"^user key must be 32 bytes"):
         book.verify("ivy", bytes(31))
+
+
+def test_a_revocation_that_does_not_verify_says_which_signature() -> None:
+    ivy = UserKeys.generate("ivy")
+    revocation = ivy.revoke("d-old", 5)
+    with pytest.raises(CryptoError, match=r"^revocation signature \(user key\)"):
+        idn.verify_revocation(revocation, UserKeys.generate("ivy").public)

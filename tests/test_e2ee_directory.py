@@ -184,8 +184,10 @@ async def test_publish_refusals_append_nothing(node: Node) -> None:
     # a device id already certified for other device keys
     squat = Device(d1.id)
     assert await refused(raw, st.to_wire(), squat.cert(keys).to_wire()) == "conflict"
-    # malformed
+    # malformed: the answer names the argument
     assert await refused(raw, {"user": carol}, d2.cert(keys).to_wire()) == "bad_request"
+    shapeless = await raw.cmd("keys.publish", user_key=st.to_wire(), device={"user": carol})
+    assert shapeless["error"]["message"].startswith("'device': "), shapeless
     pipe = Device("a|b")
     assert await refused(raw, st.to_wire(), pipe.cert(keys).to_wire()) == "bad_request"
     bad_otk = await raw.cmd(
