@@ -249,7 +249,8 @@ class SecureClient:
         if self.user not in state.members:
             raise CryptoError("not a member of this room by its signed log")
         await self._compare_members(channel, state)
-        devices = await self.directory.devices(sorted(state.members))
+        # (cached until the log has a new entry about them: check_own_keys reads every one)
+        devices = await self.directory.devices(sorted(state.members), refresh=False)
         # a device that holds the session and no longer verifies (revoked): a new session
         gone = self._shared.get(channel, set()) - {(d.user, d.device) for d in devices}
         outbound = self._outbound.get(channel)

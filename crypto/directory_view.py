@@ -227,10 +227,10 @@ class DirectoryView:
         mine = self.monitor.own_entries(leaves, user)  # checks the leaves make a verified head
         for _, data in leaves:
             seen = parse_entry(data)
+            self._devices.pop(seen.user, None)  # their keys changed: asked again when needed
             if seen.kind == "revoke":
                 device = msgpack.unpackb(seen.payload, raw=False).get("device")
                 self._revoked.add((seen.user, str(device)))
-                self._devices.pop(seen.user, None)  # asked again before the next share
         for _, entry in mine:
             wire = msgpack.unpackb(entry.payload, raw=False)
             if entry.kind == "user-key" and wire.get("user_pub") != user_pub:
