@@ -49,8 +49,9 @@ from .envelope import (
     open_share,
 )
 from .identity import DeviceCertificate, Revocation, VerifiedDevice
-from .membership import MemberEntry, MembershipError
-from .membership_state import MembershipState, diff, sign_next
+from .membership import MembershipError
+from .membership_state import MembershipState, diff
+from .rooms import Rooms
 from .user_keys import UserKeys
 
 ONE_TIME_KEYS = 20
@@ -98,7 +99,7 @@ class SecureClient:
         self.replays = ReplayGuard()
         self._outbound: dict[str, OutboundSession] = {}
         self._shared: dict[str, set[tuple[str, str]]] = {}  # channel -> devices holding it
-        self._rooms: dict[str, MembershipState] = {}
+        self.rooms = Rooms(self.client.request, self.directory, account, user, account.device)
         self._read: dict[tuple[str, str, str, str], set[int]] = {}  # indices read, per session
 
     @property
@@ -164,52 +165,22 @@ class SecureClient:
 
     async def room(self, channel: str) -> MembershipState:
         """The room's membership as its signed log says (fetched up to the newest entry)."""
-        state = self._rooms.get(channel) or MembershipState(channel)
-        answer = await self.client.request("members.log.fetch", channel=channel, after=state.epoch)
-        entries = [MemberEntry.from_wire(e) for e in answer["entries"]]
-        await self.directory.devices({e.actor_user for e in entries}, refresh=False)
-        new = state.copy()
-        for entry in entries:
-            new.apply(entry, self._device_key)
-        self._rooms[channel] = new
-        return new
-
-    def _device_key(self, user: str, device: str) -> bytes | None:
-        found = self.directory.ever(user, device)
-        return found.ed25519 if found else None
-
-    async def _sign(self, channel: str, op: str, target: str, role: str) -> MembershipState:
-        for _ in range(3):  # someone else's entry may land first: fetch and sign again
-            state = await self.room(channel)
-            entry = sign_next(
-                state, self.account, op=op, target_user=target, role=role,
-                actor_user=self.user, actor_device=self.device, ts_ms=_now(),
-            )  # fmt: skip
-            try:
-                await self.client.request(
-                    "members.log.append", channel=channel, entry=entry.to_wire()
-                )
-            except ServerError as exc:
-                if exc.code == "conflict":
-                    continue
-                raise
-            return await self.room(channel)
-        raise CryptoError("the membership log kept moving: try again")
+        return await self.rooms.read(channel)
 
     async def create_room(self, channel: str) -> None:
-        await self._sign(channel, "create", self.user, "owner")
+        await self.rooms.sign(channel, "create", self.user, "owner")
 
     async def add_member(self, channel: str, user: str, role: str = "member") -> None:
         if not (await self.room(channel)).epoch:
             await self.create_room(channel)
-        await self._sign(channel, "add", user, role)
+        await self.rooms.sign(channel, "add", user, role)
 
     async def remove_member(self, channel: str, user: str) -> None:
-        await self._sign(channel, "remove", user, "")
+        await self.rooms.sign(channel, "remove", user, "")
         self._outbound.pop(channel, None)
 
     async def leave(self, channel: str) -> None:
-        await self._sign(channel, "leave", self.user, "")
+        await self.rooms.sign(channel, "leave", self.user, "")
 
     async def revoke_device(self, device: str) -> None:
         """Withdraw one of this user's devices: it gets no further keys; rooms re-key."""
@@ -446,12 +417,11 @@ class SecureClient:
         if kind == "todevice" and push.get("device") == self.device:
             await self._take_shares()
         elif kind in ("members.log", "rekey"):
-            channel = push["channel"]
-            with_log = channel in self._rooms
-            if with_log:
-                before = self._rooms[channel].rotation_epoch
-                if (await self.room(channel)).rotation_epoch != before:
-                    self._outbound.pop(channel, None)
+            known = self.rooms.known(push["channel"])
+            if known is not None:
+                fresh = await self.rooms.read(push["channel"])
+                if fresh.rotation_epoch != known.rotation_epoch:
+                    self._outbound.pop(push["channel"], None)
         return None
 
     async def report(self, message: Decrypted, reason: str) -> dict[str, Any]:
