@@ -8,7 +8,9 @@ For apps (client side):
   `contacts` (safety numbers, the contact book), `envelope` (Olm/Megolm through vodozemac:
   shares and v2 envelopes), `membership` / `membership_state` (the signed membership log),
   `merkle` / `transparency` (the key log, its proofs and the client's monitor),
-  `directory_view` (what a client believes about other people's keys).
+  `directory_view` (what a client believes about other people's keys), `rooms` (its view of
+  the rooms' signed logs), `device_link` (adding a device from a trusted one by two QR codes),
+  `client_store` (a device's whole state across restarts, encrypted).
 For the server:
 - `directory_v2` / `keylog` / `ops_v2` (`keys.publish`, `keys.query`, `keys.claim`,
   `keys.revoke`, `keys.log`, `keys.consistency`), `todevice` and `member_log` (to-device
