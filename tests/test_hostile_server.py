@@ -198,6 +198,24 @@ async def absorb_rekey(proxy: HostileProxy, chat: SecureClient) -> None:
     await chat.handle(push)
 
 
+async def carol_reads_nothing_after(
+    world: World, attack: bool, sender: SecureClient, reader: SecureClient, carol: SecureClient,
+    ch: str,
+) -> None:  # fmt: skip
+    """After carol's removal (and whatever the attack dropped): `sender` writes; `reader`
+    reads it in the control; carol, who kept the old session, reads nothing of it."""
+    await absorb_rekey(world.proxy, sender)
+    sent = await try_send(sender, ch, "after carol left")
+    if not attack:
+        assert sent is not None
+        got = await read_until(reader, "after carol left")
+        assert genuine(got[-1])
+        assert kinds(sender, reader) == set()
+    if sent is not None:
+        push = await delivered(world.proxy, reader.user, ch, sent["seq"])
+        assert await reads(carol, push) is None
+
+
 async def try_send(chat: SecureClient, channel: str, text: str) -> dict[str, Any] | None:
     """Send; None when the client (`CryptoError`) or the node (`ServerError`) refuses --
     under attack, a refusal is a secure outcome."""
@@ -507,16 +525,7 @@ async def test_stale_session_after_removal(world: World, attack: bool) -> None:
         world.proxy.drop("rekey", user=bob.user)
         world.proxy.drop("members.log", user=bob.user)
     await world.remove(alice, ch, carol.user)
-    await absorb_rekey(world.proxy, bob)
-    sent = await try_send(bob, ch, "after carol left")
-    if not attack:
-        assert sent is not None
-        got = await read_until(alice, "after carol left")
-        assert genuine(got[-1])
-        assert kinds(alice, bob) == set()
-    if sent is not None:
-        push = await delivered(world.proxy, alice.user, ch, sent["seq"])
-        assert await reads(carol, push) is None
+    await carol_reads_nothing_after(world, attack, bob, alice, carol, ch)
 
 
 @ATTACK
@@ -595,16 +604,7 @@ async def test_removed_member_rekey_dropped(world: World, attack: bool) -> None:
         world.proxy.drop("rekey", user=alice.user)
         world.proxy.drop("members.log", user=alice.user)
     await world.remove(bob, ch, carol.user)  # not alice: she must learn of it
-    await absorb_rekey(world.proxy, alice)
-    sent = await try_send(alice, ch, "after carol left")
-    if not attack:
-        assert sent is not None
-        got = await read_until(bob, "after carol left")
-        assert genuine(got[-1])
-        assert kinds(alice, bob) == set()
-    if sent is not None:
-        push = await delivered(world.proxy, bob.user, ch, sent["seq"])
-        assert await reads(carol, push) is None
+    await carol_reads_nothing_after(world, attack, alice, bob, carol, ch)
 
 
 @attack_open(
