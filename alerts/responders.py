@@ -46,6 +46,17 @@ class Responders:
         )
         return sorted(u.decode() for u in found)
 
+    async def forget(self, user: str) -> None:
+        """`user` is no responder now (the role was dropped): never matched again, whatever
+        time their last location had left."""
+        if self._redis is None:
+            self._local.pop(user, None)
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem("rt:responders:geo", user)
+            pipe.zrem("rt:responders:expiry", user)
+            await pipe.execute()
+
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()

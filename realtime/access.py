@@ -44,12 +44,16 @@ async def reauthorize(
     """Check what `session` holds against `identity` (its identity after a `refresh`), with
     the checks the ops themselves use; changes nothing. Returns what ends it, to run once the
     session has the new identity: subscriptions it may no longer make (`unsubscribed`, reason
-    `revoked`) and, for one that is no moderator now, its watch patterns (`mod.unwatched`)."""
+    `revoked`), for one that is no moderator now, its watch patterns (`mod.unwatched`), and
+    for one that is no responder now, its place among the nearby responders."""
     revoked = await node.channel_ops.revoked(session, identity)
+    was_responder = "responder" in session.identity.roles
 
     async def end() -> None:
         node.channel_ops.end(session, revoked, "revoked")
         if not identity.is_moderator:
             await node.moderation.revoke(session, "revoked")
+        if was_responder and "responder" not in identity.roles:  # out of the nearby index
+            await node.alerts.lane.run(node.alerts.responders.forget(identity.user))
 
     return end

@@ -165,3 +165,28 @@ async def test_a_demoted_responder_loses_the_alerts_a_responder_sees(single_node
     finally:
         for ws in (raw, contact, olga_ws):
             await ws.close()
+
+
+async def test_a_demoted_responder_is_no_longer_alerted_as_one(single_node: Node) -> None:
+    """The role dropped on refresh also takes rita out of the nearby responders at once (not
+    when her last shared location would have expired); ron, still a responder, is alerted
+    (the control)."""
+    url = single_node.url
+    rita, ron, olga, mia = uid("rita"), uid("ron"), uid("olga"), uid("mia")
+    raw = await Raw.open(url, token(rita, roles=["user", "responder"]))
+    other = await Raw.open(url, token(ron, roles=["user", "responder"]))
+    await raw.ok("location.share", location=NEARBY)
+    await other.ok("location.share", location=NEARBY)
+    await raw.ok("refresh", token=token(rita, roles=["user"]))
+    olga_ws = await Raw.open(url, token(olga))
+    mod = await Raw.open(url, token(mia, roles=["user", "moderator"]))
+    try:
+        trigger = await olga_ws.ok(
+            "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+        )
+        status = await mod.ok("alert.status", alert_id=trigger["alert_id"])
+        told = {r["to"] for r in status["recipients"] if r["route"] == "ws"}
+        assert ron in told and rita not in told, status
+    finally:
+        for ws in (raw, other, olga_ws, mod):
+            await ws.close()
