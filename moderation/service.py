@@ -29,8 +29,10 @@ from realtime_safety.channels.hub import Hub
 from realtime_safety.channels.names import parse_channel
 from realtime_safety.channels.ops import Spawn
 from realtime_safety.protocol import (
+    CLOSE_AUTH_FAILED,
     CLOSE_BANNED,
     Frame,
+    Identity,
     ProtocolError,
     Session,
     Sessions,
@@ -72,6 +74,8 @@ class Moderation:
         self._watchers: dict[Session, list[str]] = {}
         # (user, channel or "*") -> (banned until ms or None, reason, cached until monotonic)
         self._bans: OrderedDict[tuple[str, str], tuple[int | None, str, float]] = OrderedDict()
+        # user -> (tokens issued before this second are revoked, or 0; cached until monotonic)
+        self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # --- audit ------------------------------------------------------------------------
 
@@ -209,10 +213,46 @@ class Moderation:
                 return cached[1]
         return None
 
+    async def revoke_tokens(self, actor: str, user: str) -> dict[str, Any]:
+        """Every token of `user` issued up to now stops working, on every node: its sessions
+        close (4003, "token revoked") and it is refused on `auth` and `refresh`. Tokens the
+        app's backend issues after this (a demoted moderator's new one) work."""
+        if not valid_user_id(user):
+            raise ProtocolError("bad_request", "'user' must be a user id")
+        # tokens of earlier seconds (`iat` is in seconds): a new token the backend issues at
+        # once, in this same second, is accepted (so is an old one of this very second)
+        before = int(time.time())
+        await self._docs.put("token_floors", user, {"user": user, "before": before})
+        await self.audit(actor, "revoke_tokens", user=user, before=before)
+        await self._broadcast({"t": "tokens", "u": user, "before": before})
+        return {"user": user, "revoked_before": before}
+
+    async def check_issued(self, identity: Identity) -> None:
+        """`unauthorized` for a token issued before the user's tokens were revoked (a token
+        without `iat` counts as issued at the start of time)."""
+        cached = self._floors.get(identity.user)
+        if cached is None or cached[1] < time.monotonic():
+            doc = await self._docs.get("token_floors", identity.user)
+            cached = self._floors[identity.user] = (
+                int(doc["before"]) if doc else 0,
+                time.monotonic() + 30,
+            )
+            if len(self._floors) > 100_000:
+                self._floors.popitem(last=False)
+        if cached[0] and (identity.issued_at or 0) < cached[0]:
+            raise ProtocolError("unauthorized", "token revoked")
+
     def on_ban(self, event: dict[str, Any]) -> None:
         """A ban or unban made on any node: forget cached answers, enforce on local sockets."""
         user, channel = event.get("u"), event.get("c")
         if not isinstance(user, str):
+            return
+        if event.get("t") == "tokens":
+            self._floors.pop(user, None)
+            before = event.get("before")
+            for session in self._sessions.of_user(user):
+                if isinstance(before, int) and (session.identity.issued_at or 0) < before:
+                    session.close(CLOSE_AUTH_FAILED, "token revoked")
             return
         self._bans.pop((user, channel or "*"), None)
         if event.get("t") != "ban":

@@ -15,6 +15,7 @@ class Identity:
     roles: frozenset[str]
     expires_at: float
     device: str | None = None
+    issued_at: float | None = None  # the token's `iat` (seconds), if it has one
 
     @property
     def is_moderator(self) -> bool:

@@ -51,9 +51,13 @@ class TokenVerifier:
         exp = claims["exp"]
         if not isinstance(exp, int | float):
             raise ProtocolError("unauthorized", "claim 'exp' must be a number")
+        iat = claims.get("iat")
+        if iat is not None and (isinstance(iat, bool) or not isinstance(iat, int | float)):
+            raise ProtocolError("unauthorized", "claim 'iat' must be a number")
         return Identity(
-            user=user, roles=frozenset(roles_claim), expires_at=float(exp), device=device
-        )
+            user=user, roles=frozenset(roles_claim), expires_at=float(exp), device=device,
+            issued_at=None if iat is None else float(iat),
+        )  # fmt: skip
 
 
 def issue_token(

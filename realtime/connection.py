@@ -293,10 +293,14 @@ class Connection:
             self.close(CLOSE_AUTH_FAILED, err.message[:120])
             return False
         try:
+            await self.bounded(self.node.moderation.check_issued(identity))
             banned = await self.bounded(self.node.moderation.banned(identity.user, None))
         except ProtocolError as err:
             self._reply_error(cid, err)
-            self.close(CLOSE_AUTH_FAILED, "unavailable")
+            self.close(
+                CLOSE_AUTH_FAILED,
+                err.message[:120] if err.code == "unauthorized" else "unavailable",
+            )
             return False
         self._token_identity = identity
         if banned is not None:  # chat ends, safety does not: the owner's alert ops only
@@ -411,6 +415,7 @@ class Connection:
         token_identity = self.node.verifier.verify(frame.get("token"))
         if token_identity.user != self.user:
             raise ProtocolError("forbidden", "refresh must be for the same user")
+        await self.bounded(self.node.moderation.check_issued(token_identity))
         identity = token_identity if self._banned is None else safety_only(token_identity)
         then = await self.bounded(reauthorize(self.node, self, identity))
         self._token_identity = token_identity

@@ -443,7 +443,7 @@ class Node:
             return False
 
     def _on_control(self, event: dict[str, Any]) -> None:
-        if event.get("t") in ("ban", "unban"):
+        if event.get("t") in ("ban", "unban", "tokens"):
             if event.get("from") != self.settings.node_id:
                 self.moderation.on_ban(event)
         elif event.get("t") == "moderators":

@@ -242,6 +242,15 @@ async def get_contacts(request: Request, node: Node) -> Response:
 
 
 @api
+async def revoke_tokens(request: Request, node: Node) -> Response:
+    """Every token of the user issued up to now stops working (a demotion, a lost phone):
+    their sessions close with 4003, and only tokens issued later are accepted."""
+    user = _user(request)
+    done = await node.channels.bounded("tokens", node.moderation.revoke_tokens("api", user))
+    return ApiResponse(done)
+
+
+@api
 async def put_push_token(request: Request, node: Node) -> Response:
     user = _user(request)
     token = request.path_params["token"]
@@ -380,6 +389,7 @@ def create_app(node: Node) -> NodeApp:
             Route("/v1/channels/{channel}/messages", get_messages, methods=["GET"]),
             Route("/v1/users/{user}/contacts", put_contacts, methods=["PUT"]),
             Route("/v1/users/{user}/contacts", get_contacts, methods=["GET"]),
+            Route("/v1/users/{user}/tokens/revoke", revoke_tokens, methods=["POST"]),
             Route("/v1/users/{user}/push-tokens/{token}", put_push_token, methods=["PUT"]),
             Route("/v1/users/{user}/push-tokens/{token}", delete_push_token, methods=["DELETE"]),
             Route("/v1/alerts/{alert_id}", get_alert, methods=["GET"]),

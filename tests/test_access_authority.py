@@ -190,3 +190,33 @@ async def test_a_demoted_responder_is_no_longer_alerted_as_one(single_node: Node
     finally:
         for ws in (raw, other, olga_ws, mod):
             await ws.close()
+
+
+async def test_revoked_tokens_end_the_sessions_and_are_refused(single_node: Node) -> None:
+    """The app's backend revokes mia's tokens (a demoted moderator who kept the old one):
+    her session closes 4003 at once, the old token is refused on auth and on refresh, a token
+    issued afterwards works; ivy's session is untouched (the control)."""
+    url = single_node.url
+    mia, ivy = uid("mia"), uid("ivy")
+    old = token(mia, roles=["user", "moderator"], iat=int(time.time()) - 5)
+    raw = await Raw.open(url, old)
+    other = await Raw.open(url, token(ivy))
+    spare = await Raw.open(url, token(mia, iat=int(time.time()) - 5))
+    r = single_node.api("POST", f"/v1/users/{mia}/tokens/revoke")
+    assert r.status_code == 200, r.text
+    before = r.json()["revoked_before"]
+    assert await raw.close_code() == 4003
+    assert await spare.close_code() == 4003
+    again = await Raw.open(url)
+    reply = await again.cmd("auth", token=old)
+    assert reply["error"] == {"code": "unauthorized", "message": "token revoked"}
+    assert await again.close_code() == 4003
+    fresh = await Raw.open(url, token(mia, iat=before))  # issued after the revocation
+    refused = await fresh.cmd("refresh", token=old)
+    assert refused["error"]["code"] == "unauthorized", refused
+    await fresh.ok("ping")
+    await other.ok("ping")  # ivy's session is untouched
+    unknown = single_node.api("POST", "/v1/users/not%20a%20user/tokens/revoke")
+    assert unknown.status_code == 400, unknown.text
+    for ws in (fresh, other):
+        await ws.close()
