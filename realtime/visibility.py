@@ -12,7 +12,6 @@ contact does. Reads only.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from realtime_safety.protocol import Identity, ProtocolError
@@ -28,9 +27,9 @@ class PresenceVisibility:
         if self._mode == "everyone" or viewer.user == user or viewer.is_moderator:
             return True
         try:
-            return await self._is_contact(viewer.user, user) or await shared_room(
-                self._store, viewer.user, user
-            )
+            return await self._is_contact(
+                viewer.user, user
+            ) or await self._store.memberships.shared(viewer.user, user, "room:")
         except StoreUnavailable:
             raise ProtocolError(
                 "unavailable", "presence: the store is unavailable", retry_after_ms=1000
@@ -40,30 +39,3 @@ class PresenceVisibility:
         doc = await self._store.docs.get("contacts", user)
         contacts: list[dict[str, Any]] = (doc or {}).get("contacts", [])
         return any(c.get("user") == viewer for c in contacts)
-
-
-async def shared_room(store: Store, a: str, b: str) -> bool:
-    """Whether users `a` and `b` are both members of some `room:` channel. The storage
-    interface answers only "is X a member of C", so this reads the two known stores directly
-    (read only)."""
-    memberships: Any = store.memberships
-    reader = getattr(memberships, "_r", None)  # SqliteMemberships: the reading connection
-    if reader is not None:
-
-        def q(db: sqlite3.Connection) -> bool:
-            row = db.execute(
-                "SELECT 1 FROM memberships a JOIN memberships b ON b.channel = a.channel "
-                "AND b.user = ? WHERE a.user = ? AND a.channel LIKE 'room:%' LIMIT 1",
-                (b, a),
-            ).fetchone()
-            return row is not None
-
-        return bool(await reader.run(q))
-    col = memberships._col  # MongoMemberships: the collection
-    from realtime_safety.storage.mongo_messages import guard
-
-    rooms = await guard(col.distinct("channel", {"user": a, "channel": {"$regex": "^room:"}}))
-    if not rooms:
-        return False
-    found = await guard(col.find_one({"user": b, "channel": {"$in": rooms}}, {"_id": 1}))
-    return found is not None

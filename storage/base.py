@@ -100,6 +100,11 @@ class MembershipStore(Protocol):
         """Members in user-id order, paged by `after` (the last id of the previous page)."""
         ...
 
+    async def shared(self, a: str, b: str, prefix: str) -> bool:
+        """Whether users `a` and `b` are both members of one channel whose name starts with
+        `prefix` (an index by user answers it: no scan of the channels)."""
+        ...
+
 
 class ReadMarkerStore(Protocol):
     async def set(self, channel: str, user: str, seq: int) -> int:

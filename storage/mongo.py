@@ -105,7 +105,14 @@ async def _v5(db: Any) -> None:
     await db["records"].create_index([("coll", ASCENDING), ("ix", ASCENDING)], name="coll_ix")
 
 
-MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
+async def _v6(db: Any) -> None:
+    """Memberships by user (who shares a room with whom, for presence's visibility)."""
+    await db["memberships"].create_index(
+        [("user", ASCENDING), ("channel", ASCENDING)], name="user_channel"
+    )
+
+
+MIGRATIONS: list[Callable[[Any], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Export/import: the fields of each kind's plain documents, and their unique key.

@@ -40,6 +40,15 @@ class MongoMemberships:
         cursor = self._col.find(query, {"user": 1, "_id": 0}).sort("user", ASCENDING).limit(limit)
         return [d["user"] for d in await guard(cursor.to_list())]
 
+    async def shared(self, a: str, b: str, prefix: str) -> bool:
+        span = {"$gte": prefix, "$lt": prefix + "\U0010ffff"}
+        cursor = self._col.find({"user": a, "channel": span}, {"channel": 1, "_id": 0})
+        rooms = [d["channel"] for d in await guard(cursor.to_list())]
+        if not rooms:
+            return False
+        found = await guard(self._col.find_one({"user": b, "channel": {"$in": rooms}}, {"_id": 1}))
+        return found is not None
+
 
 class MongoReadMarkers:
     def __init__(self, db: Any) -> None:

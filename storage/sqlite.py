@@ -117,6 +117,10 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS records_ix ON records (coll, ix);
     """,
+    # v7: memberships by user (who shares a room with whom, for presence's visibility)
+    """
+    CREATE INDEX IF NOT EXISTS memberships_user ON memberships (user, channel);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 DOCS_MOVED = 5  # the version that dropped `docs` from realtime.sqlite3

@@ -53,6 +53,17 @@ class SqliteMemberships:
 
         return await self._r.run(q)
 
+    async def shared(self, a: str, b: str, prefix: str) -> bool:
+        def q(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM memberships x JOIN memberships y ON y.channel = x.channel "
+                "AND y.user = ? WHERE x.user = ? AND x.channel >= ? AND x.channel < ? LIMIT 1",
+                (b, a, prefix, prefix + "\U0010ffff"),
+            ).fetchone()
+            return row is not None
+
+        return await self._r.run(q)
+
 
 class SqliteReadMarkers:
     def __init__(self, writer: Db, reader: Db) -> None:

@@ -139,6 +139,23 @@ async def test_memberships(factory: Any) -> None:
     assert not await ms.is_member("room:a", "bob")
 
 
+async def test_who_shares_a_room_with_whom(factory: Any) -> None:
+    """For presence's visibility: one channel of the prefix with both users in it."""
+    m = (await factory()).memberships
+    for channel, user in (
+        ("room:a", "ann"), ("room:a", "bob"), ("room:b", "cid"), ("public:x", "ann"),
+        ("public:x", "cid"), ("rooms:z", "ann"), ("rooms:z", "dee"),
+    ):  # fmt: skip
+        await m.add(channel, user, 1)
+    assert await m.shared("ann", "bob", "room:") and await m.shared("bob", "ann", "room:")
+    assert not await m.shared("ann", "cid", "room:")  # only a public channel in common
+    assert await m.shared("ann", "cid", "public:")
+    assert not await m.shared("ann", "dee", "room:")  # "rooms:" is another namespace
+    assert not await m.shared("ann", "eve", "room:")
+    await m.remove("room:a", "bob")
+    assert not await m.shared("ann", "bob", "room:")
+
+
 async def test_read_markers_only_move_forward(factory: Any) -> None:
     rm = (await factory()).read_markers
     assert await rm.get("room:a", "bob") == 0
