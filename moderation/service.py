@@ -261,7 +261,8 @@ class Moderation:
             self._kick(user, channel, "banned", push="kicked")
             return
         for session in self._sessions.of_user(user):
-            session.close(CLOSE_BANNED, "banned")
+            if not session.restricted:  # a safety-only session stays: a ban limits chat
+                session.close(CLOSE_BANNED, "banned")
 
     def forget(self, session: Session) -> None:
         """A watcher's session ended: its patterns go (and the stream, if it was the last)."""

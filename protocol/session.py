@@ -33,6 +33,11 @@ class Session(Protocol):
         ...
 
     @property
+    def restricted(self) -> bool:
+        """The user is banned everywhere: this session runs their own safety ops only."""
+        ...
+
+    @property
     def codec(self) -> Codec: ...
 
     @property

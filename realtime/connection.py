@@ -105,6 +105,10 @@ class Connection:
         return self._identity
 
     @property
+    def restricted(self) -> bool:
+        return self._banned is not None
+
+    @property
     def user(self) -> str | None:
         return self._identity.user if self._identity is not None else None
 

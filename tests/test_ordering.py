@@ -317,6 +317,7 @@ class Session:
         )
         self.codec = JSON
         self.id = "s1"
+        self.restricted = False
         self.queued = 0
         self._then: list[Any] = []
 

@@ -75,6 +75,12 @@ async def test_a_globally_banned_user_can_still_raise_an_sos(
     assert reply["error"]["code"] == "forbidden", reply
     await mod.ok("alert.resolve", alert_id=other["alert_id"], outcome="safe")
 
+    # banned again (a longer ban, another reason): his safety-only session stays open (a
+    # close 4009 is final for clients), and still only his safety ops run
+    await mod.ok("mod.ban", user=gus, reason="again")
+    await raw.ok("ping")
+    assert await raw.error("subscribe", channel=public) == "forbidden"
+
     # unbanned: the same session is whole again
     await mod.ok("mod.unban", user=gus)
     await raw.ok("publish", channel=public, client_msg_id="p2", body=plain("back"))
