@@ -262,8 +262,8 @@ class Node:
     makes_data_dir = True  # False: the server makes RT_DATA_DIR itself (log_path is elsewhere)
 
     def _start(self) -> Node:
-        if self.makes_data_dir:
-            Path(self.env["RT_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        if self.makes_data_dir:  # as the server makes it (a wider one is warned about)
+            Path(self.env["RT_DATA_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
