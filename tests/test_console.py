@@ -149,6 +149,28 @@ async def console_session(single_node: Node, proxy: RecordingProxy, page: Any) -
     assert "buy cheap pills" in await row.inner_text()
     assert (await subscriber.push(5))["seq"] == seq
 
+    # an end-to-end encrypted (v2) message in a room shows as such, never as text
+    from v2_devices import publish_device
+
+    from realtime_safety.crypto.envelope import DeviceAccount, OutboundSession, encrypt_v2
+    from realtime_safety.crypto.user_keys import UserKeys
+
+    room, rosa = f"room:{uuid.uuid4().hex[:8]}", f"rosa-{uuid.uuid4().hex[:4]}"
+    single_node.add_member(room, rosa)
+    account = DeviceAccount.generate()
+    sender = await Raw.open(
+        single_node.url, token(rosa, device=account.device), proto="rt.v1.msgpack"
+    )
+    await publish_device(sender, UserKeys.generate(rosa), account)
+    session = OutboundSession.new(room, 1)
+    body = encrypt_v2(account, session, room, rosa, "c1", "meet at the back door")
+    sealed = await sender.ok("publish", channel=room, client_msg_id="c1", body=body)
+    sealed_row = page.locator(f'tr[data-key="{room}#{sealed["seq"]}"]')
+    await sealed_row.wait_for()
+    shown = await sealed_row.inner_text()
+    assert "encrypted v2 (" in shown and f"session {session.session_id[:8]}…, message 0)" in shown
+    assert "meet at" not in shown
+
     # delete it from the console: it vanishes from the subscriber and from the console
     await row.get_by_role("button", name="Delete").click()
     assert await subscriber.push(5) == {"push": "deleted", "channel": channel, "seq": seq}
