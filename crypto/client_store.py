@@ -25,18 +25,13 @@ import nacl.secret
 
 from .client_v2 import SecureClient
 from .contacts import ContactBook
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .envelope import DeviceAccount, InboundSessions, Olm, OutboundSession, ReplayGuard
 from .identity import DeviceCertificate
 from .transparency import LogMonitor
 from .user_keys import UserKeys
 
 MAGIC = "rt.v2.client-store"
-
-
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
 
 
 def save(chat: SecureClient, passphrase: str, **limits: int) -> bytes:
@@ -52,9 +47,9 @@ def save(chat: SecureClient, passphrase: str, **limits: int) -> bytes:
         "monitor": monitor.to_bytes() if monitor is not None else None,
         "certificate": chat.certificate.to_wire() if chat.certificate else None,
     }
-    box = nacl.secret.SecretBox(key).encrypt(_pack(state))
+    box = nacl.secret.SecretBox(key).encrypt(pack(state))
     account = chat.account.save(passphrase, **limits)
-    return _pack({"magic": MAGIC, "v": 1, "account": account, "box": bytes(box)})
+    return pack({"magic": MAGIC, "v": 1, "account": account, "box": bytes(box)})
 
 
 def restore(

@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import msgpack
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .identity import (
     KEY_BYTES,
     UserKeyStatement,
     _need_bytes,
     _need_text,
-    _pack,
     verify_user_key,
 )
 
@@ -84,7 +83,7 @@ def verification_payload(user_a: str, key_a: bytes, user_b: str, key_b: bytes) -
     for user, key in ((user_a, key_a), (user_b, key_b)):
         _need_text("user", user)
         _need_bytes("user key", key, KEY_BYTES)
-    return _pack(["rt.v2.verify", *_sorted_pair(user_a, key_a, user_b, key_b)])
+    return pack(["rt.v2.verify", *_sorted_pair(user_a, key_a, user_b, key_b)])
 
 
 def verification_matches(
@@ -213,7 +212,7 @@ class ContactBook:
             [user, c.key, c.verified, b"" if c.pending is None else c.pending]
             for user, c in sorted(self._contacts.items())
         ]
-        return _pack([_CONTACTS_TAG, rows])
+        return pack([_CONTACTS_TAG, rows])
 
     @classmethod
     def from_bytes(

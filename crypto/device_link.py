@@ -24,17 +24,12 @@ from typing import Any
 import msgpack
 import vodozemac
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .identity import DeviceCertificate, device_acceptance, raw_curve25519, raw_ed25519
 from .user_keys import UserKeys
 
 OFFER_TAG = "rt.v2.link-offer"
 ANSWER_TAG = "rt.v2.link-answer"
-
-
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
 
 
 def _unpack(data: bytes, tag: str, size: int) -> list[Any]:
@@ -49,7 +44,7 @@ def _unpack(data: bytes, tag: str, size: int) -> list[Any]:
 
 def offer(user_keys: UserKeys) -> bytes:
     """What the trusted device shows: pack(["rt.v2.link-offer", user, user_pub])."""
-    return _pack([OFFER_TAG, user_keys.user, user_keys.public])
+    return pack([OFFER_TAG, user_keys.user, user_keys.public])
 
 
 def answer(offer_code: bytes, account: vodozemac.Account, device: str) -> bytes:
@@ -59,7 +54,7 @@ def answer(offer_code: bytes, account: vodozemac.Account, device: str) -> bytes:
     if not (isinstance(user, str) and isinstance(user_pub, bytes) and len(user_pub) == 32):
         raise CryptoError("link offer has the wrong shape")
     sig = device_acceptance(account, user, device, user_pub)
-    return _pack(
+    return pack(
         [
             ANSWER_TAG,
             user,

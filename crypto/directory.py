@@ -11,7 +11,6 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import msgpack
 import nacl.exceptions
 from nacl.signing import VerifyKey
 
@@ -19,7 +18,7 @@ from realtime_safety.protocol import Codec, ProtocolError
 from realtime_safety.storage import Device, DeviceRef, DocStore, KeyStore, Message
 
 from .directory_v2 import certified_device
-from .e2ee import CryptoError, device_statement, frank_commitment, message_statement
+from .e2ee import CryptoError, device_statement, frank_commitment, message_statement, pack
 from .envelope import ALG as V2_ALG
 from .envelope import server_verify_v2
 
@@ -37,7 +36,7 @@ def _bytes(codec: Codec, value: object, name: str, size: int) -> bytes:
 
 def server_tag(franking_key: bytes, frank: bytes, channel: str, user: str, ts: int) -> bytes:
     """The server's franking tag: the commitment bound to sender, channel and time."""
-    data = msgpack.packb(["rt.v1.ftag", frank, channel, user, ts], use_bin_type=True)
+    data = pack(["rt.v1.ftag", frank, channel, user, ts])
     return hmac.new(franking_key, data, hashlib.sha256).digest()
 
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from realtime_safety.protocol import ProtocolError
 from realtime_safety.storage import DocStore
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .identity import (
     DeviceCertificate,
     Revocation,
@@ -50,8 +48,7 @@ def valid_device_id(device: object) -> bool:
 
 def packed(wire: dict[str, Any]) -> bytes:
     """A wire object as a log entry's payload."""
-    data: bytes = msgpack.packb(wire, use_bin_type=True)
-    return data
+    return pack(wire)
 
 
 @dataclass(frozen=True)

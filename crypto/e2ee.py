@@ -43,27 +43,29 @@ class CryptoError(Exception):
         self.reason = reason
 
 
-def _pack(value: Any) -> bytes:
+def pack(value: Any) -> bytes:
+    """msgpack with bin for bytes and str for text: the encoding every statement of v1 and
+    v2 is signed or hashed in (one place, so that every module encodes alike)."""
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
 
 
 def device_statement(user: str, device: str, identity_key: bytes) -> bytes:
     """What `keys.register`'s `sig` signs (docs/protocol-v1.md section 5)."""
-    return _pack(["rt.v1.device", user, device, identity_key])
+    return pack(["rt.v1.device", user, device, identity_key])
 
 
 def message_statement(
     channel: str, device: str, client_msg_id: str, key_id: str, nonce: bytes, ct: bytes
 ) -> bytes:
     """What an envelope's `sig` signs (docs/protocol-v1.md section 5)."""
-    return _pack(["rt.v1.msg", channel, device, client_msg_id, key_id, nonce, ct])
+    return pack(["rt.v1.msg", channel, device, client_msg_id, key_id, nonce, ct])
 
 
 def _associated_data(
     channel: str, device: str, client_msg_id: str, key_id: str, frank: bytes
 ) -> bytes:
-    return _pack(["rt.v1.ad", channel, device, client_msg_id, key_id, frank])
+    return pack(["rt.v1.ad", channel, device, client_msg_id, key_id, frank])
 
 
 def frank_commitment(franking_key: bytes, text: str) -> bytes:
@@ -119,7 +121,7 @@ class DeviceKeys:
             opslimit=opslimit,
             memlimit=memlimit,
         )
-        secret = _pack(
+        secret = pack(
             {
                 "device": self.device,
                 "identity": bytes(self.identity),
@@ -127,7 +129,7 @@ class DeviceKeys:
             }
         )
         box = nacl.secret.SecretBox(key).encrypt(secret)
-        return _pack(
+        return pack(
             {
                 "magic": _KEYFILE_MAGIC,
                 "salt": salt,
@@ -190,7 +192,7 @@ def encrypt(
     franking_key = os.urandom(32)
     frank = frank_commitment(franking_key, text)
     nonce = os.urandom(NONCE_BYTES)
-    payload = _pack({"text": text, "fk": franking_key})
+    payload = pack({"text": text, "fk": franking_key})
     ad = _associated_data(channel, keys.device, client_msg_id, key_id, frank)
     ct = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(payload, ad, nonce, channel_key)
     sig = keys.signing.sign(

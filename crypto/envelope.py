@@ -35,7 +35,7 @@ import vodozemac
 
 from . import envelope_wire as w
 from .e2ee import ALG as V1_ALG
-from .e2ee import CryptoError, frank_commitment
+from .e2ee import CryptoError, frank_commitment, pack
 from .e2ee import decrypt as v1_decrypt
 from .envelope_megolm import (
     InboundSessions,
@@ -120,7 +120,7 @@ def message_statement(
     mm: bytes,
 ) -> bytes:
     """What a v2 envelope's `sig` signs (docs/e2ee/messages.md, "The signed statement")."""
-    return w.pack(
+    return pack(
         [
             MESSAGE_TAG, channel, sender_user, sender_device, session_id, message_index,
             client_msg_id, ts, frank, hashlib.sha256(mm).digest(),
@@ -130,7 +130,7 @@ def message_statement(
 
 def payload_bytes(text: str, fk: bytes, ts: int, sth: bytes | None) -> bytes:
     """The Megolm plaintext: a map with exactly text, fk, ts, sth, in that order."""
-    return w.pack({"text": text, "fk": fk, "ts": ts, "sth": sth})
+    return pack({"text": text, "fk": fk, "ts": ts, "sth": sth})
 
 
 @dataclass(frozen=True)

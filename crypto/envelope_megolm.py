@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import vodozemac
 
 from . import envelope_wire as w
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .envelope_olm import DeviceAccount, OlmPlaintext
 from .envelope_wire import (
     MAX_ID_CHARS,
@@ -234,7 +234,7 @@ def share_statement(
     ts_ms: int,
 ) -> bytes:
     """What a key share's `sig` signs (docs/e2ee/messages.md, "Key shares")."""
-    return w.pack(
+    return pack(
         [
             SHARE_TAG, channel, session_id, first_index, session_key, sender_user,
             sender_device, recipient_user, recipient_device, epoch, ts_ms,
@@ -259,7 +259,7 @@ def make_share(
         sender_user, account.device, recipient_user, recipient_device, outbound.epoch,
         w.now_ms() if now_ms is None else now_ms,
     )  # fmt: skip
-    return w.pack({"statement": statement, "sig": account.sign(statement)})
+    return pack({"statement": statement, "sig": account.sign(statement)})
 
 
 def _parse_share(statement: bytes) -> KeyShare:

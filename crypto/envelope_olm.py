@@ -18,7 +18,7 @@ import nacl.utils
 import vodozemac
 
 from . import envelope_wire as w
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .envelope_wire import KEY_BYTES, MAX_ID_CHARS, MAX_OLM_SESSIONS_PER_DEVICE
 
 ACCOUNT_MAGIC = b"rt-device-account-v2"
@@ -95,8 +95,8 @@ class DeviceAccount:
         both sit in a versioned msgpack map with the magic, salt and limits."""
         salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
         key = _derive(passphrase, salt, opslimit, memlimit)
-        inner = w.pack({"device": self.device, "store_key": self.store_key})
-        return w.pack(
+        inner = pack({"device": self.device, "store_key": self.store_key})
+        return pack(
             {
                 "magic": ACCOUNT_MAGIC,
                 "v": 1,

@@ -14,7 +14,7 @@ import msgpack
 import nacl.exceptions
 from nacl.signing import VerifyKey
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 
 ALG = "megolm.v1"
 VERSION = 2
@@ -42,12 +42,6 @@ STORE_MAGIC = b"rt-v2-store"
 SessionRef = tuple[str, str, str, str]
 # (channel, sender_user, sender_device, epoch) -> may that device hand out keys for the channel?
 MemberCheck = Callable[[str, str, str, int], bool]
-
-
-def pack(value: Any) -> bytes:
-    """msgpack with bin for bytes and str for text: the encoding of every statement."""
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
 
 
 def unpack(data: bytes, what: str) -> Any:

@@ -21,12 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import nacl.exceptions
 import vodozemac
 from nacl.signing import SigningKey, VerifyKey
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 
 __all__ = [
     "CryptoError",
@@ -50,11 +49,6 @@ __all__ = [
 
 KEY_BYTES = 32
 SIG_BYTES = 64
-
-
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
 
 
 # --- shape checks: every verifier runs these first, so a malformed field is named -------------
@@ -130,23 +124,23 @@ def certificate_statement(
     user: str, device: str, ed25519: bytes, curve25519: bytes, created_ms: int
 ) -> bytes:
     """What the user key signs to certify a device's keys."""
-    return _pack(["rt.v2.device", user, device, ed25519, curve25519, created_ms])
+    return pack(["rt.v2.device", user, device, ed25519, curve25519, created_ms])
 
 
 def device_self_statement(user: str, device: str, user_pub: bytes) -> bytes:
     """What a device signs (with its own Ed25519 key) to accept `user_pub` as its user key."""
-    return _pack(["rt.v2.device-self", user, device, user_pub])
+    return pack(["rt.v2.device-self", user, device, user_pub])
 
 
 def revocation_statement(user: str, device: str, revoked_ms: int, *, by_device: bool) -> bytes:
     """What a revocation signs: `rt.v2.revoke` (user key) or `rt.v2.revoke-self` (the device)."""
     tag = "rt.v2.revoke-self" if by_device else "rt.v2.revoke"
-    return _pack([tag, user, device, revoked_ms])
+    return pack([tag, user, device, revoked_ms])
 
 
 def user_key_statement(user: str, user_pub: bytes, created_ms: int, previous: bytes) -> bytes:
     """What announces a user key; `previous` is the key it replaces, or b"" for none."""
-    return _pack(["rt.v2.user-key", user, user_pub, created_ms, previous])
+    return pack(["rt.v2.user-key", user, user_pub, created_ms, previous])
 
 
 def device_acceptance(account: vodozemac.Account, user: str, device: str, user_pub: bytes) -> bytes:

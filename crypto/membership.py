@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import msgpack
 from nacl.signing import SigningKey
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 
 TAG: Final = "rt.v2.member"
 HASH_BYTES: Final = 32
@@ -81,11 +80,6 @@ class ForkError(MembershipError):
         self.theirs_hash = theirs_hash
 
 
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
 def entry_statement(
     channel: str,
     epoch: int,
@@ -98,7 +92,7 @@ def entry_statement(
     ts_ms: int,
 ) -> bytes:
     """The bytes an entry's signature covers and whose SHA-256 the next entry links to."""
-    return _pack(
+    return pack(
         [TAG, channel, epoch, prev_hash, op, target_user, role, actor_user, actor_device, ts_ms]
     )
 

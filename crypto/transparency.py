@@ -24,7 +24,7 @@ import msgpack
 import nacl.exceptions
 from nacl.signing import SigningKey, VerifyKey
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .merkle import (
     EMPTY_ROOT,
     _fold,
@@ -67,11 +67,6 @@ class ForkDetected(TransparencyError):
         self.ours, self.theirs, self.proven = ours, theirs, proven
 
 
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
 def _unpack(data: bytes, what: str) -> Any:
     """msgpack bytes -> value, refusing anything but the one canonical encoding (so that one
     meaning has one leaf hash and one signed statement)."""
@@ -81,7 +76,7 @@ def _unpack(data: bytes, what: str) -> Any:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError):  # msgpack's ExtraData, FormatError, StackError among them
         raise TransparencyError(f"not a {what}: not msgpack") from None
-    if _pack(value) != data:
+    if pack(value) != data:
         raise TransparencyError(f"not a {what}: not the canonical encoding")
     return value
 
@@ -110,7 +105,7 @@ def entry(kind: Kind, user: str, payload: bytes, ts: int) -> bytes:
         raise ValueError("payload must be bytes")
     if not _is_int(ts):
         raise ValueError("ts must be an integer of milliseconds >= 0")
-    return _pack([ENTRY_TAG, kind, user, payload, ts])
+    return pack([ENTRY_TAG, kind, user, payload, ts])
 
 
 def parse_entry(data: bytes) -> LogEntry:
@@ -136,7 +131,7 @@ def log_id(log_pub: bytes) -> bytes:
 
 def head_statement(log_pub: bytes, size: int, root_hash: bytes, ts: int) -> bytes:
     """What a head's signature signs: pack(["rt.v2.sth", log_id, size, root, ts])."""
-    return _pack([HEAD_TAG, log_id(log_pub), size, root_hash, ts])
+    return pack([HEAD_TAG, log_id(log_pub), size, root_hash, ts])
 
 
 @dataclass(frozen=True)
@@ -150,7 +145,7 @@ class SignedTreeHead:
 
     def to_wire(self) -> bytes:
         """pack([size, root, ts, sig]): how a head travels (frames, gossip, storage)."""
-        return _pack([self.size, self.root, self.ts, self.sig])
+        return pack([self.size, self.root, self.ts, self.sig])
 
     @classmethod
     def from_wire(cls, data: bytes) -> SignedTreeHead:
@@ -356,7 +351,7 @@ class LogMonitor:
         """The monitor's state, for the client's own storage:
         pack(["rt.v2.log-monitor", log_pub, [head wire...], scanned, [frontier hash...]])."""
         heads = [h.to_wire() for _, h in sorted(self._history.items())]
-        return _pack([MONITOR_TAG, self.log_pub, heads, self.scanned, self._frontier])
+        return pack([MONITOR_TAG, self.log_pub, heads, self.scanned, self._frontier])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LogMonitor:

@@ -20,7 +20,7 @@ import nacl.utils
 import vodozemac
 from nacl.signing import SigningKey
 
-from .e2ee import CryptoError
+from .e2ee import CryptoError, pack
 from .identity import (
     SIG_BYTES,
     DeviceCertificate,
@@ -30,7 +30,6 @@ from .identity import (
     _need_bytes,
     _need_int,
     _need_text,
-    _pack,
     device_acceptance,
     device_self_statement,
     raw_curve25519,
@@ -132,9 +131,9 @@ class UserKeys:
         salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES) if _salt is None else _salt
         nonce = nacl.utils.random(nacl.secret.SecretBox.NONCE_SIZE) if _nonce is None else _nonce
         key = _backup_key(passphrase, salt, opslimit, memlimit)
-        secret = _pack(["rt.v2.user-key-secret", self.user, bytes(self.signing)])
+        secret = pack(["rt.v2.user-key-secret", self.user, bytes(self.signing)])
         box = bytes(nacl.secret.SecretBox(key).encrypt(secret, nonce))
-        return _pack(
+        return pack(
             {"magic": BACKUP_MAGIC, "salt": salt, "ops": opslimit, "mem": memlimit, "box": box}
         )
 

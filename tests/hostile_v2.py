@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
 import vodozemac
@@ -34,7 +33,7 @@ from hostile import LOG_SEED, Frame, Hit, HostileProxy, unique
 from nacl.signing import SigningKey
 from wire import Raw
 
-from realtime_safety.crypto.e2ee import CryptoError
+from realtime_safety.crypto.e2ee import CryptoError, pack
 from realtime_safety.crypto.envelope import ALG, DeviceAccount, InboundSessions, Olm, b64_encode
 from realtime_safety.crypto.envelope_megolm import _parse_share
 from realtime_safety.crypto.merkle import MerkleLog
@@ -48,20 +47,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
 def forged_user_key(keys: UserKeys) -> bytes:
     """A `user-key` log entry announcing `keys` (the attacker's) as its user's key: a reset."""
-    return entry("user-key", keys.user, _pack(keys.announce(now_ms()).to_wire()), now_ms())
+    return entry("user-key", keys.user, pack(keys.announce(now_ms()).to_wire()), now_ms())
 
 
 def forged_device(keys: UserKeys, account: DeviceAccount) -> bytes:
     """A `device` log entry certifying `account` under `keys` (for `keys.user`)."""
     cert = keys.certify_account(account.olm_account, account.device, now_ms())
-    return entry("device", keys.user, _pack(cert.to_wire()), now_ms())
+    return entry("device", keys.user, pack(cert.to_wire()), now_ms())
 
 
 @dataclass
