@@ -17,7 +17,7 @@ The connection speaks `rt.v1.msgpack`, so keys and ciphertexts travel as raw byt
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,20 @@ from .e2ee import (
     open_key,
     seal_key,
 )
+
+
+async def listed_members(
+    request: Callable[..., Awaitable[dict[str, Any]]], channel: str
+) -> list[str]:
+    """Who the server says is in `channel` (every page of `members`). v1 seals keys to them;
+    v2 only compares them with the signed membership log, never uses them as recipients."""
+    listed: list[str] = []
+    after: str | None = None
+    while True:
+        page = await request("members", channel=channel, **({"after": after} if after else {}))
+        listed += page["members"]
+        if not (after := page.get("next")):
+            return listed
 
 
 @dataclass(frozen=True)
@@ -88,17 +102,7 @@ class SecureClient:
 
     async def rotate(self, channel: str) -> str:
         """A new channel key, sealed to every registered device of every member."""
-        members: list[str] = []
-        after: str | None = None
-        while True:
-            args: dict[str, Any] = {"channel": channel}
-            if after:
-                args["after"] = after
-            page = await self.client.request("members", **args)
-            members += page["members"]
-            after = page["next"]
-            if not after:
-                break
+        members = await listed_members(self.client.request, channel)
         devices: list[dict[str, Any]] = []
         for start in range(0, len(members), 100):
             found = await self.client.request("keys.lookup", users=members[start : start + 100])

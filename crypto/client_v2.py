@@ -30,10 +30,10 @@ from realtime_safety.client import Client, ServerError
 from realtime_safety.protocol import SUBPROTOCOL_MSGPACK
 
 from . import device_link
-from .client import Decrypted
+from .client import Decrypted, listed_members
 from .client import SecureClient as V1Client
 from .contacts import ContactBook, safety_number
-from .directory_view import DirectoryView, listed_members
+from .directory_view import DirectoryView
 from .e2ee import CryptoError, DeviceKeys
 from .envelope import (
     DeviceAccount,

@@ -41,18 +41,6 @@ Request = Callable[..., Awaitable[dict[str, Any]]]
 MAX_QUERY_USERS = 100
 
 
-async def listed_members(request: Request, channel: str) -> list[str]:
-    """Who the server says is in `channel` (every page of `members`): compared with the
-    signed membership log, never used as recipients."""
-    listed: list[str] = []
-    after: str | None = None
-    while True:
-        page = await request("members", channel=channel, **({"after": after} if after else {}))
-        listed += page["members"]
-        if not (after := page.get("next")):
-            return listed
-
-
 class DirectoryView:
     def __init__(
         self,
