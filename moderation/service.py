@@ -73,9 +73,8 @@ class Moderation:
         self._spawn = spawn
         self._watchers: dict[Session, list[str]] = {}
         # (user, channel or "*") -> (banned until ms or None, reason, cached until monotonic)
-        self._bans: OrderedDict[tuple[str, str], tuple[int | None, str, float]] = OrderedDict()
-        # user -> (tokens issued before this second are revoked, or 0; cached until monotonic)
-        self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # bans ("<user>|<channel or *>") and token floors (user), read through this cache
+        self._cached = _Cached(docs)
 
     # --- audit ------------------------------------------------------------------------
 
@@ -200,17 +199,10 @@ class Moderation:
 
     async def banned(self, user: str, channel: str | None) -> str | None:
         """The reason `user` is banned from `channel` (or everywhere, channel None)."""
-        for key in ((user, "*"), (user, channel)) if channel else ((user, "*"),):
-            cached = self._bans.get(key)
-            if cached is None or cached[2] < time.monotonic():
-                doc = await self._docs.get("bans", f"{key[0]}|{key[1]}")
-                until = None if doc is None else (doc["until"] or 2**62)
-                reason = str(doc["reason"]) if doc else ""
-                cached = self._bans[key] = (until, reason, time.monotonic() + 30)
-                if len(self._bans) > 100_000:
-                    self._bans.popitem(last=False)
-            if cached[0] is not None and cached[0] > _now():
-                return cached[1]
+        for scope in ("*", channel) if channel else ("*",):
+            doc = await self._cached.get("bans", f"{user}|{scope}")
+            if doc is not None and (doc["until"] or 2**62) > _now():
+                return str(doc["reason"])
         return None
 
     async def revoke_tokens(self, actor: str, user: str) -> dict[str, Any]:
@@ -230,16 +222,8 @@ class Moderation:
     async def check_issued(self, identity: Identity) -> None:
         """`unauthorized` for a token issued before the user's tokens were revoked (a token
         without `iat` counts as issued at the start of time)."""
-        cached = self._floors.get(identity.user)
-        if cached is None or cached[1] < time.monotonic():
-            doc = await self._docs.get("token_floors", identity.user)
-            cached = self._floors[identity.user] = (
-                int(doc["before"]) if doc else 0,
-                time.monotonic() + 30,
-            )
-            if len(self._floors) > 100_000:
-                self._floors.popitem(last=False)
-        if cached[0] and (identity.issued_at or 0) < cached[0]:
+        doc = await self._cached.get("token_floors", identity.user)
+        if doc is not None and (identity.issued_at or 0) < int(doc["before"]):
             raise ProtocolError("unauthorized", "token revoked")
 
     def on_ban(self, event: dict[str, Any]) -> None:
@@ -248,13 +232,13 @@ class Moderation:
         if not isinstance(user, str):
             return
         if event.get("t") == "tokens":
-            self._floors.pop(user, None)
+            self._cached.forget("token_floors", user)
             before = event.get("before")
             for session in self._sessions.of_user(user):
                 if isinstance(before, int) and (session.identity.issued_at or 0) < before:
                     session.close(CLOSE_AUTH_FAILED, "token revoked")
             return
-        self._bans.pop((user, channel or "*"), None)
+        self._cached.forget("bans", f"{user}|{channel or '*'}")
         if event.get("t") != "ban":
             return
         if channel is not None:
@@ -268,3 +252,30 @@ class Moderation:
         """A watcher's session ended: its patterns go (and the stream, if it was the last)."""
         if session in self._watchers:
             self._spawn(self.unwatch(session, None), "mod-unwatch")
+
+
+class _Cached:
+    """Documents read through a cache: each answer (a document, or its absence) is kept
+    `TTL_S`, so a node that missed a broadcast is right again within that; a broadcast
+    `forget`s at once. At most `LIMIT` answers, the oldest dropped first."""
+
+    TTL_S = 30.0
+    LIMIT = 100_000
+
+    def __init__(self, docs: DocStore) -> None:
+        self._docs = docs
+        self._answers: OrderedDict[tuple[str, str], tuple[dict[str, Any] | None, float]] = (
+            OrderedDict()
+        )
+
+    async def get(self, coll: str, key: str) -> dict[str, Any] | None:
+        found = self._answers.get((coll, key))
+        if found is None or found[1] < time.monotonic():
+            found = (await self._docs.get(coll, key), time.monotonic() + self.TTL_S)
+            self._answers[coll, key] = found
+            if len(self._answers) > self.LIMIT:
+                self._answers.popitem(last=False)
+        return found[0]
+
+    def forget(self, coll: str, key: str) -> None:
+        self._answers.pop((coll, key), None)
