@@ -227,7 +227,8 @@ class Moderation:
             raise ProtocolError("unauthorized", "token revoked")
 
     def on_ban(self, event: dict[str, Any]) -> None:
-        """A ban or unban made on any node: forget cached answers, enforce on local sockets."""
+        """A ban, an unban or a token revocation made on any node: forget cached answers,
+        enforce on local sockets."""
         user, channel = event.get("u"), event.get("c")
         if not isinstance(user, str):
             return
