@@ -164,14 +164,13 @@ class DirectoryView:
             for d in verified_devices(user, current.user_pub, certs, revocations)
             if (user, d.device) not in self._revoked
         ]
-        revoked = {r.device for r in revocations} | {d for u, d in self._revoked if u == user}
+        explained = {d.device for d in good} | {r.device for r in revocations}
+        explained |= {d for u, d in self._revoked if u == user}
         for cert in certs:
-            if cert.device not in {d.device for d in good} and cert.device not in revoked:
+            if cert.device not in explained:  # neither a device of theirs nor revoked
                 self._event("unknown_device", user=user, device=cert.device)
-        for device in good:
+        for device in verified_devices(user, current.user_pub, certs, ()):  # revoked or not
             self._ever[user, device.device] = device
-        for device in verified_devices(user, current.user_pub, certs, ()):
-            self._ever.setdefault((user, device.device), device)
         self._devices[user] = good
 
     async def _move_to(self, head: bytes) -> None:
