@@ -79,6 +79,14 @@ class Lane:
         """Await `coro` on the lane. Cancelling the caller cancels it there."""
         return await _on(self._loop, coro)
 
+    def begin(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """`coro` started on the lane now, from the node's loop (not when the caller first
+        awaits, as `run`); await the future for its result, cancel it to cancel `coro`."""
+        loop = self._loop
+        if loop is None:
+            return asyncio.ensure_future(coro)
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
     def back(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """`fn` (a coroutine function of the node's) made callable from the lane: it runs on
         the loop that started the lane."""

@@ -6,7 +6,7 @@ service's own lane (alerts.lane)."""
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 from realtime_safety.protocol import Feature, ProtocolError, Reply, Session, moderator
@@ -31,12 +31,17 @@ class AlertOps(Feature):
             "alert.cancel": self.cancel,
             "alert.trail": self.trail,
         }
+        # An SOS starts on the lane as its frame arrives, not a turn of the node's loop later.
+        self.urgent = {"alert.trigger": self.start_trigger}
 
     async def _call(self, session: Session, call: Coroutine[Any, Any, T]) -> T:
         return await session.bounded(self._svc.lane.run(call))
 
     async def trigger(self, session: Session, frame: dict[str, Any]) -> Reply:
         return await self._call(session, self._svc.trigger(session.identity.user, frame))
+
+    def start_trigger(self, session: Session, frame: dict[str, Any]) -> Awaitable[Reply]:
+        return self._svc.lane.begin(self._svc.trigger(session.identity.user, frame))
 
     async def location(self, session: Session, frame: dict[str, Any]) -> Reply:
         return await self._call(session, self._svc.location(session.identity.user, frame))

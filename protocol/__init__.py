@@ -37,7 +37,7 @@ from .frames import (
     wire_frame,
 )
 from .identity import ROLES, Identity, valid_user_id
-from .session import Feature, Op, Reply, Session, Sessions, moderator
+from .session import Feature, Op, Reply, Session, Sessions, Start, moderator
 
 __all__ = [
     "CLOSE_AUTH_FAILED",
@@ -68,6 +68,7 @@ __all__ = [
     "Reply",
     "Session",
     "Sessions",
+    "Start",
     "UndecodableFrame",
     "arg_int",
     "arg_str",

@@ -64,6 +64,10 @@ class Session(Protocol):
 
 
 Op = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
+# An urgent op's start: a plain function, called from the socket's read callback, that starts
+# the op's work at once (on a thread of its own: it must not wait for the event loop) and
+# returns what to await for its reply.
+Start = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
 
 
 class Sessions(Protocol):
@@ -76,12 +80,17 @@ class Sessions(Protocol):
 
 class Feature:
     """A feature's part of the protocol. Subclasses fill `ops` (op name -> handler), name the
-    ops an overloaded node refuses first (`shed`: chat work, never safety work), and may act
-    when a session is authenticated (`started`) and when it ends (`ended`, always called, even
-    after a failed start)."""
+        ops an overloaded node refuses first (`shed`: chat work, never safety work) and those that
+    start as soon as their frame arrives (`urgent`), and may act
+        when a session is authenticated (`started`) and when it ends (`ended`, always called, even
+        after a failed start)."""
 
     ops: Mapping[str, Op] = {}
     shed: frozenset[str] = frozenset()
+    # Ops that start the moment their frame arrives, when it is the session's next command
+    # (an SOS must not wait a turn of a busy event loop); never shed. Their `ops` entry
+    # stays the handler for every other case.
+    urgent: Mapping[str, Start] = {}
 
     async def started(self, session: Session) -> None:
         return None

@@ -1,21 +1,21 @@
-"""One WebSocket connection: auth, the command loop, and its bounded outgoing queue.
+"""One WebSocket connection: auth and the command loop.
 
-Commands of one connection run one at a time in arrival order. Replies and pushes are
-written straight to the socket while it takes them (`rt.direct`, realtime/websocket.py: a
-shared push is framed once for every socket); behind a full socket they wait, in order, in a
-deque of at most `send_queue_frames` that a flusher task sends through ASGI. A consumer that
-falls further behind is closed with 4008 instead of growing memory. An idle connection has no
+Commands of one connection run one at a time in arrival order. Replies and pushes go out in
+order through its `Outbox` (realtime/outbox.py: straight to the socket, or in a bounded queue
+behind a slow one; a consumer too far behind is closed with 4008). An idle connection has no
 task of its own besides its handler. Incoming frames are bounded by the frame size limit and
-the ASGI server, which reads one frame at a time.
+the ASGI server, which reads one frame at a time. A frame that arrives while the command loop
+waits is looked at in the socket's read callback first (`_arrived`): an SOS starts there, and
+chat refused under overload is answered there, neither waiting for a turn of the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,7 +38,9 @@ from realtime_safety.protocol import (
 
 from .access import SAFETY_OPS, reauthorize, safety_only
 from .logs import CONNECTION
-from .websocket import direct_writer
+from .outbox import Outbox
+from .ratelimit import CommandRate
+from .websocket import arrival_hook
 
 if TYPE_CHECKING:
     from .node import Node
@@ -46,24 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("realtime.connection")
 
 T = TypeVar("T")
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0 if allowed, else seconds until a token is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 class Connection:
@@ -77,11 +61,11 @@ class Connection:
         self._identity: Identity | None = None
         self._started = False  # authenticated and registered: the features' `ended` is due
         limits = node.settings.limits
-        self._max_queue = limits.send_queue_frames
-        self._out: deque[str | bytes] | None = None  # only behind a slow socket
-        self._direct = direct_writer(ws.scope)
-        self._flusher: asyncio.Task[None] | None = None
+        self._outbox = Outbox(
+            ws, codec.binary, limits.send_queue_frames, node.metrics, self._too_far_behind
+        )
         self._task: asyncio.Task[Any] | None = None
+        self._context = contextvars.copy_context()
         self._receiving = False
         self._cancelled_by_close = False
         self._close_code: int | None = None
@@ -91,9 +75,12 @@ class Connection:
         self._ops = node.ops  # every feature's ops (one table for all connections)
         self._sheddable = node.sheddable
         self._load = node.load
-        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
-        self._rejected = 0
-        self._rejected_since = 0.0
+        self._rate = CommandRate(limits.rate_per_s, limits.rate_burst)
+        self._urgent = node.urgent  # ops started as their frame arrives (`_arrived`)
+        self._early: tuple[dict[str, Any], Awaitable[Reply] | None] | None = None
+        arrivals = arrival_hook(ws.scope)
+        if arrivals is not None:
+            arrivals(self._arrived)
         self._expiry: asyncio.TimerHandle | None = None
         self._token_identity: Identity | None = None  # what the token says (roles included)
         self._banned: str | None = None  # globally banned: why (then only SAFETY_OPS run)
@@ -115,74 +102,31 @@ class Connection:
     @property
     def queued(self) -> int:
         """Frames waiting behind a full socket."""
-        return len(self._out) if self._out is not None else 0
+        return self._outbox.queued
 
     # --- outgoing ---------------------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
         """A reply or a push for this connection only."""
         data = self.codec.encode(obj)
-        if self._direct_ok():
-            self._write(wire_frame(data, self.codec.binary))
+        if self._close_code is not None:
+            return
+        if self._outbox.direct():
+            self._outbox.write(wire_frame(data, self.codec.binary))
         else:
-            self._queue(data)
+            self._outbox.queue(self.ws, data, f"ws-flush:{self.id}")
 
     def push(self, frame: Frame) -> None:
         """A push shared with other sockets: encoded and framed once for all of them."""
-        if self._direct_ok():
-            self._write(frame.wire(self.codec))
-        else:
-            self._queue(frame.encoded(self.codec))
-
-    def _direct_ok(self) -> bool:
-        """Whether a frame can go straight to the socket: nothing queued before it, not
-        closing, and the transport takes it without waiting."""
-        direct = self._direct
-        return (
-            direct is not None and not self._out and self._close_code is None and direct.can_write()
-        )
-
-    def _write(self, wire: bytes) -> None:
-        assert self._direct is not None
-        self._direct.write_frame(wire)
-        self.node.metrics.frames_out += 1
-
-    def _queue(self, data: str | bytes) -> None:
-        """Behind a slow socket: wait in the bounded queue for the flusher."""
         if self._close_code is not None:
             return
-        if self._out is not None and len(self._out) >= self._max_queue:
-            self.node.metrics.slow_consumers += 1
-            self.close(CLOSE_POLICY, "slow consumer: too far behind")
-            return
-        if self._out is None:
-            self._out = deque()
-        self._out.append(data)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name=f"ws-flush:{self.id}")
+        if self._outbox.direct():
+            self._outbox.write(frame.wire(self.codec))
+        else:
+            self._outbox.queue(self.ws, frame.encoded(self.codec), f"ws-flush:{self.id}")
 
-    async def _flush(self) -> None:
-        """Send the queue in order through ASGI, which waits while the socket's buffer is
-        full. The frame being sent stays at the head of the queue, so no direct write can
-        overtake it. Runs only while there is a queue."""
-        ws = self.ws
-        binary = self.codec.binary
-        out = self._out
-        assert out is not None
-        try:
-            while out:
-                data = out[0]
-                if binary:
-                    await ws.send_bytes(data)  # type: ignore[arg-type]
-                else:
-                    await ws.send_text(data)  # type: ignore[arg-type]
-                out.popleft()
-                self.node.metrics.frames_out += 1
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            out.clear()  # the socket is gone; its handler cleans up
-        finally:
-            self._flusher = None
-            self._out = None
+    def _too_far_behind(self) -> None:
+        self.close(CLOSE_POLICY, "slow consumer: too far behind")
 
     def close(self, code: int, reason: str = "") -> None:
         """Close after the frames already queued (at once for a slow consumer)."""
@@ -197,15 +141,7 @@ class Connection:
 
     async def _close_socket(self) -> None:
         """Flush what is queued (briefly; never for a slow consumer), then the close frame."""
-        flusher = self._flusher
-        if flusher is not None:
-            if self._close_code != CLOSE_POLICY:
-                try:
-                    async with asyncio.timeout(2):
-                        await asyncio.shield(flusher)
-                except TimeoutError:
-                    pass
-            flusher.cancel()
+        await self._outbox.drain(None if self._close_code == CLOSE_POLICY else 2)
         # The close frame waits behind what the socket already holds (bounded by the transport's
         # high-water mark); a peer that reads nothing for a ping timeout is dropped by the server.
         try:
@@ -219,6 +155,7 @@ class Connection:
     async def run(self) -> None:
         self._task = asyncio.current_task()
         CONNECTION.set(self.id)  # on every log line of this task and those it starts
+        self._context = contextvars.copy_context()  # and of the ops started as they arrive
         try:
             if await self._authenticate():
                 await self._command_loop()
@@ -258,10 +195,13 @@ class Connection:
             self._receiving = False
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
+        self.node.metrics.frames_in += 1
+        decoded: dict[str, Any] | None = message.get("frame")  # started early: `_arrived`
+        if decoded is not None:
+            return decoded
         data = message.get("text")
         if data is None:
             data = message.get("bytes")
-        self.node.metrics.frames_in += 1
         try:
             return self.codec.decode(data if data is not None else b"")
         except UndecodableFrame as exc:
@@ -349,11 +289,14 @@ class Connection:
             frame = await self._receive()
             if frame is None:
                 return
+            early, self._early = self._early, None
+            admitted = early is not None and early[0] is frame  # checked by `_arrived`
             cid = command_id(frame)
             try:
                 if cid is None:
                     raise ProtocolError("bad_request", "'id' must be a non-negative integer")
-                self._rate_limit()
+                if not admitted:
+                    self._rate_limit()
                 op = frame.get("op")
                 if not isinstance(op, str):
                     raise ProtocolError("bad_request", f"unknown op {type(op).__name__}")
@@ -361,13 +304,13 @@ class Connection:
                     await self._still_banned()
                 handler = self._ops.get(op)
                 if handler is not None:
-                    if op in self._sheddable and self._load.refuse():
-                        raise ProtocolError(
-                            "unavailable",
-                            "the server is overloaded: retry later",
-                            retry_after_ms=self._load.retry_after_ms(),
-                        )
-                    result = await handler(self, frame)
+                    if not admitted and op in self._sheddable and self._load.refuse():
+                        raise self._shed()
+                    started = early[1] if early is not None and admitted else None
+                    if started is not None:
+                        result = await self.bounded(started)
+                    else:
+                        result = await handler(self, frame)
                 else:
                     own = _OWN_OPS.get(op)
                     if own is None:
@@ -388,22 +331,63 @@ class Connection:
                 for callback in then:
                     callback()
 
+    def _shed(self) -> ProtocolError:
+        return ProtocolError(
+            "unavailable",
+            "the server is overloaded: retry later",
+            retry_after_ms=self._load.retry_after_ms(),
+        )
+
     def _rate_limit(self) -> None:
-        """Over the rate: `rate_limited`. More than `rate_burst` rejections within 10 s
-        (a client that ignores `retry_after_ms`): flooding, close 4008."""
-        wait = self._bucket.take()
-        if not wait:
+        refusal = self._rate.refuse()
+        if refusal is None:
             return
-        now = time.monotonic()
-        if now - self._rejected_since > 10.0:
-            self._rejected_since, self._rejected = now, 0
-        self._rejected += 1
-        if self._rejected > self.node.settings.limits.rate_burst:
+        if self._rate.flooding:
             self.node.metrics.flood_closes += 1
             self.close(CLOSE_POLICY, "flooding")
-        raise ProtocolError(
-            "rate_limited", "too many commands", retry_after_ms=int(wait * 1000) + 1
-        )
+        raise refusal
+
+    def _arrived(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The socket's read callback hands over each frame that arrives while the command loop
+        waits for one: its next command. Two kinds are dealt with here, a turn of a busy event
+        loop sooner (issue 21), after the checks the loop would make (command id, rate): an
+        urgent op (`Feature.urgent`: an SOS) starts, and the loop answers it in order with the
+        started call's outcome; while the node sheds load, chat work it refuses is answered
+        at once (None: the loop never sees it), which also keeps each refusal cheap."""
+        if not (self._receiving and self._started) or self._close_code is not None:
+            return message
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        urgent = data is not None and self._urgent.mentioned(data)
+        if data is None or self._banned is not None or not (urgent or self._load.overloaded):
+            return message
+        try:
+            frame = self.codec.decode(data)
+        except UndecodableFrame:
+            return message
+        cid, op = command_id(frame), frame.get("op")
+        decoded = {"type": "websocket.receive", "frame": frame}
+        if cid is None or not isinstance(op, str):
+            return decoded
+        start = self._urgent.ops.get(op) if urgent else None
+        if start is None and not (op in self._sheddable and self._load.overloaded):
+            return decoded
+        try:
+            self._rate_limit()
+            if start is None and self._load.refuse():
+                raise self._shed()
+        except ProtocolError as err:
+            self.node.metrics.frames_in += 1
+            self._reply_error(cid, err)
+            return None
+        self._early = (frame, None)
+        if start is not None:
+            try:
+                self._early = (frame, self._context.run(start, self, frame))
+            except Exception:
+                log.exception("starting %r failed", op)  # the loop runs the op's handler
+        return decoded
 
     # --- the session's own ops and the Session interface -------------------------------
 

@@ -49,6 +49,7 @@ from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
 from .overload import LoadMonitor
+from .urgent import UrgentOps
 from .visibility import PresenceVisibility
 
 log = logging.getLogger("realtime.node")
@@ -165,6 +166,7 @@ class Node:
             self.ops.update(feature.ops)
         # what an overloaded node refuses first (never an alert op)
         self.sheddable = frozenset().union(*(f.shed for f in self.features))
+        self.urgent = UrgentOps(self.features, self.sheddable)  # started as they arrive
         self.load = LoadMonitor(
             settings.overload,
             queued_frames=lambda: sum(c.queued for c in self.connections),

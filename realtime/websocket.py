@@ -24,7 +24,7 @@ forever).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -33,6 +33,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 EXTENSION = "rt.direct"
+ARRIVAL = "rt.arrival"
 # A closed socket still holding unsent bytes gets this long (or the ping timeout) for its peer
 # to read them.
 CLOSE_DRAIN_S = 10.0
@@ -57,15 +58,43 @@ def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:
     return writer
 
 
+Arrival = Callable[[dict[str, Any]], dict[str, Any] | None]
+
+
+def arrival_hook(scope: Mapping[str, Any]) -> Callable[[Arrival], None] | None:
+    """The ASGI extension `rt.arrival`: `hook(fn)` has the protocol call `fn(event)` in its
+    read callback with each `websocket.receive` event that arrives while none is waiting for
+    the app; what `fn` returns is what the app's `receive` gets, and None is nothing (the app
+    dealt with the frame; reading goes on). (An app on another server gets None and reads
+    frames as usual.)"""
+    offered = (scope.get("extensions") or {}).get(ARRIVAL)
+    hook: Callable[[Arrival], None] | None = None if offered is None else offered["hook"]
+    return hook
+
+
 class _Inbox:
     """The protocol's queue of ASGI receive events, for its one consumer (the app's
     `receive`). asyncio.Queue allocates three deques per connection; this, one list."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_arrival", "_items", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._arrival: Arrival | None = None
+
+    def hook(self, arrival: Arrival) -> None:
+        self._arrival = arrival
+
+    def arrive(self, event: dict[str, Any]) -> bool:
+        """A received frame's event, through the arrival hook; False if the hook took it."""
+        if self._arrival is not None and not self._items:
+            taken = self._arrival(event)
+            if taken is None:
+                return False
+            event = taken
+        self.put_nowait(event)
+        return True
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
@@ -151,7 +180,8 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = _Inbox()  # type: ignore[assignment]
+        self.inbox = _Inbox()
+        self.queue = self.inbox  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self._raw: asyncio.Transport | None = None
 
@@ -171,8 +201,11 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
-        if scope is not None and not self.conn.extensions:
-            # The app task is created but has not run yet: it sees the extension.
+        if scope is None:
+            return
+        # The app task is created but has not run yet: it sees the extensions.
+        scope["extensions"][ARRIVAL] = {"hook": self.inbox.hook}
+        if not self.conn.extensions:
             scope["extensions"][EXTENSION] = {"writer": self}
 
     async def send(self, message: Any) -> None:
@@ -182,21 +215,25 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request = self.response = None  # type: ignore[assignment]
 
     def send_receive_event_to_app(self) -> None:
-        """uvicorn's, except that a text frame that is not UTF-8 is closed 1007 quietly: uvicorn
-        logs an ERROR with a traceback for each, which lets any client flood the logs."""
-        if self.curr_msg_data_type != "text" or self.close_sent:
-            super().send_receive_event_to_app()
-            return
+        """uvicorn's, except that a text frame that is not UTF-8 is closed 1007 quietly (uvicorn
+        logs an ERROR with a traceback for each, which lets any client flood the logs), and
+        that a frame the arrival hook takes (`rt.arrival`) is not queued and does not pause
+        reading."""
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            self.conn.send_close(1007, "invalid UTF-8")
-            self.handle_parser_exception()
+        if self.close_sent:  # past `websocket.close`: read on until the peer's close reply
             return
-        self.queue.put_nowait({"type": "websocket.receive", "text": text})
-        if not self.read_paused:
+        event: dict[str, Any]
+        if self.curr_msg_data_type == "text":
+            try:
+                event = {"type": "websocket.receive", "text": data.decode()}
+            except UnicodeDecodeError:
+                self.conn.send_close(1007, "invalid UTF-8")
+                self.handle_parser_exception()
+                return
+        else:
+            event = {"type": "websocket.receive", "bytes": data}
+        if self.inbox.arrive(event) and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
 

@@ -5,48 +5,16 @@ by the slow-reader tests in test_protocol.py; this pins the ordering rule determ
 from __future__ import annotations
 
 import asyncio
-import json
 from types import SimpleNamespace
-from typing import Any
 
+from wire import RecordingSocket as Socket
 from wire import until
 
 from realtime_safety.protocol import JSON, Frame, wire_frame
 from realtime_safety.realtime.config import Limits
 from realtime_safety.realtime.connection import Connection
 from realtime_safety.realtime.metrics import NodeMetrics
-from realtime_safety.realtime.websocket import EXTENSION
-
-
-class Socket:
-    """Both ways out of a connection, recorded in one list in the order bytes would leave."""
-
-    def __init__(self) -> None:
-        self.out: list[tuple[str, Any]] = []
-        self.writable = True
-        self.gone = False
-        self.drained = asyncio.Event()  # the ASGI send waits for it, like a full buffer
-        self.scope = {"extensions": {EXTENSION: {"writer": self}}}
-
-    def can_write(self) -> bool:
-        return self.writable
-
-    def write_frame(self, wire: bytes) -> None:
-        self.out.append(("direct", wire))
-
-    async def send_text(self, data: str) -> None:
-        await self.drained.wait()
-        if self.gone:
-            raise OSError("connection lost")
-        self.out.append(("queued", data))
-
-    def texts(self) -> list[int]:
-        """The `n` of every frame, whichever way it left."""
-        values = []
-        for way, data in self.out:
-            payload = data[2:].decode() if way == "direct" else data  # short frames: 2-byte head
-            values.append(json.loads(payload)["n"])
-        return values
+from realtime_safety.realtime.urgent import UrgentOps
 
 
 def connection(sock: Socket, queue: int = 8) -> Connection:
@@ -55,6 +23,7 @@ def connection(sock: Socket, queue: int = 8) -> Connection:
         metrics=NodeMetrics(),
         ops={},
         sheddable=frozenset(),
+        urgent=UrgentOps([], frozenset()),
         load=None,
     )
     return Connection(sock, node, JSON)  # type: ignore[arg-type]
@@ -73,7 +42,7 @@ async def test_nothing_overtakes_a_queued_frame() -> None:
     conn.send({"n": 4})
     assert sock.texts() == [1]
     sock.drained.set()
-    await until(lambda: len(sock.out) == 4 and conn._flusher is None, 5, interval=0)
+    await until(lambda: len(sock.out) == 4 and conn._outbox._flusher is None, 5, interval=0)
     assert sock.texts() == [1, 2, 3, 4]
     conn.send({"n": 5})  # the queue is empty again: straight out
     assert sock.out[-1][0] == "direct" and sock.texts() == [1, 2, 3, 4, 5]
@@ -88,10 +57,10 @@ async def test_queue_over_its_bound_closes_4008() -> None:
     assert conn._close_code == 4008
     assert conn.node.metrics.slow_consumers == 1
     conn.send({"n": 99})  # closing: dropped, not queued
-    assert conn._out is not None and len(conn._out) == 3
-    assert conn._closer is not None and conn._flusher is not None
+    assert conn.queued == 3
+    assert conn._closer is not None and conn._outbox._flusher is not None
     conn._closer.cancel()
-    conn._flusher.cancel()
+    conn._outbox._flusher.cancel()
 
 
 async def test_socket_lost_while_frames_wait_drops_the_queue() -> None:
@@ -104,6 +73,6 @@ async def test_socket_lost_while_frames_wait_drops_the_queue() -> None:
         conn.send({"n": n})
     sock.gone = True
     sock.drained.set()
-    await until(lambda: conn._flusher is None, 5, interval=0)
-    assert sock.out == [] and conn._out is None
+    await until(lambda: conn._outbox._flusher is None, 5, interval=0)
+    assert sock.out == [] and conn.queued == 0
     assert conn._close_code is None  # no close frame to a dead socket from here

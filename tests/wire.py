@@ -23,6 +23,7 @@ from websockets.frames import Frame as WsFrame
 from realtime_safety.loadtests.support import (
     stalled_subscriber as stalled_subscriber,  # for the tests
 )
+from realtime_safety.realtime.websocket import EXTENSION
 
 
 def envelope(device: str = "d1", size: int = 16, *, b64: bool = False) -> dict[str, Any]:
@@ -236,3 +237,34 @@ class AppDevice:
 
         body = encrypt(self.keys, channel, client_msg_id, "k1", self.channel_key, text)
         return b64(body) if json else body
+
+
+class RecordingSocket:
+    """Both ways out of a connection, recorded in one list in the order bytes would leave."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[str, Any]] = []
+        self.writable = True
+        self.gone = False
+        self.drained = asyncio.Event()  # the ASGI send waits for it, like a full buffer
+        self.scope = {"extensions": {EXTENSION: {"writer": self}}}
+
+    def can_write(self) -> bool:
+        return self.writable
+
+    def write_frame(self, wire: bytes) -> None:
+        self.out.append(("direct", wire))
+
+    async def send_text(self, data: str) -> None:
+        await self.drained.wait()
+        if self.gone:
+            raise OSError("connection lost")
+        self.out.append(("queued", data))
+
+    def texts(self) -> list[int]:
+        """The `n` of every frame, whichever way it left."""
+        values = []
+        for way, data in self.out:
+            payload = data[2:].decode() if way == "direct" else data  # short frames: 2-byte head
+            values.append(json.loads(payload)["n"])
+        return values

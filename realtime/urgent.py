@@ -1,0 +1,25 @@
+"""The node's urgent ops (`Feature.urgent`): which they are, and a quick look at an undecoded
+frame for whether it may name one, so that the read callback decodes only those."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from realtime_safety.protocol import Feature, Start
+
+
+class UrgentOps:
+    def __init__(self, features: Iterable[Feature], shed: frozenset[str]) -> None:
+        self.ops: dict[str, Start] = {}
+        for feature in features:
+            assert feature.urgent.keys() <= feature.ops.keys(), "an urgent op is an op too"
+            self.ops.update(feature.urgent)
+        assert not shed & self.ops.keys(), "an urgent op is never shed"
+        self._text = tuple(self.ops)
+        self._bytes = tuple(name.encode() for name in self.ops)
+
+    def mentioned(self, data: str | bytes) -> bool:
+        """Whether `data` (a JSON or msgpack frame) has an urgent op's name in it."""
+        if isinstance(data, str):
+            return any(name in data for name in self._text)
+        return any(name in data for name in self._bytes)
