@@ -1,5 +1,6 @@
 """`realtime serve` runs a node; `realtime token` prints a development token;
-`realtime export` / `realtime import` back up and restore (or migrate) the configured store.
+`realtime export` / `realtime import` back up and restore (or move) the configured store;
+`realtime migrate` brings its schema up to this version without serving.
 
 Bad configuration ends with one line on stderr (`realtime: error: ...`) and exit status 2.
 """
@@ -151,28 +152,40 @@ async def _serve(settings: config.Settings, host: str, port: int, log_level: str
 
 
 def _nothing_to_back_up(settings: config.Settings, args: argparse.Namespace) -> str | None:
-    """Why `export`/`import` must not run (a mistyped directory), before anything is made."""
+    """Why `export`/`import`/`migrate` must not run (a mistyped directory), before anything is
+    made."""
     embedded = not settings.store.mongodb_uri  # (the SQLite file is made by opening it)
-    if args.command == "export" and embedded and not SqliteStore(settings.data_dir).path.exists():
-        return (
-            f"no store in RT_DATA_DIR={settings.data_dir} (nothing to export: is RT_DATA_DIR "
-            "the node's data directory?)"
-        )
+    if args.command in ("export", "migrate") and embedded:
+        if not SqliteStore(settings.data_dir).path.exists():
+            return (
+                f"no store in RT_DATA_DIR={settings.data_dir} (nothing to {args.command}: is "
+                "RT_DATA_DIR the node's data directory?)"
+            )
     if args.command == "import" and not (args.src.is_dir() and any(args.src.iterdir())):
         return f"--from {args.src}: no export there (missing or empty directory)"
     return None
 
 
 async def _backup(settings: config.Settings, args: argparse.Namespace) -> None:
+    """export, import or migrate: opening the store applies its migrations."""
     store = open_store(settings.store)
     try:
         async with asyncio.timeout(settings.store_timeout_s + 1):
+            before = await store.schema_version() if args.command == "migrate" else 0
             await store.open()
     except (StoreUnavailable, TimeoutError) as exc:
         await store.close()
         raise StartupError(f"store ({settings.store_kind}) unavailable: {exc}") from None
     try:
-        if args.command == "export":
+        if args.command == "migrate":
+            after = await store.schema_version()
+            if after == before:
+                print(f"{settings.store_kind} store already at schema version {after}")
+            else:
+                print(
+                    f"migrated {settings.store_kind} store from schema version {before} to {after}"
+                )
+        elif args.command == "export":
             counts = await export_store(store, args.out, store_kind=settings.store_kind)
             summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
             print(f"exported {summary} from {settings.store_kind} to {args.out}")
@@ -229,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "import", help="load an export into the configured store", formatter_class=shown
     )
     imp.add_argument("--from", dest="src", required=True, type=Path, help="an export directory")
+    migrate_help = (
+        "bring the configured store's schema up to this version, then exit (a node also does "
+        "when it starts); refuses an RT_DATA_DIR with no store"
+    )
+    sub.add_parser("migrate", help=migrate_help, description=migrate_help, formatter_class=shown)
     args = parser.parse_args(argv)
 
     try:
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command != "token":
         files_mod.make_private()  # everything we write (store, outbox, exports) is ours alone
-    if args.command in ("export", "import"):
+    if args.command in ("export", "import", "migrate"):
         why = _nothing_to_back_up(settings, args)
         if why is not None:
             return _fail(why)

@@ -1,11 +1,13 @@
-"""The README's and the tutorial's shell blocks, run as a reader would (issue 22): in order, in
-one working directory (a copy of `scripts/` and this checkout's `.venv`), each block in bash with
-what earlier blocks exported; a block marked `<!-- doc-test: background PORT... -->` is a server
-left running in its own terminal (it must listen on those ports; Ctrl-C stops it at the end),
-`<!-- doc-test: skip (why) -->` is not run, and a `<!-- doc-test: output -->` block after a
-block lists the lines it must print, in order (`…` stands for anything). Ports are moved to
-free ones: every `127.0.0.1:<port>` of the page, `--port` for `scripts/serve`,
-RT_CLUSTER_BASE_PORT for `scripts/cluster`."""
+"""The README's and the tutorial's shell and Python blocks, run as a reader would (issue 22): in
+order, in one working directory (a copy of `scripts/` and this checkout's `.venv`). A ```sh
+block runs in bash with what earlier blocks exported; a ```python block is saved as a file and
+run with `.venv/bin/python` in that same environment (a reader runs it from the checkout). A
+block marked `<!-- doc-test: background PORT... -->` is a server left running in its own
+terminal (it must listen on those ports; Ctrl-C stops it at the end), `<!-- doc-test: skip
+(why) -->` is not run, and a `<!-- doc-test: output -->` block after a block lists the lines it
+must print, in order (`…` stands for anything). Any other block fails the test: nothing shown
+to a reader goes unrun unnoticed. Ports are moved to free ones: every `127.0.0.1:<port>` of the
+page, `--port` for `scripts/serve`, RT_CLUSTER_BASE_PORT for `scripts/cluster`."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = re.compile(r"<!-- doc-test: (background|skip|output)\b([^>]*)-->")
+RUN = ("sh", "python")  # the languages of the blocks that are run
 
 
 @dataclass
@@ -31,12 +34,13 @@ class Block:
     line: int
     code: str
     mode: str = "run"  # run | background | skip
+    lang: str = "sh"  # sh | python
     ports: list[int] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
 
 
 def blocks(page: Path) -> list[Block]:
-    """The page's ```sh blocks, with their markers and expected output."""
+    """The page's ```sh and ```python blocks, with their markers and expected output."""
     lines = page.read_text().splitlines()
     found: list[Block] = []
     mark: tuple[str, str] | None = None
@@ -46,7 +50,7 @@ def blocks(page: Path) -> list[Block]:
         m = MARK.search(line)
         if m:
             mark = (m.group(1), m.group(2).strip())
-        elif line.lstrip().startswith("```") and len(line.strip()) > 3:
+        elif line.lstrip().startswith("```"):
             indent = len(line) - len(line.lstrip())  # a block inside a list item
             lang, start = line.strip()[3:].strip(), i + 1
             i += 1
@@ -56,11 +60,17 @@ def blocks(page: Path) -> list[Block]:
             if mark is not None and mark[0] == "output":
                 assert found, f"{page.name}:{start}: output before any block"
                 found[-1].output = [x for x in body if x.strip()]
-            elif lang == "sh":
-                block = Block(start, "\n".join(body) + "\n")
+            else:
+                skipped = mark is not None and mark[0] == "skip"
+                assert lang in RUN or skipped, (
+                    f"{page.name}:{start}: a ```{lang} block is neither run nor marked "
+                    "`<!-- doc-test: skip (why) -->` or `<!-- doc-test: output -->`"
+                )
+                block = Block(start, "\n".join(body) + "\n", lang=lang)
                 if mark is not None:
                     block.mode = mark[0]
                     if mark[0] == "background":
+                        assert lang == "sh", f"{page.name}:{start}: a background block is sh"
                         block.ports = [int(p) for p in mark[1].split()]
                 found.append(block)
             mark = None
@@ -120,7 +130,8 @@ class Reader:
             shutil.copy2(ROOT / "scripts" / name, work / "scripts" / name)
         (work / ".venv").symlink_to(ROOT / ".venv")
         self.state = work / ".doc-test-env"
-        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "MONGODB_URI")
+        # (PYTHONPATH: a checkout run through another's venv, as in a git worktree)
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "MONGODB_URI", "PYTHONPATH")
         env = {k: v for k, v in os.environ.items() if k in keep}
         self.state.write_text("".join(f"export {k}={_quote(v)}\n" for k, v in env.items()))
         self.env = env
@@ -153,6 +164,10 @@ class Reader:
                 assert time.monotonic() < deadline, f"{where}: not ready; {self._tail(log.name)}"
                 time.sleep(0.2)
             return
+        if block.lang == "python":  # saved as a file, run from the checkout
+            saved = self.work / f"block-{block.line}.py"
+            saved.write_text(code)
+            code = f".venv/bin/python {saved.name}\n"
         script = f"set -euo pipefail\n. {self.state}\n{code}\nexport -p > {self.state}\n"
         done = subprocess.run(
             ["bash", "-c", script], cwd=self.work, env=self.env, capture_output=True,
@@ -188,9 +203,7 @@ def _quote(value: str) -> str:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("page", ["README.md", "docs/tutorial.md"])
-def test_every_shell_block_of_the_page_runs_and_prints_what_it_shows(
-    page: str, tmp_path: Path
-) -> None:
+def test_every_block_of_the_page_runs_and_prints_what_it_shows(page: str, tmp_path: Path) -> None:
     if page == "docs/tutorial.md" and shutil.which("redis-server") is None:
         pytest.skip("the tutorial's last part needs redis-server")
     found = blocks(ROOT / page)
@@ -209,13 +222,21 @@ def test_the_block_reader_sees_markers_and_outputs(tmp_path: Path) -> None:
     page.write_text(
         "<!-- doc-test: background 8000 -->\n```sh\nserve\n```\n\ntext\n\n```sh\necho hi\n```\n"
         "\n<!-- doc-test: output -->\n```text\nh…\n```\n<!-- doc-test: skip (no) -->\n"
-        "```sh\nrm -rf /\n```\n```python\nignored\n```\n- item\n\n  ```sh\n  ls -l\n  ```\n"
+        "```sh\nrm -rf /\n```\n```python\nprint(1)\n```\n<!-- doc-test: output -->\n"
+        "```\n1\n```\n- item\n\n  ```sh\n  ls -l\n  ```\n"
+        "<!-- doc-test: skip (an example) -->\n```json\n{}\n```\n"
     )
     found = blocks(page)
-    assert [(b.mode, b.code, b.ports, b.output) for b in found] == [
-        ("background", "serve\n", [8000], []),
-        ("run", "echo hi\n", [], ["h…"]),
-        ("skip", "rm -rf /\n", [], []),
-        ("run", "ls -l\n", [], []),
+    assert [(b.mode, b.lang, b.code, b.ports, b.output) for b in found] == [
+        ("background", "sh", "serve\n", [8000], []),
+        ("run", "sh", "echo hi\n", [], ["h…"]),
+        ("skip", "sh", "rm -rf /\n", [], []),
+        ("run", "python", "print(1)\n", [], ["1"]),
+        ("run", "sh", "ls -l\n", [], []),
+        ("skip", "json", "{}\n", [], []),
     ]
     assert matches(["h…", "b"], "x\nhi\ny\nb\n") and not matches(["b", "h…"], "hi\nb\n")
+    for unrun in ("```bash\nls\n```\n", "```\nls\n```\n", "```py\nprint(1)\n```\n"):
+        page.write_text(unrun)
+        with pytest.raises(AssertionError, match="neither run nor marked"):
+            blocks(page)
