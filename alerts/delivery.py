@@ -35,6 +35,7 @@ from .providers import APNS_LEVELS, Notice, ProviderError, PushProvider, SmsProv
 from .queue import Job, JobQueue
 from .receipts import Receipts
 from .records import Deliveries, advance, finished, job_key, mark
+from .views import still_reaches
 
 log = logging.getLogger("realtime.alerts")
 
@@ -278,6 +279,11 @@ class Deliverer:
         if finished(delivery, purpose):  # before a crash kept the job from being marked done
             if delivery is not None and delivery.get("provider_id") and purpose != "resolve":
                 await self._settle(delivery["provider_id"])  # the crash may have come first
+            return
+        if not await still_reaches(self.docs, alert, route, to):
+            # a contact the owner removed since: nothing more of the alert goes to them
+            await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))
+            self.metrics.deliveries.labels(route, "cancelled").inc()
             return
         if purpose != "resolve" and alert["state"] == "resolved":
             await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))

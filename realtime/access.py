@@ -1,5 +1,5 @@
-"""Access that ends when it should (issue 23): what a session keeps after a `refresh`, and
-what a globally banned user may still do."""
+"""Access that ends when it should (issue 23): what a session keeps after a `refresh`, what a
+globally banned user may still do, and what a contact removed mid-alert loses."""
 
 from __future__ import annotations
 
@@ -57,3 +57,26 @@ async def reauthorize(
             await node.alerts.lane.run(node.alerts.responders.forget(identity.user))
 
     return end
+
+
+async def contacts_removed(node: Node, users: list[str]) -> None:
+    """An owner took `users` off their emergency contacts (`PUT /v1/users/{user}/contacts`):
+    they lose the owner's alerts (`alerts.views.still_alerted`), and on every node (this one
+    at once, the others over the broker, as for a ban) their alert subscriptions are checked
+    again (`recheck_alerts`)."""
+    if users:
+        await node.broadcast({"t": "contacts", "u": users})
+
+
+async def recheck_alerts(node: Node, users: object) -> None:
+    """The `alert:` subscriptions of `users`' sessions on this node, checked again with the
+    subscribe op's own check (as after a `refresh`): those they may no longer make end at once
+    (`unsubscribed`, reason `revoked`)."""
+    if not isinstance(users, list):
+        return
+    for user in users:
+        if not isinstance(user, str):
+            continue
+        for session in node.of_user(user):
+            revoked = await node.channel_ops.revoked(session, session.identity, "alert")
+            node.channel_ops.end(session, revoked, "revoked")

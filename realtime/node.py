@@ -45,6 +45,7 @@ from realtime_safety.presence.tracker import PresenceTracker
 from realtime_safety.protocol import CLOSE_GOING_AWAY, Feature, Op, Session
 from realtime_safety.storage import Store, StoreUnavailable, open_store
 
+from .access import recheck_alerts
 from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
@@ -453,6 +454,9 @@ class Node:
             for session in list(self.connections):
                 if session.identity.is_moderator:
                     session.push(frame)
+        elif event.get("t") == "contacts":  # users someone took off their emergency contacts
+            if event.get("from") != self.settings.node_id:
+                self.spawn(recheck_alerts(self, event.get("u")), "contacts-recheck")
         elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()
