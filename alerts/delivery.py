@@ -345,7 +345,8 @@ class Deliverer:
             )
             await self._publish(f"user:{to}", push)
             # Published on user:<id>: whether a connection there has it, only the app's
-            # receipt says; with no connection at all, nobody does.
+            # receipt says; with no connection at all, nobody does (`offline`) — but an
+            # invisible user is never shown offline (`is_online`), that would give them away.
             return ("sent" if await self._is_online(to) else "offline"), None
         if route == "push":
             return await self._send_push(alert, to, purpose), None

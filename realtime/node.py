@@ -439,7 +439,7 @@ class Node:
 
     async def _online(self, user: str) -> bool:
         try:
-            return (await self.presence.members(f"user:{user}", 0, 1)).total > 0
+            return await self.presence.seems_online(user)  # invisible: never `offline`
         except Exception:
             return False
 

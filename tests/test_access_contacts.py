@@ -263,3 +263,43 @@ async def test_a_removed_contact_gets_no_fallback_sms(tmp_path: Path, fakes: Fak
     finally:
         await fay_ws.close()
         node.stop()
+
+
+async def test_an_invisible_contact_never_shows_offline(node_factory: Any) -> None:
+    """olga's alert.status must not tell whether her invisible contacts are connected: ivy
+    (invisible, not connected) and ian (invisible, connected) both show `sent` on the
+    WebSocket route, until ivy's own receipt makes hers `delivered`; dan (visible, not
+    connected) still shows `offline` (the control: the status still tells what it may)."""
+    node = node_factory("invisible")
+    url = node.url
+    olga, ivy, ian, dan = uid("olga"), uid("ivy"), uid("ian"), uid("dan")
+    put_contacts(node, olga, [{"user": u} for u in (ivy, ian, dan)])
+    ivy_ws = await Raw.open(url, token(ivy))
+    await ivy_ws.ok("presence.invisible", invisible=True)
+    await ivy_ws.close()
+    ian_ws = await Raw.open(url, token(ian))
+    await ian_ws.ok("presence.invisible", invisible=True)
+    olga_ws = await Raw.open(url, token(olga))
+    # ivy's connection has ended on the server (and her presence with it)
+    await until(lambda: node.connections() == 2, what="ivy's connection to end")
+    try:
+        alert_id = (
+            await olga_ws.ok("alert.trigger", kind="sos", location=here(), client_alert_id="i")
+        )["alert_id"]
+
+        async def ws_routes() -> dict[str, str] | None:
+            status = await olga_ws.ok("alert.status", alert_id=alert_id)
+            found = {r["to"]: r["status"] for r in status["recipients"] if r["route"] == "ws"}
+            return found if "queued" not in found.values() and len(found) == 3 else None
+
+        assert await until(ws_routes, what="the sends") == {
+            ivy: "sent",
+            ian: "sent",
+            dan: "offline",
+        }
+        ivy_ws = await Raw.open(url, token(ivy))
+        await ivy_ws.ok("alert.received", alert_id=alert_id)
+        assert (await ws_routes() or {}).get(ivy) == "delivered"
+    finally:
+        for raw in (ivy_ws, ian_ws, olga_ws):
+            await raw.close()
