@@ -7,13 +7,14 @@ moderator, a visible contact), so a refusal cannot pass because delivery is brok
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from conftest import Node, RedisServer, base_env, token, unique_db
-from wire import Raw, until
+from wire import AppDevice, Raw, b64, until
 
 from realtime_safety.loadtests.fakeproviders import FakeProviders
 
@@ -302,4 +303,70 @@ async def test_an_invisible_contact_never_shows_offline(node_factory: Any) -> No
         assert (await ws_routes() or {}).get(ivy) == "delivered"
     finally:
         for raw in (ivy_ws, ian_ws, olga_ws):
+            await raw.close()
+
+
+async def test_members_report_keys_and_presence_outside_rooms_follow_the_table(
+    single_node: Node,
+) -> None:
+    """The README table's cells outside rooms (rooms: tests/test_access_bans.py) for
+    `presence`, `report`, `keys.fetch`, `members` and `keys.share`: on `user:<id>` only `<id>`
+    (here: no room mate, no contact), on `alert:<id>` the owner, the people alerted and
+    moderators, on `public:` anyone; a stranger is `forbidden` where the others pass (the
+    control: a `report` and a `keys.fetch` let through end `not_found`, no such message or key
+    yet). `members` is `bad_request` outside rooms; `keys.share` is `forbidden` where only the
+    server publishes, and open to anyone on `public:`."""
+    url = single_node.url
+    olga, bob, sam, mia = uid("olga"), uid("bob"), uid("sam"), uid("mia")
+    put_contacts(single_node, olga, [{"user": bob}])
+    raws = {u: await Raw.open(url, token(u)) for u in (olga, bob, sam)}
+    raws[mia] = await Raw.open(url, token(mia, roles=["user", "moderator"]))
+    devices = {u: AppDevice(uid(u)) for u in raws}
+    for u, raw in raws.items():
+        await devices[u].register(raw, u)
+    trigger = await raws[olga].ok(
+        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    )
+    alert, own, public = trigger["channel"], f"user:{olga}", f"public:{uid('p')}"
+
+    async def answers(user: str, channel: str) -> dict[str, str]:
+        raw, device = raws[user], devices[user].keys.device
+        tries: dict[str, dict[str, Any]] = {
+            "presence": {},
+            "report": {"seq": 1, "reason": "spam"},
+            "keys.fetch": {"device": device},
+        }
+        out = {}
+        for op, args in tries.items():
+            reply = await raw.cmd(op, channel=channel, **args)
+            out[op] = "ok" if reply["ok"] else reply["error"]["code"]
+        return out
+
+    allowed = {"presence": "ok", "report": "not_found", "keys.fetch": "not_found"}
+    refused = dict.fromkeys(allowed, "forbidden")
+    try:
+        assert await answers(olga, own) == allowed
+        assert await answers(sam, own) == refused
+        for user in (olga, bob, mia):
+            assert await answers(user, alert) == allowed, user
+        assert await answers(sam, alert) == refused
+        for user in (olga, sam):
+            assert await answers(user, public) == allowed, user
+        for channel in (own, alert, public):
+            for user in (olga, mia):
+                assert await raws[user].error("members", channel=channel) == "bad_request"
+
+        def sealed(user: str) -> dict[str, Any]:
+            box: dict[str, Any] = b64({user: {devices[user].keys.device: os.urandom(80)}})
+            return box
+
+        for channel in (own, alert):
+            for user in (olga, mia):
+                reply = await raws[user].cmd(
+                    "keys.share", channel=channel, key_id="k1", sealed=sealed(bob)
+                )
+                assert reply["error"]["code"] == "forbidden", (channel, user, reply)
+        await raws[sam].ok("keys.share", channel=public, key_id="k1", sealed=sealed(olga))
+    finally:
+        for raw in raws.values():
             await raw.close()
