@@ -454,12 +454,12 @@ class Node:
             for session in list(self.connections):
                 if session.identity.is_moderator:
                     session.push(frame)
-        elif event.get("t") == "contacts":  # users someone took off their emergency contacts
-            if event.get("from") != self.settings.node_id:
-                self.spawn(recheck_alerts(self, event.get("u")), "contacts-recheck")
+        elif event.get("t") == "contacts" and event.get("from") != self.settings.node_id:
+            self.spawn(recheck_alerts(self, event.get("u")), "alerts-recheck")
         elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()
+            self.spawn(recheck_alerts(self, None), "alerts-recheck")
         elif event.get("t") == "member":
             channel, user = event.get("c"), event.get("u")
             if not isinstance(channel, str) or not isinstance(user, str):

@@ -163,6 +163,45 @@ async def test_a_removal_ends_the_subscription_on_every_node(
             await raw.close()
 
 
+async def test_a_removal_the_broker_lost_ends_the_subscription_once_it_is_back(
+    node_factory: Any, redis_server: RedisServer, mongo_uri: str
+) -> None:
+    """The removal is made while Redis is down, so its broadcast is lost: node b checks its
+    sessions' alert subscriptions again when its broker is back (as it drops its membership
+    cache then): eve's ends; bob's, who stays, goes on (the control)."""
+    env = {
+        "RT_REDIS_URL": redis_server.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_STORE_TIMEOUT_S": "10",
+    }
+    a = node_factory("a", RT_NODE_ID="node-a", **env)
+    b = node_factory("b", RT_NODE_ID="node-b", **env)
+    olga, bob, eve = uid("olga"), uid("bob"), uid("eve")
+    put_contacts(a, olga, [{"user": bob}, {"user": eve}])
+    olga_ws = await Raw.open(a.url, token(olga))
+    trigger = await olga_ws.ok(
+        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    )
+    alert_id, channel = trigger["alert_id"], trigger["channel"]
+    bob_ws = await Raw.open(b.url, token(bob))
+    eve_ws = await Raw.open(b.url, token(eve))
+    try:
+        for raw in (bob_ws, eve_ws):
+            await raw.ok("subscribe", channel=channel)
+        redis_server.stop()
+        put_contacts(a, olga, [{"user": bob}])  # stored; its broadcast cannot go out
+        assert await eve_ws.error("alert.trail", alert_id=alert_id) == "forbidden"  # at once
+        redis_server.start()  # same port
+        assert await eve_ws.push(20) == revoked(channel)
+        await olga_ws.ok("alert.location", alert_id=alert_id, location=here())
+        assert (await bob_ws.push(20))["push"] == "alert.location"
+        assert not [p for p in bob_ws.pushes if p.get("push") == "unsubscribed"]
+    finally:
+        for raw in (olga_ws, bob_ws, eve_ws):
+            await raw.close()
+
+
 def _alerts_node(tmp_path: Path, fakes: FakeProviders, name: str, **env: str) -> Node:
     """A node whose alerts go to `fakes` (fast retries)."""
     node = Node(
@@ -315,7 +354,7 @@ async def test_members_report_keys_and_presence_outside_rooms_follow_the_table(
     moderators, on `public:` anyone; a stranger is `forbidden` where the others pass (the
     control: a `report` and a `keys.fetch` let through end `not_found`, no such message or key
     yet). `members` is `bad_request` outside rooms; `keys.share` is `forbidden` where only the
-    server publishes, and open to anyone on `public:`."""
+    server publishes, and open to anyone on `public:`; `typing` and `read` as the table says."""
     url = single_node.url
     olga, bob, sam, mia = uid("olga"), uid("bob"), uid("sam"), uid("mia")
     put_contacts(single_node, olga, [{"user": bob}])
@@ -367,6 +406,15 @@ async def test_members_report_keys_and_presence_outside_rooms_follow_the_table(
                 )
                 assert reply["error"]["code"] == "forbidden", (channel, user, reply)
         await raws[sam].ok("keys.share", channel=public, key_id="k1", sealed=sealed(olga))
+
+        # typing: nobody on `user:` and `alert:`; read: `<id>` on `user:<id>`, nobody on alerts
+        await raws[olga].ok("read", channel=own, seq=1)
+        assert await raws[sam].error("read", channel=own, seq=1) == "forbidden"
+        for channel in (own, alert):
+            for user in (olga, mia):
+                assert await raws[user].error("typing", channel=channel) == "forbidden"
+        for user in (olga, bob, mia):
+            assert await raws[user].error("read", channel=alert, seq=1) == "forbidden"
     finally:
         for raw in raws.values():
             await raw.close()
