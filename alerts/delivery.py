@@ -35,6 +35,7 @@ from .providers import APNS_LEVELS, Notice, ProviderError, PushProvider, SmsProv
 from .queue import Job, JobQueue
 from .receipts import Receipts
 from .records import Deliveries, advance, finished, job_key, mark
+from .views import still_reaches
 
 log = logging.getLogger("realtime.alerts")
 
@@ -279,6 +280,11 @@ class Deliverer:
             if delivery is not None and delivery.get("provider_id") and purpose != "resolve":
                 await self._settle(delivery["provider_id"])  # the crash may have come first
             return
+        if not await still_reaches(self.docs, alert, route, to):
+            # a contact the owner removed since: nothing more of the alert goes to them
+            await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))
+            self.metrics.deliveries.labels(route, "cancelled").inc()
+            return
         if purpose != "resolve" and alert["state"] == "resolved":
             await self.deliveries.update(alert["id"], route, to, _cancelled(purpose))
             self.metrics.deliveries.labels(route, "cancelled").inc()
@@ -339,7 +345,8 @@ class Deliverer:
             )
             await self._publish(f"user:{to}", push)
             # Published on user:<id>: whether a connection there has it, only the app's
-            # receipt says; with no connection at all, nobody does.
+            # receipt says; with no connection at all, nobody does (`offline`) — but an
+            # invisible user is never shown offline (`is_online`), that would give them away.
             return ("sent" if await self._is_online(to) else "offline"), None
         if route == "push":
             return await self._send_push(alert, to, purpose), None

@@ -8,10 +8,10 @@ As durable as the rest of the plan (`alerts.records`):
   done only after that, so a node killed before arming leaves the job to run again, and arm.
 - Firing: every node's ticker claims the records that are due by compare-and-set (a lease of
   `lease_s`), then either settles one (the app confirmed, the contact acknowledged, the alert
-  was resolved) or appends ["sms", phone, purpose] to the alert's plan in one compare-and-set
-  write and queues it. A node killed in between leaves the record leased: after the lease
-  another node does the same again (the append is idempotent, and the reconciler queues any
-  planned job that is not finished).
+  was resolved, the owner removed the contact) or appends ["sms", phone, purpose] to the
+  alert's plan in one compare-and-set write and queues it. A node killed in between leaves
+  the record leased: after the lease another node does the same again (the append is
+  idempotent, and the reconciler queues any planned job that is not finished).
 The fallback is recorded on the SMS's delivery record (`fallback_for`: the contact's user id),
 which `alert.status` shows. A receipt that arrives in the moment between the check and the
 append does not stop the SMS: one text too many, never one too few.
@@ -29,6 +29,7 @@ from realtime_safety.storage import DocStore, StoreUnavailable
 from .metrics import AlertMetrics
 from .model import now_ms
 from .records import RECEIVED, Deliveries, finished
+from .views import still_reaches
 
 log = logging.getLogger("realtime.alerts")
 
@@ -128,6 +129,8 @@ class Fallbacks:
             return "resolved"
         if user in alert["acked_by"]:
             return "acked"
+        if not await still_reaches(self._docs, alert, "sms", phone):
+            return "removed"  # the owner took the contact (and the number) off since
         deliveries = await self._deliveries.of(alert_id)
         if any(deliveries.get((r, user), {}).get("status") in RECEIVED for r in ("ws", "push")):
             return "received"

@@ -51,7 +51,7 @@ class AlertMetrics:
         self.fallbacks = Counter(
             "rt_alert_fallbacks",
             "Contacts whose app did not confirm a notice in time: sms (the SMS was planned) or"
-            " not_needed (confirmed, acknowledged or resolved meanwhile)",
+            " not_needed (confirmed, acknowledged, resolved or the contact removed meanwhile)",
             ["outcome"],
             registry=registry,
         )

@@ -46,12 +46,17 @@ class AlertOps(Feature):
     async def location(self, session: Session, frame: dict[str, Any]) -> Reply:
         return await self._call(session, self._svc.location(session.identity.user, frame))
 
+    # A recipient's ops (ack, received, trail) follow `alerts.views.still_alerted`, with the
+    # caller's role now: someone alerted as a nearby responder acts on it while still one.
     async def ack(self, session: Session, frame: dict[str, Any]) -> Reply:
-        return await self._call(session, self._svc.ack(session.identity.user, frame))
+        who = session.identity
+        ack = self._svc.ack(who.user, frame, responder="responder" in who.roles)
+        return await self._call(session, ack)
 
     async def received(self, session: Session, frame: dict[str, Any]) -> Reply:
-        receipts = self._svc.delivery.receipts
-        return await self._call(session, receipts.received(session.identity.user, frame))
+        who, receipts = session.identity, self._svc.delivery.receipts
+        received = receipts.received(who.user, frame, responder="responder" in who.roles)
+        return await self._call(session, received)
 
     async def resolve(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity
@@ -75,4 +80,7 @@ class AlertOps(Feature):
 
     async def trail(self, session: Session, frame: dict[str, Any]) -> Reply:
         who = session.identity
-        return await self._call(session, self._svc.trail(who.user, who.is_moderator, frame))
+        trail = self._svc.trail(
+            who.user, who.is_moderator, frame, responder="responder" in who.roles
+        )
+        return await self._call(session, trail)

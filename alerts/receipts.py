@@ -19,7 +19,7 @@ from realtime_safety.storage import DocStore
 from .metrics import AlertMetrics
 from .model import now_ms
 from .records import Deliveries, advance
-from .views import owner_view
+from .views import owner_view, still_alerted
 
 EARLY = "provider_status"
 # Twilio's MessageStatus -> ours; the others (queued, accepted, sending, scheduled, ...) say
@@ -41,9 +41,12 @@ class Receipts:
         self._deliveries = Deliveries(docs)
         self._metrics = metrics
 
-    async def received(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
+    async def received(
+        self, user: str, frame: dict[str, Any], *, responder: bool = True
+    ) -> dict[str, Any]:
         """`alert.received {alert_id, route?}`: the recipient's app has the alert, by `route`
-        (`ws`: the push on `user:<id>`, the default; `push`: the FCM/APNs notification)."""
+        (`ws`: the push on `user:<id>`, the default; `push`: the FCM/APNs notification); from
+        the people alerted while `still_alerted` (`responder`: the caller's role now)."""
         alert_id, route = frame.get("alert_id"), frame.get("route", "ws")
         if not isinstance(alert_id, str) or not 1 <= len(alert_id) <= 64:
             raise ProtocolError("bad_request", "'alert_id' must be a string")
@@ -52,7 +55,8 @@ class Receipts:
         alert = await self._docs.get("alerts", alert_id)
         if alert is None or (alert["owner"] == user and owner_view(alert) is None):
             raise ProtocolError("not_found", "no such alert")  # (as the owner may see it)
-        if user not in alert["users"]:  # every one of them is alerted by ws and push
+        # every one of them is alerted by ws and push
+        if not await still_alerted(self._docs, alert, user, responder=responder):
             raise ProtocolError("forbidden", "you were not alerted")
         now = now_ms()
 

@@ -93,7 +93,7 @@ STATUS_RANK = {
     "cancelled": 0,
     "failed": 1,  # dead-lettered, or the provider says the message did not arrive
     "undelivered": 1,  # Twilio: the carrier could not deliver it
-    "offline": 2,  # ws: pushed while the user had no connection anywhere (nobody got it)
+    "offline": 2,  # ws: pushed while the (visible) user had no connection anywhere
     "outbox": 2,  # no credentials: written to the development outbox
     "sent": 2,  # the provider (or the broker, for ws) accepted it
     "delivered": 3,  # the app's receipt, or the carrier's

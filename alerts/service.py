@@ -178,11 +178,14 @@ class AlertService:
         raise ProtocolError("unavailable", "the alert is too busy, retry")
 
     async def contacts(self, owner: str) -> list[dict[str, Any]]:
-        doc = await self.docs.get("contacts", owner)
-        return list(doc["contacts"]) if doc else []
+        return await views.contacts_of(self.docs, owner)
 
-    async def set_contacts(self, owner: str, contacts: list[dict[str, Any]]) -> None:
+    async def set_contacts(self, owner: str, contacts: list[dict[str, Any]]) -> list[str]:
+        """Replace the owner's contacts; the users no longer among them (who lose their access
+        to the owner's alerts: `views.still_alerted`)."""
+        before = {c["user"] for c in await self.contacts(owner) if "user" in c}
         await self.docs.put("contacts", owner, {"contacts": contacts})
+        return sorted(before - {c["user"] for c in contacts if "user" in c})
 
     # --- the plan and its queue -------------------------------------------------------
 
@@ -236,7 +239,8 @@ class AlertService:
         `owner`); for an alert whose owner is shown something else (the duress PIN), to the
         people alerted on their own `user:` channels only."""
         if alert.get("shown"):
-            targets = [f"user:{u}" for u in alert["users"] if u != alert["owner"]]
+            users = [u for u in alert["users"] if await views.still_alerted(self.docs, alert, u)]
+            targets = [f"user:{u}" for u in users if u != alert["owner"]]
         else:
             targets = [f"alert:{alert['id']}", *([f"user:{alert['owner']}"] if owner else [])]
         for target in targets:
@@ -374,12 +378,14 @@ class AlertService:
         push = {"push": "alert.location", "alert_id": alert_id, "location": location}
         await self.live(alert, push, owner=False)
 
-    async def ack(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
+    async def ack(
+        self, user: str, frame: dict[str, Any], *, responder: bool = True
+    ) -> dict[str, Any]:
         alert = await self.alert(frame.get("alert_id"))
         hidden = user == alert["owner"] and views.owner_view(alert) is None
         if not views.notified(alert) or hidden:
             raise ProtocolError("not_found", "no such alert")  # held or cancelled: not theirs
-        if user not in alert["users"]:
+        if not await views.still_alerted(self.docs, alert, user, responder=responder):
             raise ProtocolError("forbidden", "you were not alerted")
 
         def change(doc: dict[str, Any]) -> None:
@@ -412,8 +418,10 @@ class AlertService:
         """Active alerts with their latest location and delivery status (moderators)."""
         return await views.active(self)
 
-    async def trail(self, user: str, moderator: bool, frame: dict[str, Any]) -> dict[str, Any]:
-        return await views.trail(self, user, moderator, frame)
+    async def trail(
+        self, user: str, moderator: bool, frame: dict[str, Any], *, responder: bool = True
+    ) -> dict[str, Any]:
+        return await views.trail(self, user, moderator, frame, responder=responder)
 
     async def share_location(self, user: str, frame: dict[str, Any]) -> dict[str, Any]:
         location = parse_location(frame.get("location"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from realtime_safety.protocol import ProtocolError
+from realtime_safety.storage import DocStore
 
 from .records import new_delivery, recipient_view, warnings
 
@@ -70,12 +71,40 @@ def notified(alert: dict[str, Any]) -> bool:
     return alert["state"] in ("active", "resolved")
 
 
+async def contacts_of(docs: DocStore, owner: str) -> list[dict[str, Any]]:
+    """The owner's emergency contacts as they are now (store documents `contacts`)."""
+    doc = await docs.get("contacts", owner)
+    return list(doc["contacts"]) if doc else []
+
+
+async def still_alerted(
+    docs: DocStore, alert: dict[str, Any], user: str, *, responder: bool = True
+) -> bool:
+    """Whether `user`, one of the people `alert` went to, still is: a nearby responder while
+    they are one (`responder`: their role now), or the owner's emergency contact now. A contact
+    the owner removes mid-alert is one no more (unless also a responder, as one): for them the
+    alert is a stranger's. One rule for `alert:<id>`, `alert.trail`, `alert.ack`,
+    `alert.received`, the live pushes and the notices still to go out."""
+    if user not in alert["users"]:
+        return False
+    if responder and user in alert.get("responders", ()):
+        return True
+    return any(c.get("user") == user for c in await contacts_of(docs, alert["owner"]))
+
+
+async def still_reaches(docs: DocStore, alert: dict[str, Any], route: str, to: str) -> bool:
+    """Whether a notice by `route` to `to` (a user, or a phone for SMS) may still go out: not
+    to a contact the owner has removed since (a responder's notices go out as planned)."""
+    if route != "sms":
+        return await still_alerted(docs, alert, to)
+    return any(c.get("phone") == to for c in await contacts_of(docs, alert["owner"]))
+
+
 async def can_see(
     svc: AlertService, user: str, alert_id: str, moderator: bool, responder: bool = True
 ) -> bool:
-    """`alert:<id>` (live location, acks): the owner, the people alerted once it went out,
-    and moderators; someone alerted as a nearby responder only while they are one (`responder`:
-    the caller's role now), unless they are also the owner's contact."""
+    """`alert:<id>` (live location, acks): the owner, the people alerted once it went out (while
+    `still_alerted`), and moderators."""
     if moderator:
         return True
     doc = await svc.docs.get("alerts", alert_id)
@@ -83,11 +112,7 @@ async def can_see(
         return False
     if user == doc["owner"]:
         return owner_view(doc) is not None
-    if user not in doc["users"] or not notified(doc):
-        return False
-    if responder or user not in doc.get("responders", ()):
-        return True
-    return any(c.get("user") == user for c in await svc.contacts(doc["owner"]))
+    return notified(doc) and await still_alerted(svc.docs, doc, user, responder=responder)
 
 
 async def status(
@@ -149,11 +174,11 @@ async def active(svc: AlertService) -> list[dict[str, Any]]:
 
 
 async def trail(
-    svc: AlertService, user: str, moderator: bool, frame: dict[str, Any]
+    svc: AlertService, user: str, moderator: bool, frame: dict[str, Any], *, responder: bool = True
 ) -> dict[str, Any]:
     """`alert.trail {alert_id, limit?}`: the alert's location trail, oldest first (for a
     missed check-in, the points sent while the timer ran): the owner, the people alerted once
-    it went out, moderators."""
+    it went out (while `still_alerted`), moderators."""
     alert = await svc.alert(frame.get("alert_id"))
     limit = frame.get("limit", MAX_TRAIL)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_TRAIL:
@@ -162,7 +187,9 @@ async def trail(
         if alert["owner"] == user:
             if owner_view(alert) is None:
                 raise ProtocolError("not_found", "no such alert")
-        elif user not in alert["users"] or not notified(alert):
+        elif not notified(alert) or not await still_alerted(
+            svc.docs, alert, user, responder=responder
+        ):
             raise ProtocolError("forbidden", "only the owner, the people alerted or moderators")
     points = await svc.docs.prefix("alert_trail", f"{alert['id']}|", limit)
     return {"alert_id": alert["id"], "points": [_point(p) for p in points]}

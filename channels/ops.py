@@ -123,15 +123,19 @@ class ChannelOps(Feature):
                 self._spawn(self._roster.remove(channel, user), "presence-remove")
                 session.send({"push": push, "channel": channel, "reason": reason})
 
-    async def revoked(self, session: Session, who: Identity) -> list[str]:
-        """The channels `session` is subscribed to that `who` (its identity after a `refresh`)
-        may no longer subscribe to: the subscribe op's own check, run again."""
+    async def revoked(
+        self, session: Session, who: Identity, namespace: str | None = None
+    ) -> list[str]:
+        """The channels `session` is subscribed to (those of `namespace` only, if given) that
+        `who` (its identity after a `refresh`) may no longer subscribe to: the subscribe op's
+        own check, run again."""
         subs = self._subs.get(session)
         if subs is None:
             return []
         return [
             name
             for name in list(subs.by_channel)
+            if namespace is None or name.startswith(f"{namespace}:")
             if not await self._acl.allows(who, parse_channel(name), Action.SUBSCRIBE)
         ]
 

@@ -185,6 +185,14 @@ class PresenceTracker:
             if self._pushes(total):
                 await self._publish(channel, kind, user)
 
+    async def seems_online(self, user: str) -> bool:
+        """Whether others may be told `user` has a connection: they have one (on `user:<id>`),
+        or they are invisible, who never seem offline (that would tell they are not
+        connected). An alert's WebSocket route says `sent` or `offline` from this."""
+        if await self.store.is_invisible(user):
+            return True
+        return (await self.store.members(f"user:{user}", 0, 1)).total > 0
+
     async def members(self, channel: str, cursor: int, limit: int) -> Page:
         """Everyone present, invisible users included (the server's own view)."""
         return await self.store.members(channel, cursor, limit)

@@ -45,6 +45,7 @@ from realtime_safety.presence.tracker import PresenceTracker
 from realtime_safety.protocol import CLOSE_GOING_AWAY, Feature, Op, Session
 from realtime_safety.storage import Store, StoreUnavailable, open_store
 
+from .access import recheck_alerts
 from .auth import TokenVerifier
 from .config import Settings
 from .metrics import Gauges, NodeMetrics
@@ -440,7 +441,7 @@ class Node:
 
     async def _online(self, user: str) -> bool:
         try:
-            return (await self.presence.members(f"user:{user}", 0, 1)).total > 0
+            return await self.presence.seems_online(user)  # invisible: never `offline`
         except Exception:
             return False
 
@@ -455,9 +456,12 @@ class Node:
             for session in list(self.connections):
                 if session.identity.is_moderator:
                     session.push(frame)
+        elif event.get("t") == "contacts" and event.get("from") != self.settings.node_id:
+            self.spawn(recheck_alerts(self, event.get("u")), "alerts-recheck")
         elif event.get("t") == "resync":
             # After a broker outage control events may have been missed.
             self.memberships.clear()
+            self.spawn(recheck_alerts(self, None), "alerts-recheck")
         elif event.get("t") == "member":
             channel, user = event.get("c"), event.get("u")
             if not isinstance(channel, str) or not isinstance(user, str):

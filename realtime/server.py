@@ -34,6 +34,7 @@ from realtime_safety.protocol import (
     valid_user_id,
 )
 
+from .access import contacts_removed
 from .connection import Connection
 from .metrics import CONTENT_TYPE
 from .node import Node
@@ -226,9 +227,10 @@ async def put_contacts(request: Request, node: Node) -> Response:
             raise ProtocolError("bad_request", "a contact needs a user id or an E.164 phone")
         contact = {"tier": tier, "user": user, "phone": phone}
         clean.append({k: v for k, v in contact.items() if v is not None})
-    await node.channels.bounded(
+    removed = await node.channels.bounded(
         "contacts", node.alerts.lane.run(node.alerts.set_contacts(owner, clean))
     )
+    await contacts_removed(node, removed)  # their access to the owner's alerts ends at once
     return ApiResponse({"user": owner, "contacts": clean})
 
 
