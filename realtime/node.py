@@ -42,15 +42,15 @@ from realtime_safety.moderation.service import Moderation
 from realtime_safety.presence.ops import PresenceOps
 from realtime_safety.presence.store import MemoryPresence, PresenceStore, RedisPresence
 from realtime_safety.presence.tracker import PresenceTracker
-from realtime_safety.protocol import CLOSE_GOING_AWAY, Feature, Op, Session
+from realtime_safety.protocol import CLOSE_GOING_AWAY, Feature, Session
 from realtime_safety.storage import Store, StoreUnavailable, open_store
 
 from .access import recheck_alerts
 from .auth import TokenVerifier
 from .config import Settings
+from .features import op_tables
 from .metrics import Gauges, NodeMetrics
 from .overload import LoadMonitor
-from .urgent import UrgentOps
 from .visibility import PresenceVisibility
 
 log = logging.getLogger("realtime.node")
@@ -160,14 +160,7 @@ class Node:
                 keys=self.keys,
             ),
         ]
-        self.ops: dict[str, Op] = {}
-        for feature in self.features:
-            clash = self.ops.keys() & feature.ops.keys()
-            assert not clash, f"ops declared twice: {sorted(clash)}"
-            self.ops.update(feature.ops)
-        # what an overloaded node refuses first (never an alert op)
-        self.sheddable = frozenset().union(*(f.shed for f in self.features))
-        self.urgent = UrgentOps(self.features, self.sheddable)  # started as they arrive
+        self.ops, self.sheddable, self.urgent = op_tables(self.features)
         self.load = LoadMonitor(
             settings.overload,
             queued_frames=lambda: sum(c.queued for c in self.connections),

@@ -16,8 +16,8 @@ from wire import RecordingSocket as Socket
 from realtime_safety.protocol import JSON, Feature, Reply, Session
 from realtime_safety.realtime.config import Limits
 from realtime_safety.realtime.connection import Connection
+from realtime_safety.realtime.features import UrgentOps
 from realtime_safety.realtime.metrics import NodeMetrics
-from realtime_safety.realtime.urgent import UrgentOps
 
 
 class Load:

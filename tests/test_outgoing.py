@@ -13,8 +13,8 @@ from wire import until
 from realtime_safety.protocol import JSON, Frame, wire_frame
 from realtime_safety.realtime.config import Limits
 from realtime_safety.realtime.connection import Connection
+from realtime_safety.realtime.features import UrgentOps
 from realtime_safety.realtime.metrics import NodeMetrics
-from realtime_safety.realtime.urgent import UrgentOps
 
 
 def connection(sock: Socket, queue: int = 8) -> Connection:
