@@ -271,11 +271,13 @@ class Deliverer:
 
     async def _deliver(self, job: Job) -> None:
         data = job.data
-        alert = await self.docs.get("alerts", data["alert_id"])
+        route, to, purpose = data["route"], data["to"], data["purpose"]
+        alert, delivery = await asyncio.gather(
+            self.docs.get("alerts", data["alert_id"]),
+            self.deliveries.get(data["alert_id"], route, to),
+        )
         if alert is None:
             return  # jobs exist only for stored alerts: nothing to do
-        route, to, purpose = data["route"], data["to"], data["purpose"]
-        delivery = await self.deliveries.get(alert["id"], route, to)
         if finished(delivery, purpose):  # before a crash kept the job from being marked done
             if delivery is not None and delivery.get("provider_id") and purpose != "resolve":
                 await self._settle(delivery["provider_id"])  # the crash may have come first

@@ -189,14 +189,15 @@ class AlertService:
 
     # --- the plan and its queue -------------------------------------------------------
 
-    async def materialize(self, alert: dict[str, Any]) -> bool:
+    async def materialize(self, alert: dict[str, Any], *, new: bool = False) -> bool:
         """Make the queue match the plan: every unfinished job put on its route's queue (a
         no-op for a job still queued). Idempotent; True when every planned job is finished.
         (A recipient's delivery record is written by its first outcome; until then the plan
-        alone says `queued`.) A plan held by its countdown is not queued; a cancelled one never."""
+        alone says `queued`: so a `new` alert, just stored, has none to read.) A plan held by
+        its countdown is not queued; a cancelled one never."""
         if alert["state"] in ("countdown", "cancelled"):
             return bool(alert["state"] == "cancelled")
-        deliveries = await self.deliveries.of(alert["id"])
+        deliveries = {} if new else await self.deliveries.of(alert["id"])
         pending = [
             (route, to, purpose)
             for route, to, purpose in alert.get("jobs", [])
@@ -215,11 +216,11 @@ class AlertService:
             await self.docs.delete("active_alerts", alert["id"])
         return not pending
 
-    async def finish(self, alert: dict[str, Any], what: str) -> None:
+    async def finish(self, alert: dict[str, Any], what: str, *, new: bool = False) -> None:
         """After a commit: queue the plan now rather than at the next reconcile. A failure
         here only delays delivery (the alert is due for reconciling), so it is logged."""
         try:
-            await self.materialize(alert)
+            await self.materialize(alert, new=new)
         except Exception as exc:
             log.warning(
                 "alerts: %s stored, queueing deferred to the reconciler (%s)",
@@ -287,13 +288,14 @@ class AlertService:
         """Store a new alert with its whole plan (the commit point), then queue it — or hold it
         for `hold_ms` (a countdown). `fields`: kind, note, location and any extra. `force`:
         counted against the owner's limit but never refused (an alert the server raises)."""
-        try:
-            await self.quota.reserve(owner, alert_id, force=force)
+        try:  # the contacts are read meanwhile: one wait instead of two
+            _, contacts = await asyncio.gather(
+                self.quota.reserve(owner, alert_id, force=force), self.contacts(owner)
+            )
         except ProtocolError:
             self.metrics.triggers.labels("refused").inc()
             raise
         self.checkpoint("trigger:reserved")
-        contacts = await self.contacts(owner)
         tier1 = [c for c in contacts if c.get("tier", 1) == 1]
         responders = [u for u in await self._responders_near(fields["location"]) if u != owner]
         now = now_ms()
@@ -322,7 +324,7 @@ class AlertService:
             return raced
         self.metrics.triggers.labels("created").inc()
         self.checkpoint("trigger:stored")
-        await self.finish(alert, "alert")
+        await self.finish(alert, "alert", new=True)
         self.checkpoint("trigger:queued")
         try:  # the first point is also the alert's own location: the trail may miss it
             point = alert["location"]
