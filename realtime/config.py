@@ -400,7 +400,7 @@ def load(env: Mapping[str, str] | None = None, *, need_token_key: bool = True) -
             lag_s=_number(env, "RT_OVERLOAD_LAG_MS", 25.0) / 1000,
             queued_frames=int(_number(env, "RT_OVERLOAD_QUEUED_FRAMES", 200_000, integer=True)),
             backend_calls=int(_number(env, "RT_OVERLOAD_BACKEND_CALLS", 2_000, integer=True)),
-            backend_latency_s=_number(env, "RT_OVERLOAD_BACKEND_MS", 250.0) / 1000,
+            backend_latency_s=_number(env, "RT_OVERLOAD_BACKEND_MS", 50.0) / 1000,
             cool_s=_number(env, "RT_OVERLOAD_COOL_S", 1.0),
         ),
     )

@@ -39,7 +39,7 @@ class OverloadLimits:
     lag_s: float = 0.025  # event-loop lag: every await on the SOS path may wait this long
     queued_frames: int = 200_000  # frames behind full sockets, node-wide (a memory guard)
     backend_calls: int = 2_000  # store/broker calls in flight for commands
-    backend_latency_s: float = 0.25  # their moving average (or the oldest one's age)
+    backend_latency_s: float = 0.05  # their moving average (or a quarter of the oldest one's age)
     interval_s: float = 0.05
     cool_s: float = 1.0  # from refusing all to refusing none, once the load is gone
 

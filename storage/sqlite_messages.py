@@ -41,6 +41,9 @@ class _Pending:
     future: asyncio.Future[Appended]
 
 
+RELEASE = 32  # appends whose callers go on in one turn of the event loop
+
+
 class SqliteMessages:
     def __init__(self, writer: Db, reader: Db, max_batch: int = 256) -> None:
         self._w = writer
@@ -87,7 +90,12 @@ class SqliteMessages:
                         raise
                     continue
                 self.batches += 1
-                for p, result in zip(batch, results, strict=True):
+                # The publishes a batch completes go on (fan-out, replies) a few at a time, a
+                # turn of the event loop each: all at once, one turn would hold up every
+                # socket's reads (an SOS too) for as long as 256 fan-outs take.
+                for i, (p, result) in enumerate(zip(batch, results, strict=True)):
+                    if i and not i % RELEASE:
+                        await asyncio.sleep(0)
                     if not p.future.done():
                         p.future.set_result(result)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,35 @@ async def test_dump_and_load_round_trip_between_backends(
         assert nxt.message.seq == 4
     finally:
         await other.close()
+
+
+async def test_a_big_group_commit_lets_its_callers_go_on_a_few_per_turn(tmp_path: Path) -> None:
+    """256 appends committed together resume 32 per turn of the event loop, so the sockets'
+    reads (an SOS among them) wait for 32 fan-outs at most, not 256 (issue 21)."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    turn = 0
+    ticking = True
+
+    def tick() -> None:  # counts turns of the loop: one call_soon chain, a step per turn
+        nonlocal turn
+        turn += 1
+        if ticking:
+            asyncio.get_running_loop().call_soon(tick)
+
+    async def append(i: int) -> int:
+        await store.messages.append(f"room:r{i}", "alice", None, f"m{i}", ENVELOPE, i)
+        return turn
+
+    try:
+        asyncio.get_running_loop().call_soon(tick)
+        turns = await asyncio.gather(*(append(i) for i in range(256)))
+    finally:
+        ticking = False
+        await store.close()
+    assert store.messages.batches == 1
+    per_turn = Counter(turns)
+    assert len(per_turn) >= 8 and max(per_turn.values()) <= 32
 
 
 async def test_concurrent_appends_are_grouped_and_stay_exact(factory: Any) -> None:
