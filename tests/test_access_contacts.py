@@ -120,12 +120,12 @@ async def test_a_contact_removed_mid_alert_loses_the_alert_at_once(single_node: 
             await raw.close()
 
 
-async def test_a_removal_ends_the_subscription_on_every_node(
+async def two_nodes_watching(
     node_factory: Any, redis_server: RedisServer, mongo_uri: str
-) -> None:
-    """Two nodes on one Redis and one MongoDB: olga's contacts change through node a's API;
-    eve, subscribed on node b, is unsubscribed there at once and refused; bob, who stays, on
-    node b too, goes on receiving the alert's live location (the control)."""
+) -> tuple[Node, str, str, Raw, Raw, Raw, str, str]:
+    """Nodes a and b on one Redis and one MongoDB; olga (on a) triggers an SOS to her
+    contacts bob and eve, who watch its channel on b. Returns node a, olga, bob, their three
+    connections, the alert and its channel."""
     env = {
         "RT_REDIS_URL": redis_server.url,
         "RT_MONGODB_URI": mongo_uri,
@@ -140,12 +140,23 @@ async def test_a_removal_ends_the_subscription_on_every_node(
     trigger = await olga_ws.ok(
         "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
     )
-    alert_id, channel = trigger["alert_id"], trigger["channel"]
     bob_ws = await Raw.open(b.url, token(bob))
     eve_ws = await Raw.open(b.url, token(eve))
+    for raw in (bob_ws, eve_ws):
+        await raw.ok("subscribe", channel=trigger["channel"])
+    return a, olga, bob, olga_ws, bob_ws, eve_ws, trigger["alert_id"], trigger["channel"]
+
+
+async def test_a_removal_ends_the_subscription_on_every_node(
+    node_factory: Any, redis_server: RedisServer, mongo_uri: str
+) -> None:
+    """Two nodes on one Redis and one MongoDB: olga's contacts change through node a's API;
+    eve, subscribed on node b, is unsubscribed there at once and refused; bob, who stays, on
+    node b too, goes on receiving the alert's live location (the control)."""
+    a, olga, bob, olga_ws, bob_ws, eve_ws, alert_id, channel = await two_nodes_watching(
+        node_factory, redis_server, mongo_uri
+    )
     try:
-        for raw in (bob_ws, eve_ws):
-            await raw.ok("subscribe", channel=channel)
         await olga_ws.ok("alert.location", alert_id=alert_id, location=here())
         for raw in (bob_ws, eve_ws):
             assert (await raw.push(5))["push"] == "alert.location"
@@ -169,26 +180,10 @@ async def test_a_removal_the_broker_lost_ends_the_subscription_once_it_is_back(
     """The removal is made while Redis is down, so its broadcast is lost: node b checks its
     sessions' alert subscriptions again when its broker is back (as it drops its membership
     cache then): eve's ends; bob's, who stays, goes on (the control)."""
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
-    a = node_factory("a", RT_NODE_ID="node-a", **env)
-    b = node_factory("b", RT_NODE_ID="node-b", **env)
-    olga, bob, eve = uid("olga"), uid("bob"), uid("eve")
-    put_contacts(a, olga, [{"user": bob}, {"user": eve}])
-    olga_ws = await Raw.open(a.url, token(olga))
-    trigger = await olga_ws.ok(
-        "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+    a, olga, bob, olga_ws, bob_ws, eve_ws, alert_id, channel = await two_nodes_watching(
+        node_factory, redis_server, mongo_uri
     )
-    alert_id, channel = trigger["alert_id"], trigger["channel"]
-    bob_ws = await Raw.open(b.url, token(bob))
-    eve_ws = await Raw.open(b.url, token(eve))
     try:
-        for raw in (bob_ws, eve_ws):
-            await raw.ok("subscribe", channel=channel)
         redis_server.stop()
         put_contacts(a, olga, [{"user": bob}])  # stored; its broadcast cannot go out
         assert await eve_ws.error("alert.trail", alert_id=alert_id) == "forbidden"  # at once
