@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, base_env, free_port
+from conftest import SECRET, Node, base_env, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -241,6 +242,27 @@ def test_serve_says_where_it_is_and_its_root_page_links_the_rest(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_favicon_is_the_consoles_icon(node_factory: Any) -> None:
+    """A browser asks for /favicon.ico on what has no page of ours around it (/openapi.json,
+    /healthz): it gets the icon the console has inline, long cached, instead of a 404."""
+    import re
+    from urllib.parse import unquote
+
+    import httpx
+
+    node: Node = node_factory("icon")
+    icon = httpx.get(f"{node.http}/favicon.ico", timeout=10)
+    assert icon.status_code == 200, icon.text
+    assert icon.headers["content-type"] == "image/svg+xml"
+    cache = re.fullmatch(r"public, max-age=(\d+)", icon.headers["cache-control"])
+    assert cache is not None and int(cache[1]) >= 7 * 86400, icon.headers
+    assert icon.headers["x-content-type-options"] == "nosniff"
+    page = httpx.get(f"{node.http}/console", timeout=10).text
+    inline = re.search(r'<link rel="icon" href="data:image/svg\+xml,([^"]+)">', page)
+    assert inline is not None and unquote(inline[1]).encode() == icon.content
+    assert httpx.head(f"{node.http}/favicon.ico", timeout=10).status_code == 200
 
 
 def test_help_shows_every_default_and_a_bad_port_is_one_line(tmp_path: Path) -> None:
