@@ -38,7 +38,7 @@ from .access import contacts_removed
 from .connection import Connection
 from .metrics import CONTENT_TYPE
 from .node import Node
-from .pages import console, landing, openapi
+from .pages import console, favicon, landing, openapi
 
 log = logging.getLogger("realtime.server")
 
@@ -384,6 +384,7 @@ def create_app(node: Node) -> NodeApp:
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
             Route("/console", console),
+            Route("/favicon.ico", favicon),
             Route("/v1/channels/{channel}/members", list_members, methods=["GET"]),
             Route("/v1/channels/{channel}/members/{user}", put_member, methods=["PUT"]),
             Route("/v1/channels/{channel}/members/{user}", delete_member, methods=["DELETE"]),

@@ -5,11 +5,18 @@ session with the role keeps receiving, so a refusal cannot pass because delivery
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
-from conftest import Node, token
-from wire import Raw, plain
+import httpx
+import pytest
+from conftest import Node, SecantusServer, token, unique_db
+from wire import Raw, plain, until
 
 HERE = {"lat": 52.52, "lon": 13.405, "accuracy_m": 12.0}
 NEARBY = {"lat": 52.521, "lon": 13.406}
@@ -98,6 +105,101 @@ async def test_a_refresh_with_the_same_roles_keeps_everything(single_node: Node)
     assert (await mod.push(5))["push"] == "alert.location"
     await mod.close()
     await olga_ws.close()
+
+
+async def pushes_of(raw: Raw, kinds: set[str]) -> set[str]:
+    """The next pushes of these kinds, one each (the moderators' `alert` push set aside)."""
+    got: set[str] = set()
+    while got != kinds:
+        push = (await raw.push(10))["push"]
+        if push != "alert":
+            assert push in kinds and push not in got, push
+            got.add(push)
+    return got
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("MONGODB_URI")),
+    reason="pauses its own local MongoDB stand-in; cannot pause MONGODB_URI",
+)
+async def test_a_refresh_the_store_cannot_answer_is_unavailable_and_changes_nothing(
+    node_factory: Any, tmp_path: Path
+) -> None:
+    """A demoted moderator's refresh comes while the store does not answer (its MongoDB
+    stand-in stopped with SIGSTOP): re-checking her alert subscription needs the alert, so
+    the refresh is `unavailable` and nothing moved: once the store is back she is still a
+    moderator with her watch and her alert. The same refresh with the store back takes them
+    away; max, a moderator throughout, is the control. (The token's own checks are answered
+    from the node's cache, filled by her `auth`: what waits on the store is the re-check; with
+    the re-check left out, this refresh succeeds.)"""
+    mongo = SecantusServer(tmp_path / "mongo")
+    mongo.start()
+    try:
+        node: Node = node_factory(
+            "paused", RT_MONGODB_URI=mongo.uri, RT_MONGODB_DB=unique_db(), RT_STORE_TIMEOUT_S="1"
+        )
+        url = node.url
+        mia, max_, alice, olga = uid("mia"), uid("max"), uid("alice"), uid("olga")
+        tag = uid("w")
+        room, pattern, later = f"public:{tag}-room", f"public:{tag}-*", f"public:{tag}x-*"
+        ex = await Raw.open(url, token(mia, roles=["user", "moderator"]))
+        still = await Raw.open(url, token(max_, roles=["user", "moderator"]))
+        alice_ws = await Raw.open(url, token(alice))
+        olga_ws = await Raw.open(url, token(olga))
+        trigger = await olga_ws.ok(
+            "alert.trigger", kind="sos", location=here(), client_alert_id=uid("sos")
+        )
+        alert, alert_id = trigger["channel"], trigger["alert_id"]
+        for mod in (ex, still):
+            await mod.ok("mod.watch", pattern=pattern)
+            await mod.ok("subscribe", channel=alert)
+
+        async def both_arrive(*mods: Raw) -> None:
+            """A message in the watched room and the alert's live location, to each of `mods`."""
+            await alice_ws.ok("publish", channel=room, client_msg_id=uid("m"), body=plain("hi"))
+            await olga_ws.ok("alert.location", alert_id=alert_id, location=here())
+            for mod in mods:
+                assert await pushes_of(mod, {"message", "alert.location"})
+
+        await both_arrive(ex, still)
+        assert mongo.proc is not None
+        mongo.proc.send_signal(signal.SIGSTOP)  # each store call now waits out its 1 s
+        try:
+            reply = await ex.cmd("refresh", token=token(mia, roles=["user"]), timeout=30)
+        finally:
+            mongo.proc.send_signal(signal.SIGCONT)
+        assert reply["error"]["code"] == "unavailable", reply
+
+        async def ready() -> bool:
+            r = await asyncio.to_thread(httpx.get, node.http + "/readyz", timeout=10)
+            return r.status_code == 200
+
+        await until(ready, 30, what="the store to answer again")
+        # nothing moved: no push ended anything, she still receives both, and she is still a
+        # moderator (a second watch pattern is hers to make)
+        assert not [p for p in ex.pushes if p["push"] in ("unsubscribed", "mod.unwatched")]
+        await both_arrive(ex, still)
+        await ex.ok("mod.watch", pattern=later)
+        assert await ex.error("subscribe", channel=alert) == "conflict"  # still subscribed
+
+        # the same refresh, the store answering: now it takes them away
+        reply = await ex.ok("refresh", token=token(mia, roles=["user"]))
+        assert reply["roles"] == ["user"], reply
+        ended = ex.pushes[:]
+        ex.pushes.clear()
+        assert {"push": "unsubscribed", "channel": alert, "reason": "revoked"} in ended, ended
+        unwatched = [p for p in ended if p["push"] == "mod.unwatched"]
+        assert len(unwatched) == 1 and sorted(unwatched[0]["patterns"]) == sorted(
+            [pattern, later]
+        ), ended
+        assert unwatched[0]["reason"] == "revoked"
+        await both_arrive(still)  # the control has both; she has neither (one node: direct)
+        await ex.quiet()
+        assert await ex.error("mod.watch", pattern=pattern) == "forbidden"
+        for raw in (ex, still, alice_ws, olga_ws):
+            await raw.close()
+    finally:
+        await asyncio.to_thread(mongo.stop)
 
 
 async def test_a_refresh_for_another_user_is_refused_and_changes_nothing(

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, base_env, free_port
+from conftest import SECRET, Node, base_env, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -243,6 +244,27 @@ def test_serve_says_where_it_is_and_its_root_page_links_the_rest(tmp_path: Path)
         proc.wait(30)
 
 
+def test_favicon_is_the_consoles_icon(node_factory: Any) -> None:
+    """A browser asks for /favicon.ico on what has no page of ours around it (/openapi.json,
+    /healthz): it gets the icon the console has inline, long cached, instead of a 404."""
+    import re
+    from urllib.parse import unquote
+
+    import httpx
+
+    node: Node = node_factory("icon")
+    icon = httpx.get(f"{node.http}/favicon.ico", timeout=10)
+    assert icon.status_code == 200, icon.text
+    assert icon.headers["content-type"] == "image/svg+xml"
+    cache = re.fullmatch(r"public, max-age=(\d+)", icon.headers["cache-control"])
+    assert cache is not None and int(cache[1]) >= 7 * 86400, icon.headers
+    assert icon.headers["x-content-type-options"] == "nosniff"
+    page = httpx.get(f"{node.http}/console", timeout=10).text
+    inline = re.search(r'<link rel="icon" href="data:image/svg\+xml,([^"]+)">', page)
+    assert inline is not None and unquote(inline[1]).encode() == icon.content
+    assert httpx.head(f"{node.http}/favicon.ico", timeout=10).status_code == 200
+
+
 def test_help_shows_every_default_and_a_bad_port_is_one_line(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "serve", "--help").stdout
     assert "(default: 127.0.0.1)" in out and "(default: 8000)" in out and "RT_PORT" in out
@@ -262,3 +284,49 @@ def test_export_and_import_refuse_a_directory_with_nothing_in_it(tmp_path: Path)
     for src in ("missing", "empty"):
         imp = run_cli(tmp_path, "import", "--from", str(tmp_path / src))
         assert imp.returncode == 2 and "no export there" in imp.stderr, imp.stderr
+
+
+def test_migrate_brings_an_old_sqlite_store_up_to_date_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`realtime migrate` through the CLI's entry point, in this process, on a store made by
+    an older server (the schema from before alerts moved to their own file, as
+    tests/test_storage.py makes it): it says which versions it went between, the file is at
+    the current version afterwards, and a second run changes nothing and says so."""
+    import sqlite3
+
+    from realtime_safety.storage.sqlite import DOCS_MOVED, MIGRATIONS, SCHEMA_VERSION
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    old = DOCS_MOVED - 1
+    db = sqlite3.connect(data / "realtime.sqlite3", isolation_level=None)
+    for version, script in enumerate(MIGRATIONS[:old], start=1):
+        for statement in filter(str.strip, script.split(";")):
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={version}")
+    db.close()
+    for key in list(os.environ):
+        if key.startswith("RT_"):
+            monkeypatch.delenv(key)
+    for key, value in base_env(data).items():
+        if key.startswith("RT_"):
+            monkeypatch.setenv(key, value)
+    umask = os.umask(0o022)  # the command makes this process's umask 077: put it back after
+    os.umask(umask)
+    try:
+        assert cli.main(["migrate"]) == 0
+        first = capsys.readouterr()
+        assert cli.main(["migrate"]) == 0
+        second = capsys.readouterr()
+    finally:
+        os.umask(umask)
+    assert first.err == "" and second.err == ""
+    assert first.out == f"migrated sqlite store from schema version {old} to {SCHEMA_VERSION}\n"
+    assert second.out == f"sqlite store already at schema version {SCHEMA_VERSION}\n"
+    db = sqlite3.connect(data / "realtime.sqlite3")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert SCHEMA_VERSION > old
+    finally:
+        db.close()
