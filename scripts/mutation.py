@@ -143,10 +143,20 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "session": (
-        ["realtime/connection.py", "realtime/node.py", "protocol/*.py"],
+        [
+            "realtime/connection.py",
+            "realtime/node.py",
+            "realtime/outbox.py",
+            "realtime/ratelimit.py",
+            "realtime/features.py",
+            "realtime/websocket.py",
+            "protocol/*.py",
+        ],
         [
             "tests/test_codec.py",
             "tests/test_outgoing.py",
+            "tests/test_arrival.py",
+            "tests/test_overload.py",
             "tests/test_protocol.py",
             "tests/test_moderation.py",
             "tests/test_faults_input.py",
