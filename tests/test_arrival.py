@@ -61,7 +61,11 @@ class Sos(Feature):
         return done
 
 
+BOUNDED: list[str] = []
+
+
 async def unbounded(what: str, call: Any) -> Any:
+    BOUNDED.append(what)  # the store-timeout bound's name (metrics label, error message)
     return await call
 
 
@@ -112,6 +116,7 @@ async def test_an_sos_starts_as_it_arrives_and_the_loop_answers_it_once() -> Non
     # the loop then gets the decoded frame and answers with the started call, in order
     await run_loop(conn, passed)
     assert replies(sock) == [{"id": 4, "ok": True, "how": "started"}]
+    assert BOUNDED[-1] == "request"  # bounded by the store timeout like any command
     assert feature.handled == []  # not run a second time
     assert conn.node.metrics.frames_in == 1
 
