@@ -57,7 +57,11 @@ class Lane:
             loop.call_soon(ready.set)
             try:
                 loop.run_forever()
-            finally:
+            finally:  # what is still running on the lane is cancelled, as asyncio.run does
+                left = asyncio.all_tasks(loop)
+                for task in left:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 

@@ -74,9 +74,13 @@ class Db:
             try:
                 result: Any = fn(self.connect())
             except BaseException as exc:  # handed to the caller, whatever it is
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+                outcome: tuple[Any, BaseException | None] = (None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (result, None)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:
+                pass  # the caller's loop is closed: nobody waits; the thread goes on for the rest
 
     async def close(self) -> None:
         def _close(_: sqlite3.Connection) -> None:

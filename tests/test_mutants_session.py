@@ -4,6 +4,7 @@ through a real server process."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from typing import Any
 
@@ -13,6 +14,8 @@ from websockets.frames import Frame, Opcode
 from wire import Raw
 
 from realtime_safety.protocol.frames import wire_frame
+from realtime_safety.realtime import config
+from realtime_safety.realtime.node import Node as RealNode
 
 
 async def test_watch_patterns_are_1_to_255_character_strings(single_node: Node) -> None:
@@ -96,3 +99,34 @@ async def test_sigterm_stops_a_node_that_runs_retention(node_factory: Any) -> No
     node.proc.terminate()
     assert await raw.close_code(10) == 1001
     assert await asyncio.to_thread(node.proc.wait, 20) == 0
+
+
+async def test_a_node_runs_its_alert_service_on_a_lane_and_stops_its_own_tasks(
+    tmp_path: Any,
+) -> None:
+    """In process: the node starts the alert lane (its work runs on another thread than the
+    node's loop) and a task it spawned is cancelled when it stops (survivors of scripts/mutate
+    session --seed 30: the lane's start and the node's task references removed)."""
+    tmp_path.chmod(0o700)
+    settings = config.load({"RT_JWT_SECRET": "s" * 32, "RT_DATA_DIR": str(tmp_path)})
+    node = RealNode(settings)
+    await node.start()
+    stopped = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    try:
+
+        async def where() -> int:
+            return threading.get_ident()
+
+        assert await node.alerts.lane.run(where()) != threading.get_ident()
+        node.spawn(forever(), "forever")
+        await asyncio.sleep(0)
+    finally:
+        await node.stop()
+    assert stopped.is_set()

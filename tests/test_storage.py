@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from conftest import unique_db
 from realtime_safety.storage import Store
 from realtime_safety.storage.mongo import MongoStore
 from realtime_safety.storage.sqlite import SqliteStore
+from realtime_safety.storage.sqlite_db import Db
 
 ENVELOPE = {
     "v": 1,
@@ -457,3 +460,35 @@ async def test_sqlite_documents_move_to_their_own_file_and_chat_keeps_none(
         assert [r["key"] async for r in again.dump("docs")] == ["a1", "a2"]
     finally:
         await again.close()
+
+
+async def test_a_call_whose_loop_closed_meanwhile_leaves_the_thread_serving(
+    tmp_path: Path,
+) -> None:
+    """A call made from a loop that is closed before its answer (the alert lane stopping with a
+    call in flight) is dropped; the connection's thread goes on with the calls after it (it
+    died, and every later call, the store's close among them, waited forever)."""
+    db = Db(tmp_path / "x.sqlite3", "t")
+    running, release = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> int:
+        running.set()
+        release.wait(10)
+        return 1
+
+    def another_loop() -> None:  # makes the call, gives up on it, and closes
+        loop = asyncio.new_event_loop()
+
+        async def call() -> None:
+            task = asyncio.ensure_future(db.run(slow))
+            await asyncio.to_thread(running.wait, 10)
+            task.cancel()
+
+        loop.run_until_complete(call())
+        loop.close()  # its call is still running on the thread
+
+    await asyncio.to_thread(another_loop)
+    release.set()
+    async with asyncio.timeout(10):
+        assert await db.run(lambda conn: conn.execute("SELECT 7").fetchone()[0]) == 7
+        await db.close()
