@@ -136,7 +136,7 @@ async def test_a_refresh_the_store_cannot_answer_is_unavailable_and_changes_noth
     mongo.start()
     try:
         node: Node = node_factory(
-            "paused", RT_MONGODB_URI=mongo.uri, RT_MONGODB_DB=unique_db(), RT_STORE_TIMEOUT_S="1"
+            "paused", RT_MONGODB_URI=mongo.uri, RT_MONGODB_DB=unique_db(), RT_STORE_TIMEOUT_S="3"
         )
         url = node.url
         mia, max_, alice, olga = uid("mia"), uid("max"), uid("alice"), uid("olga")
@@ -163,7 +163,7 @@ async def test_a_refresh_the_store_cannot_answer_is_unavailable_and_changes_noth
 
         await both_arrive(ex, still)
         assert mongo.proc is not None
-        mongo.proc.send_signal(signal.SIGSTOP)  # each store call now waits out its 1 s
+        mongo.proc.send_signal(signal.SIGSTOP)  # each store call now waits out its 3 s
         try:
             reply = await ex.cmd("refresh", token=token(mia, roles=["user"]), timeout=30)
         finally:
