@@ -373,25 +373,29 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
         n.stop()
 
 
+def running_node(data_dir: Path, name: str, **env: str) -> Iterator[Node]:
+    """A node on `data_dir` (with `base_env` and `env`), started, for a fixture to yield from;
+    stopped after."""
+    node = Node(base_env(data_dir, **env), name)
+    node.start()
+    yield node
+    node.stop()
+
+
 @pytest.fixture(scope="module")
 def single_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One embedded-defaults node shared by a module's protocol tests (small limits so the
     limit paths are reachable in a test)."""
-    node = Node(
-        base_env(
-            tmp_path_factory.mktemp("single"),
-            RT_RECOVERY_LIMIT="5",
-            RT_AUTH_TIMEOUT_S="1",
-            RT_RATE_PER_S="500",
-            RT_RATE_BURST="500",
-            RT_SEND_QUEUE_FRAMES="64",
-            RT_MAX_SUBSCRIPTIONS="20",
-        ),
+    yield from running_node(
+        tmp_path_factory.mktemp("single"),
         "single",
+        RT_RECOVERY_LIMIT="5",
+        RT_AUTH_TIMEOUT_S="1",
+        RT_RATE_PER_S="500",
+        RT_RATE_BURST="500",
+        RT_SEND_QUEUE_FRAMES="64",
+        RT_MAX_SUBSCRIPTIONS="20",
     )
-    node.start()
-    yield node
-    node.stop()
 
 
 # --- alerts: the fake providers and a node wired to them ---------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node, base_env, token, unique_db
+from conftest import Node, running_node, token, unique_db
 from pymongo import AsyncMongoClient
 from wire import Raw, b64
 
@@ -29,10 +29,7 @@ from realtime_safety.storage.sqlite import SqliteStore
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(base_env(tmp_path_factory.mktemp("devices")), "devices")
-    n.start()
-    yield n
-    n.stop()
+    yield from running_node(tmp_path_factory.mktemp("devices"), "devices")
 
 
 def uid(name: str) -> str:

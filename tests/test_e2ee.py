@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node, base_env, token
+from conftest import Node, running_node, token
 from wire import AppDevice, Raw, b64
 
 from realtime_safety.crypto.client import Decrypted, SecureClient
@@ -20,10 +20,7 @@ from realtime_safety.crypto.e2ee import DeviceKeys, encrypt, new_channel_key
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(base_env(tmp_path_factory.mktemp("e2ee")), "e2ee")
-    n.start()
-    yield n
-    n.stop()
+    yield from running_node(tmp_path_factory.mktemp("e2ee"), "e2ee")
 
 
 def room(n: Node, *users: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import vodozemac
-from conftest import Node, base_env, token, unique_db
+from conftest import Node, base_env, running_node, token, unique_db
 from nacl.signing import SigningKey
 from wire import Raw, b64
 
@@ -42,10 +42,7 @@ MSGPACK = "rt.v1.msgpack"
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     data = tmp_path_factory.mktemp("directory")
     (data / "kt.key").write_bytes(SEED)  # raw; hex is tested on the two-node cluster
-    n = Node(base_env(data, RT_KT_SIGNING_KEY_FILE=str(data / "kt.key")), "directory")
-    n.start()
-    yield n
-    n.stop()
+    yield from running_node(data, "directory", RT_KT_SIGNING_KEY_FILE=str(data / "kt.key"))
 
 
 def uid(name: str) -> str:

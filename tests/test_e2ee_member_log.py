@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from conftest import Node, RedisServer, base_env, token, unique_db
+from conftest import Node, RedisServer, running_node, token, unique_db
 from v2_devices import Device, Person, now_ms, uid
 from wire import Raw, b64
 
@@ -22,13 +22,9 @@ from realtime_safety.crypto.membership_state import MembershipState
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(
-        base_env(tmp_path_factory.mktemp("mlog"), RT_RATE_PER_S="500", RT_RATE_BURST="500"),
-        "mlog",
+    yield from running_node(
+        tmp_path_factory.mktemp("mlog"), "mlog", RT_RATE_PER_S="500", RT_RATE_BURST="500"
     )
-    n.start()
-    yield n
-    n.stop()
 
 
 class Log:

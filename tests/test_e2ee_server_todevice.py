@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Node, RedisServer, base_env, token, unique_db
+from conftest import Node, RedisServer, running_node, token, unique_db
 from v2_devices import Device, Person, uid
 from wire import Raw, b64
 
@@ -21,13 +21,9 @@ MAX_CT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(
-        base_env(tmp_path_factory.mktemp("todevice"), RT_RATE_PER_S="500", RT_RATE_BURST="500"),
-        "todevice",
+    yield from running_node(
+        tmp_path_factory.mktemp("todevice"), "todevice", RT_RATE_PER_S="500", RT_RATE_BURST="500"
     )
-    n.start()
-    yield n
-    n.stop()
 
 
 @pytest.fixture

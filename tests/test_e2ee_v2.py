@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from conftest import Node, base_env, token
+from conftest import Node, running_node, token
 
 from realtime_safety.crypto.client_v2 import Decrypted, SecureClient
 from realtime_safety.crypto.e2ee import CryptoError
@@ -19,10 +19,7 @@ from realtime_safety.crypto.user_keys import UserKeys
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(base_env(tmp_path_factory.mktemp("e2ee-v2")), "e2ee-v2")
-    n.start()
-    yield n
-    n.stop()
+    yield from running_node(tmp_path_factory.mktemp("e2ee-v2"), "e2ee-v2")
 
 
 class People:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Node, base_env, token
+from conftest import Node, running_node, token
 from nacl.signing import SigningKey
 from wire import Raw, b64, until
 
@@ -28,10 +28,7 @@ from realtime_safety.storage.sqlite import SqliteStore
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(base_env(tmp_path_factory.mktemp("mutants-crypto")), "mutants-crypto")
-    n.start()
-    yield n
-    n.stop()
+    yield from running_node(tmp_path_factory.mktemp("mutants-crypto"), "mutants-crypto")
 
 
 async def test_a_device_whose_registration_signature_does_not_verify_is_refused(
