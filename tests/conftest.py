@@ -373,6 +373,18 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
         n.stop()
 
 
+def shared_env(redis: RedisServer, mongo_uri: str, **extra: str) -> dict[str, str]:
+    """The settings of nodes that share one Redis and one (fresh) MongoDB database, with a
+    store timeout that a busy test machine's MongoDB stand-in meets."""
+    return {
+        "RT_REDIS_URL": redis.url,
+        "RT_MONGODB_URI": mongo_uri,
+        "RT_MONGODB_DB": unique_db(),
+        "RT_STORE_TIMEOUT_S": "10",
+        **extra,
+    }
+
+
 def running_node(data_dir: Path, name: str, **env: str) -> Iterator[Node]:
     """A node on `data_dir` (with `base_env` and `env`), started, for a fixture to yield from;
     stopped after."""

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from conftest import Node, RedisServer, base_env, token, unique_db
+from conftest import Node, RedisServer, base_env, shared_env, token
 from wire import AppDevice, Raw, b64, until
 
 from realtime_safety.loadtests.fakeproviders import FakeProviders
@@ -126,12 +126,7 @@ async def two_nodes_watching(
     """Nodes a and b on one Redis and one MongoDB; olga (on a) triggers an SOS to her
     contacts bob and eve, who watch its channel on b. Returns node a, olga, bob, their three
     connections, the alert and its channel."""
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
+    env = shared_env(redis_server, mongo_uri)
     a = node_factory("a", RT_NODE_ID="node-a", **env)
     b = node_factory("b", RT_NODE_ID="node-b", **env)
     olga, bob, eve = uid("olga"), uid("bob"), uid("eve")

@@ -8,7 +8,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from conftest import Node, RedisServer, token, unique_db
+from conftest import Node, RedisServer, shared_env, token
 from wire import plain
 
 from realtime_safety.client import Client
@@ -20,12 +20,7 @@ PER_ROUND = 12
 async def test_a_publisher_survives_its_node_dying_again_and_again(
     node_factory: Any, redis_server: RedisServer, mongo_uri: str
 ) -> None:
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
+    env = shared_env(redis_server, mongo_uri)
     nodes: list[Node] = [node_factory(n, RT_NODE_ID=n, **env) for n in ("node-a", "node-b")]
     ch = f"public:{uuid.uuid4().hex[:8]}"
     urls = [n.url for n in nodes]

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from conftest import Node, RedisServer, running_node, token, unique_db
+from conftest import Node, RedisServer, running_node, shared_env, token
 from v2_devices import Device, Person, now_ms, uid
 from wire import Raw, b64
 
@@ -272,12 +272,7 @@ async def test_two_nodes_sharing_a_store_keep_one_log(
 ) -> None:
     """Entries racing for one epoch through two nodes (MongoDB, Redis): one wins; each node's
     verified state follows what the other stored; pushes cross nodes."""
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
+    env = shared_env(redis_server, mongo_uri)
     na: Node = node_factory("a", RT_NODE_ID="node-a", **env)
     nb: Node = node_factory("b", RT_NODE_ID="node-b", **env)
     alice, bob, carol = Person.new("alice"), Person.new("bob"), Person.new("carol")

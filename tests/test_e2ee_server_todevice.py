@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Node, RedisServer, running_node, token, unique_db
+from conftest import Node, RedisServer, running_node, shared_env, token
 from v2_devices import Device, Person, uid
 from wire import Raw, b64
 
@@ -268,12 +268,7 @@ async def test_a_v2_envelope_that_does_not_verify_is_refused(
 async def test_a_message_sent_through_one_node_is_announced_and_fetched_on_another(
     node_factory: Any, redis_server: RedisServer, mongo_uri: str
 ) -> None:
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
+    env = shared_env(redis_server, mongo_uri)
     na: Node = node_factory("a", RT_NODE_ID="node-a", **env)
     nb: Node = node_factory("b", RT_NODE_ID="node-b", **env)
     alice, bob = Person.new("alice"), Person.new("bob")

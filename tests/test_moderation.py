@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Node, RedisServer, token, unique_db
+from conftest import Node, RedisServer, shared_env, token
 from wire import AppDevice, Raw, plain, until
 
 MOD_OPS: list[tuple[str, dict[str, Any]]] = [
@@ -34,12 +34,7 @@ async def test_every_moderator_op_is_forbidden_to_others(single_node: Node) -> N
 
 @pytest.fixture
 def two(node_factory: Any, redis_server: RedisServer, mongo_uri: str) -> tuple[Node, Node]:
-    env = {
-        "RT_REDIS_URL": redis_server.url,
-        "RT_MONGODB_URI": mongo_uri,
-        "RT_MONGODB_DB": unique_db(),
-        "RT_STORE_TIMEOUT_S": "10",
-    }
+    env = shared_env(redis_server, mongo_uri)
     return node_factory("a", RT_NODE_ID="a", **env), node_factory("b", RT_NODE_ID="b", **env)
 
 
