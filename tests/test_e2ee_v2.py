@@ -4,14 +4,14 @@ these are the honest stories each of them must keep working."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from conftest import Node, running_node, token
+from v2_devices import next_message, read_until
 
-from realtime_safety.crypto.client_v2 import Decrypted, SecureClient
+from realtime_safety.crypto.client_v2 import SecureClient
 from realtime_safety.crypto.e2ee import CryptoError
 from realtime_safety.crypto.envelope import DeviceAccount
 from realtime_safety.crypto.user_keys import UserKeys
@@ -58,22 +58,6 @@ async def people(node: Node) -> AsyncIterator[People]:
         await chat.client.close()
 
 
-async def next_message(chat: SecureClient, timeout: float = 5) -> Decrypted:
-    async with asyncio.timeout(timeout):
-        return await anext(chat.messages())
-
-
-async def until_text(chat: SecureClient, text: str, timeout: float = 5) -> list[Decrypted]:
-    """Every message up to and including the first with `text` (a sentinel)."""
-    got: list[Decrypted] = []
-    async with asyncio.timeout(timeout):
-        async for message in chat.messages():
-            got.append(message)
-            if message.text == text:
-                return got
-    raise AssertionError("unreachable")
-
-
 async def test_two_users_exchange_verified_messages(people: People) -> None:
     alice, bob = await people.device("alice"), await people.device("bob")
     ch = await people.room(alice, bob)
@@ -99,7 +83,7 @@ async def test_a_removed_member_reads_nothing_sent_after(people: People) -> None
     people.node.api("DELETE", f"/v1/channels/{ch}/members/{carol.user}")
     await alice.remove_member(ch, carol.user)
     await alice.send(ch, "after")
-    got = await until_text(bob, "after")
+    got = await read_until(bob, "after")
     assert got[-1].verified
     # carol kept the old session; the new one never reached her devices
     push = {"push": "message", "channel": ch, "seq": 2, "from": {"user": alice.user}}
@@ -117,7 +101,7 @@ async def test_a_new_device_reads_what_is_sent_after_it_joins(people: People) ->
     bob2 = await people.device("bob")  # certified by bob's user key
     await bob2.subscribe(ch)
     await alice.send(ch, "two")
-    got = await until_text(bob2, "two")
+    got = await read_until(bob2, "two")
     assert got[-1].verified and got[-1].user == alice.user
     assert bob2.events == []
 
@@ -172,10 +156,10 @@ async def test_a_device_linked_by_two_codes_reads_and_sends_without_the_user_key
     people.open.append(tablet)
     await tablet.subscribe(ch)
     await alice.send(ch, "hello tablet")
-    got = await until_text(tablet, "hello tablet")
+    got = await read_until(tablet, "hello tablet")
     assert got[-1].verified and got[-1].user == alice.user
     await tablet.send(ch, "from the tablet")
-    reply = await until_text(alice, "from the tablet")
+    reply = await read_until(alice, "from the tablet")
     assert reply[-1].verified and reply[-1].device == tablet_account.device
     assert tablet.safety_number(alice.user) == alice.safety_number(bob.user)
     assert tablet.events == [] and alice.events == []
@@ -256,7 +240,7 @@ async def test_a_revoked_device_reads_nothing_sent_after_even_in_a_session_it_he
     assert (await next_message(old)).text == "one"
     await bob.revoke_device(old.device)
     await alice.send(ch, "two")
-    assert (await until_text(bob, "two"))[-1].verified
+    assert (await read_until(bob, "two"))[-1].verified
     got = await next_message(old)
     assert got.text is None and got.error is not None  # a session it was never given
 

@@ -67,6 +67,7 @@ from hostile_v2 import (
     sessions_of,
     stolen_session_keys,
 )
+from v2_devices import next_message, read_until
 from wire import Raw, plain, until
 
 from realtime_safety.client import ServerError
@@ -167,23 +168,6 @@ async def world(hostile_node: Node, hostile: HostileProxy) -> AsyncIterator[Worl
     for chat in w.chats:
         await chat.client.close()
     await w.op.close()
-
-
-async def next_message(chat: SecureClient, timeout: float = 5) -> Decrypted:
-    async with asyncio.timeout(timeout):
-        return await anext(chat.messages())
-
-
-async def read_until(chat: SecureClient, text: str, timeout: float = 5) -> list[Decrypted]:
-    """Every message `chat` yields up to and including the first whose text is `text` (a
-    sentinel an honest user sends after the attack: whatever the attack caused comes first)."""
-    got: list[Decrypted] = []
-    async with asyncio.timeout(timeout):
-        async for message in chat.messages():
-            got.append(message)
-            if message.text == text:
-                return got
-    raise AssertionError("unreachable")
 
 
 async def absorb_rekey(proxy: HostileProxy, chat: SecureClient) -> None:

@@ -4,6 +4,7 @@ with its own connection (msgpack: byte fields travel raw)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 from conftest import Node, token
 from wire import Raw
 
+from realtime_safety.crypto.client_v2 import Decrypted, SecureClient
 from realtime_safety.crypto.envelope import DeviceAccount
 from realtime_safety.crypto.identity import UserKeyStatement
 from realtime_safety.crypto.user_keys import UserKeys
@@ -79,3 +81,23 @@ class Person:
     async def close(self) -> None:
         for dev in self.devices:
             await dev.raw.close()
+
+
+# --- reading what a v2 client yields -------------------------------------------------------
+
+
+async def next_message(chat: SecureClient, timeout: float = 5) -> Decrypted:
+    async with asyncio.timeout(timeout):
+        return await anext(chat.messages())
+
+
+async def read_until(chat: SecureClient, text: str, timeout: float = 5) -> list[Decrypted]:
+    """Every message `chat` yields up to and including the first whose text is `text` (a
+    sentinel an honest user sends after the attack: whatever the attack caused comes first)."""
+    got: list[Decrypted] = []
+    async with asyncio.timeout(timeout):
+        async for message in chat.messages():
+            got.append(message)
+            if message.text == text:
+                return got
+    raise AssertionError("unreachable")
