@@ -62,7 +62,12 @@ class Connection:
         self._started = False  # authenticated and registered: the features' `ended` is due
         limits = node.settings.limits
         self._outbox = Outbox(
-            ws, codec.binary, limits.send_queue_frames, node.metrics, self._too_far_behind
+            ws,
+            codec.binary,
+            limits.send_queue_frames,
+            node.metrics,
+            self._too_far_behind,
+            f"ws-flush:{self.id}",
         )
         self._task: asyncio.Task[Any] | None = None
         self._context = contextvars.copy_context()
@@ -114,7 +119,7 @@ class Connection:
         if self._outbox.direct():
             self._outbox.write(wire_frame(data, self.codec.binary))
         else:
-            self._outbox.queue(self.ws, data, f"ws-flush:{self.id}")
+            self._outbox.queue(data)
 
     def push(self, frame: Frame) -> None:
         """A push shared with other sockets: encoded and framed once for all of them."""
@@ -123,7 +128,7 @@ class Connection:
         if self._outbox.direct():
             self._outbox.write(frame.wire(self.codec))
         else:
-            self._outbox.queue(self.ws, frame.encoded(self.codec), f"ws-flush:{self.id}")
+            self._outbox.queue(frame.encoded(self.codec))
 
     def _too_far_behind(self) -> None:
         self.close(CLOSE_POLICY, "slow consumer: too far behind")

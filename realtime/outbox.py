@@ -21,7 +21,17 @@ from .websocket import direct_writer
 
 
 class Outbox:
-    __slots__ = ("_binary", "_direct", "_flusher", "_limit", "_metrics", "_out", "_overflow")
+    __slots__ = (
+        "_binary",
+        "_direct",
+        "_flusher",
+        "_limit",
+        "_metrics",
+        "_name",
+        "_out",
+        "_overflow",
+        "_ws",
+    )
 
     def __init__(
         self,
@@ -30,7 +40,10 @@ class Outbox:
         limit: int,
         metrics: NodeMetrics,
         overflow: Callable[[], None],
+        name: str,
     ) -> None:
+        self._ws = ws
+        self._name = name  # the flusher task's
         self._direct = direct_writer(ws.scope)
         self._binary = binary
         self._limit = limit
@@ -56,7 +69,7 @@ class Outbox:
         self._direct.write_frame(wire)
         self._metrics.frames_out += 1
 
-    def queue(self, ws: WebSocket, data: str | bytes, name: str) -> None:
+    def queue(self, data: str | bytes) -> None:
         """Behind a slow socket: wait in the bounded queue for the flusher."""
         if self._out is not None and len(self._out) >= self._limit:
             self._metrics.slow_consumers += 1
@@ -66,9 +79,10 @@ class Outbox:
             self._out = deque()
         self._out.append(data)
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(ws), name=name)
+            self._flusher = asyncio.create_task(self._flush(), name=self._name)
 
-    async def _flush(self, ws: WebSocket) -> None:
+    async def _flush(self) -> None:
+        ws = self._ws
         out = self._out
         assert out is not None
         try:
